@@ -1,0 +1,99 @@
+"""Helpers shared by the CLI modules: config loading, one-line errors, the generic stage command."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from pipeline.errors import TextbookError
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SET_HELP = "Override a config key, typed by the schema: --set generate.n=100 (repeatable)."
+CONFIG_HELP = "Run config YAML (see configs/)."
+
+
+def fail(message: str, code: int = 1) -> None:
+    """One line on stderr, non-zero exit."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn: F) -> F:
+    """Turn TextbookError (and a few OS errors users cause) into one-line messages."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TextbookError as e:
+            fail(str(e))
+        except PermissionError as e:
+            fail(f"{e.filename}: permission denied")
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                fail(f"{e.filename or 'output'}: no space left on device; earlier outputs were left intact")
+            raise
+        except KeyboardInterrupt:
+            err_console.print("interrupted: completed work is saved; run the same command again to resume")
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load(config: str, sets: list[str] | None) -> Any:
+    from pipeline.config import load_config
+
+    return load_config(config, sets or [])
+
+
+def run_stage_command(stage: str, config: str, sets: list[str] | None, force: bool = False) -> dict[str, Any]:
+    """`textbook STAGE CONFIG`: run one stage (skipped when complete for the same config and inputs)."""
+    from pipeline.run import STAGES, run_dir_of, run_one, write_resolved_config
+
+    cfg = load(config, sets)
+    write_resolved_config(cfg, run_dir_of(cfg))
+    result = run_one(cfg, stage, planned=[s for s in cfg.run.stages if s in STAGES] or [stage], force=force,
+                     log=lambda m: console.print(m, highlight=False))
+    print_stage_summary(stage, result)
+    return result
+
+
+def print_stage_summary(stage: str, stats: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    if not stats:
+        return
+    table = Table(title=f"{stage}: documents", show_lines=False)
+    table.add_column("state")
+    table.add_column("reason")
+    table.add_column("count", justify="right")
+    table.add_row("read", "", str(stats.get("read", 0)))
+    table.add_row("kept", "", str(stats.get("kept", 0)))
+    for reason, n in stats.get("dropped", {}).items():
+        table.add_row("dropped", reason, str(n))
+    for reason, n in stats.get("errored", {}).items():
+        table.add_row("errored", reason, str(n))
+    console.print(table)
+
+
+def print_run_summary(cfg: Any, results: dict[str, dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {cfg.run.name}")
+    for col in ("stage", "read", "kept", "dropped", "errored", "seconds"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, s in results.items():
+        table.add_row(stage, str(s.get("read", "")), str(s.get("kept", "")),
+                      str(sum(s.get("dropped", {}).values())), str(sum(s.get("errored", {}).values())),
+                      str(s.get("seconds", "")))
+    console.print(table)
+    console.print(f"outputs: {cfg.run.out_dir}")

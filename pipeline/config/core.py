@@ -1,0 +1,40 @@
+"""Config building blocks shared by every section: strict models and the run/tokenizer sections."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StageSection(StrictModel):
+    """Fields every stage section has: run standalone on files a user names instead of the previous stage."""
+
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="jsonl/parquet files or directories with `id` and `text`; overrides the previous stage's output",
+    )
+
+
+class RunSection(StrictModel):
+    name: str = "run"
+    out: str | None = Field(default=None, description="output directory; default shards/<name>")
+    stages: list[str] = Field(default_factory=lambda: ["generate", "web", "dedup", "decontaminate", "shard"])
+    seed: int = 0
+
+    @property
+    def out_dir(self) -> str:
+        return self.out or f"shards/{self.name}"
+
+
+class TokenizerSection(StrictModel):
+    path: str | None = Field(
+        default=None,
+        description="a tokenizer.json path or a Hugging Face tokenizer name; default: the committed textbook BPE",
+    )
+    batch_size: int = Field(default=256, ge=1)
+    workers: int = Field(default=2, ge=1, description="threads used by the tokenizer")

@@ -1,0 +1,263 @@
+"""Documents between stages: parquet files with `id`, `text`, `source`, `edu_score` and provenance columns.
+
+Stages talk through files on disk. Each stage writes the documents it keeps under
+`<run.out>/stages/<stage>/kept/` and what it removes under `.../removed/` with the reason in the file name
+and in a `reason` column. Input files may be parquet or jsonl (plain, .gz, .zst) with at least `text`;
+a missing `id` is computed from the text. Columns outside the schema travel in `meta` (a JSON string).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import TextbookError
+from pipeline.io import atomic_path
+
+# Provenance columns: null where not applicable. Order is the on-disk order.
+PROVENANCE = ("topic", "audience", "format", "prompt_id", "model", "url")
+
+DOC_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("edu_score", pa.float32()),
+        *[pa.field(name, pa.string()) for name in PROVENANCE],
+        pa.field("meta", pa.string()),  # JSON object with everything else (sampling params, usage, filters...)
+        pa.field("reason", pa.string()),  # why a removed document was removed; null for kept ones
+    ]
+)
+DOC_COLUMNS = tuple(DOC_SCHEMA.names)
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_for_id(text: str) -> str:
+    """NFC + collapsed whitespace + strip: the same text re-wrapped or re-indented keeps its id."""
+    return _WS.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def doc_id(text: str) -> str:
+    """Stable id: the first 16 bytes of blake2b over the normalised text, hex."""
+    return hashlib.blake2b(normalize_for_id(text).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def to_row(doc: dict[str, Any]) -> dict[str, Any]:
+    """Fit a document dict to DOC_SCHEMA: known columns kept, the rest folded into `meta`."""
+    text = doc.get("text")
+    if not isinstance(text, str):
+        raise ValueError(f"document without string text (got {type(text).__name__})")
+    row: dict[str, Any] = {name: None for name in DOC_COLUMNS}
+    meta: dict[str, Any] = {}
+    raw_meta = doc.get("meta")
+    if isinstance(raw_meta, str) and raw_meta:
+        meta.update(json.loads(raw_meta))
+    elif isinstance(raw_meta, dict):
+        meta.update(raw_meta)
+    for key, value in doc.items():
+        if key == "meta":
+            continue
+        if key in row:
+            row[key] = value
+        elif key == "metadata" and isinstance(value, dict):  # datatrove documents
+            for k, v in value.items():
+                if k in row and row[k] is None:
+                    row[k] = v
+                else:
+                    meta[k] = v
+        else:
+            meta[key] = value
+    row["id"] = str(row["id"]) if row["id"] not in (None, "") else doc_id(text)
+    if row["edu_score"] is not None:
+        row["edu_score"] = float(row["edu_score"])
+    for name in ("source", *PROVENANCE, "reason"):
+        if row[name] is not None and not isinstance(row[name], str):
+            row[name] = str(row[name])
+    row["meta"] = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str) if meta else None
+    return row
+
+
+def from_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of to_row for readers: `meta` parsed back to a dict (empty when null)."""
+    out = dict(row)
+    meta = out.get("meta")
+    out["meta"] = json.loads(meta) if isinstance(meta, str) and meta else (meta or {})
+    return out
+
+
+class DocumentWriter:
+    """Writes documents as parquet parts `<prefix>-00000.parquet`, ... Never writes an empty file.
+
+    Each part is written under a temporary name and renamed when complete.
+    """
+
+    def __init__(self, directory: str | Path, prefix: str = "part", rows_per_file: int = 50_000,
+                 row_group_rows: int = 2_000) -> None:
+        self.directory = Path(directory)
+        self.prefix = re.sub(r"[^A-Za-z0-9_.-]+", "_", prefix)
+        self.rows_per_file = rows_per_file
+        self.row_group_rows = row_group_rows
+        self._buffer: list[dict[str, Any]] = []
+        self._part = 0
+        self.paths: list[Path] = []
+        self.rows_written = 0
+
+    def write(self, doc: dict[str, Any]) -> None:
+        self._buffer.append(to_row(doc))
+        if len(self._buffer) >= self.rows_per_file:
+            self._flush()
+
+    def write_many(self, docs: Iterable[dict[str, Any]]) -> None:
+        for d in docs:
+            self.write(d)
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        table = pa.Table.from_pylist(self._buffer, schema=DOC_SCHEMA)
+        final = self.directory / f"{self.prefix}-{self._part:05d}.parquet"
+        with atomic_path(final) as tmp:
+            pq.write_table(table, tmp, compression="zstd", row_group_size=self.row_group_rows)
+        self.paths.append(final)
+        self.rows_written += len(self._buffer)
+        self._part += 1
+        self._buffer = []
+
+    def close(self) -> list[Path]:
+        self._flush()
+        return self.paths
+
+    def __enter__(self) -> DocumentWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+
+
+DOC_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
+
+
+def list_document_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand files and directories (recursively) into document files, sorted; missing paths are an error."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(DOC_SUFFIXES)
+                              and not f.name.startswith(".")))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise TextbookError(f"{p}: input path does not exist")
+    return out
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    name = path.name
+    if name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape")
+    if name.endswith(".zst"):
+        import zstandard
+
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")),
+                                encoding="utf-8", errors="surrogateescape")
+    return open(path, encoding="utf-8", errors="surrogateescape")
+
+
+def _clean(text: Any) -> str | None:
+    """Undecodable bytes (kept as surrogates by the reader) are replaced, so downstream never crashes on them."""
+    if not isinstance(text, str):
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def iter_documents(
+    paths: Iterable[str | Path],
+    text_field: str = "text",
+    id_field: str = "id",
+    on_error: Any = None,
+    batch_rows: int = 2_000,
+) -> Iterator[dict[str, Any]]:
+    """Yield documents (dicts with `id`, `text`, ...) from parquet/jsonl files.
+
+    A record that cannot be read (malformed JSON line, no text) is not yielded: `on_error(reason, where)` is
+    called with a named reason and `file:line` so the caller can count it. An unreadable file is reported
+    once the same way and the other files are still read.
+    """
+    report = on_error or (lambda reason, where: None)
+    for path in list_document_files(paths):
+        try:
+            if path.name.endswith(".parquet"):
+                yield from _iter_parquet(path, text_field, id_field, report, batch_rows)
+            else:
+                yield from _iter_jsonl(path, text_field, id_field, report)
+        except (OSError, pa.ArrowException, EOFError, ValueError) as e:
+            report("unreadable_file", f"{path}: {type(e).__name__}: {e}")
+
+
+def _normalise(rec: dict[str, Any], text_field: str, id_field: str) -> dict[str, Any] | None:
+    text = _clean(rec.get(text_field))
+    if text is None:
+        return None
+    doc = {k: v for k, v in rec.items() if k not in (text_field, id_field)}
+    if isinstance(doc.get("meta"), str):
+        doc["meta"] = json.loads(doc["meta"]) if doc["meta"] else {}
+    doc["text"] = text
+    rid = rec.get(id_field)
+    doc["id"] = str(rid) if rid not in (None, "") else doc_id(text)
+    return doc
+
+
+def _iter_parquet(path: Path, text_field: str, id_field: str, report: Any, batch_rows: int) -> Iterator[dict]:
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise ValueError(f"no '{text_field}' column (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_rows):
+        for rec in batch.to_pylist():
+            row += 1
+            doc = _normalise(rec, text_field, id_field)
+            if doc is None:
+                report("missing_text", f"{path}:row {row}")
+            else:
+                yield doc
+
+
+def _iter_jsonl(path: Path, text_field: str, id_field: str, report: Any) -> Iterator[dict]:
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                report("malformed_json", f"{path}:{lineno}")
+                continue
+            if not isinstance(rec, dict):
+                report("malformed_json", f"{path}:{lineno}")
+                continue
+            doc = _normalise(rec, text_field, id_field)
+            if doc is None:
+                report("missing_text", f"{path}:{lineno}")
+            else:
+                yield doc
+
+
+def count_rows(paths: Iterable[str | Path]) -> int:
+    """Rows in parquet document files (metadata only)."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in list_document_files(paths) if p.suffix == ".parquet")

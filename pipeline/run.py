@@ -1,0 +1,242 @@
+"""Stage registry and resumable execution.
+
+A stage is a function `run_stage(ctx: StageContext) -> StageStats` in its own module. It reads
+`ctx.inputs` (document files), writes kept documents to `ctx.kept_dir` and removed ones to
+`ctx.removed_dir`, and may keep private resume state in `ctx.state_dir`. After it returns, this module
+writes `stats.json` and `_SUCCESS.json` (the stage's content hash). A stage whose `_SUCCESS.json` carries
+the same hash (resolved section + run-level settings + inputs) is skipped, so a re-run after a crash resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.config import RunConfig, config_hash
+from pipeline.documents import list_document_files
+from pipeline.errors import TextbookError
+from pipeline.io import atomic_write_text
+from pipeline.stats import StageStats
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    target: str  # "module:function"
+    # Groups of upstream stages, in order of preference: the first group with a stage in this run feeds it.
+    upstream: tuple[tuple[str, ...], ...] = ()
+    # Config sections (besides its own) whose values change this stage's output.
+    depends_on: tuple[str, ...] = ()
+    produces_documents: bool = True
+    help: str = ""
+
+
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in [
+        StageSpec("web", "pipeline.web:run_stage", depends_on=("classifier",),
+                  help="read, extract, filter and score web pages (datatrove)"),
+        StageSpec("generate", "pipeline.generate.stage:run_stage", upstream=(("web",),),
+                  depends_on=("llm",), help="synthetic textbooks from a topic taxonomy through an LLM"),
+        StageSpec("dedup", "pipeline.dedup:run_stage", upstream=(("generate", "web"),),
+                  help="exact and MinHash near-duplicate removal across sources"),
+        StageSpec("decontaminate", "pipeline.decontam:run_stage",
+                  upstream=(("dedup",), ("generate", "web")), help="remove benchmark n-gram overlaps"),
+        StageSpec("shard", "pipeline.mix:run_stage",
+                  upstream=(("decontaminate",), ("dedup",), ("generate", "web")), depends_on=("tokenizer",),
+                  help="mix, tokenize and write the final parquet shards"),
+        StageSpec("pretrain", "pipeline.train.stage:run_stage", upstream=(("shard",),),
+                  produces_documents=False, help="short pretraining run on the shards"),
+        StageSpec("report", "pipeline.report:run_stage", produces_documents=False,
+                  help="static HTML report of the run"),
+    ]
+}
+# The generate stage only uses the web stage's output for web-seeded prompts; it is optional.
+OPTIONAL_UPSTREAM = {"generate"}
+
+
+@dataclass
+class StageContext:
+    name: str
+    cfg: RunConfig
+    run_dir: Path
+    inputs: list[Path]
+    upstream: list[str] = field(default_factory=list)
+    force: bool = False
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run_dir / "stages" / self.name
+
+    @property
+    def kept_dir(self) -> Path:
+        return self.out_dir / "kept"
+
+    @property
+    def removed_dir(self) -> Path:
+        return self.out_dir / "removed"
+
+    @property
+    def state_dir(self) -> Path:
+        """Private resume state of a stage (kept across a crashed attempt)."""
+        return self.out_dir / "state"
+
+    @property
+    def section(self) -> Any:
+        return getattr(self.cfg, self.name, None)
+
+    def stage_dir(self, other: str) -> Path:
+        return self.run_dir / "stages" / other
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.run.out_dir)
+
+
+def _success_path(run_dir: Path, stage: str) -> Path:
+    return run_dir / "stages" / stage / "_SUCCESS.json"
+
+
+def completed_hash(run_dir: Path, stage: str) -> str | None:
+    p = _success_path(run_dir, stage)
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())["hash"]
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(p).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str]) -> tuple[list[Path], list[str]]:
+    """The stage's input document files and the upstream stages they come from."""
+    spec = STAGES[name]
+    section = getattr(cfg, name, None)
+    explicit = list(getattr(section, "inputs", []) or [])
+    if explicit:
+        return list_document_files(explicit), []
+    if not spec.upstream:
+        return [], []
+    for group in spec.upstream:
+        present = [s for s in group if s in planned or completed_hash(run_dir, s) is not None]
+        if present:
+            files: list[Path] = []
+            for s in present:
+                kept = run_dir / "stages" / s / "kept"
+                if completed_hash(run_dir, s) is None:
+                    raise TextbookError(f"stage {name}: upstream stage '{s}' has not completed in {run_dir} "
+                                        f"(run it first, or list {name}.inputs)")
+                if kept.is_dir():
+                    files.extend(list_document_files([kept]))
+            return files, present
+    if name in OPTIONAL_UPSTREAM:
+        return [], []
+    wanted = " or ".join("+".join(g) for g in spec.upstream)
+    raise TextbookError(f"stage {name}: no input: run {wanted} first in {run_dir}, or set {name}.inputs")
+
+
+def stage_hash(cfg: RunConfig, name: str, inputs: list[Path], upstream: list[str], run_dir: Path) -> str:
+    spec = STAGES[name]
+    parts: dict[str, Any] = {
+        "stage": name,
+        "section": getattr(cfg, name).model_dump(mode="json") if hasattr(cfg, name) else None,
+        "deps": {d: getattr(cfg, d).model_dump(mode="json") for d in spec.depends_on},
+        "seed": cfg.run.seed,
+        "upstream": {u: completed_hash(run_dir, u) for u in upstream},
+    }
+    if not upstream:
+        parts["input_files"] = _hash_files(inputs)
+    return config_hash(parts)
+
+
+def load_stage_fn(name: str) -> Callable[[StageContext], StageStats]:
+    target = STAGES[name].target
+    module_name, fn_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
+            raise TextbookError(f"stage '{name}' is not built yet ({module_name} is missing)") from None
+        raise
+    return getattr(module, fn_name)
+
+
+def write_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    atomic_write_text(run_dir / "config.resolved.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
+
+
+def run_one(cfg: RunConfig, name: str, planned: list[str] | None = None, force: bool = False,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one stage unless its completed output for the same hash is already there."""
+    if name not in STAGES:
+        raise TextbookError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+    run_dir = run_dir_of(cfg)
+    planned = planned if planned is not None else [name]
+    inputs, upstream = resolve_inputs(cfg, name, run_dir, planned)
+    digest = stage_hash(cfg, name, inputs, upstream, run_dir)
+    out_dir = run_dir / "stages" / name
+    if not force and completed_hash(run_dir, name) == digest:
+        log(f"[{name}] already complete for this config and inputs: skipped ({out_dir})")
+        return json.loads((out_dir / "stats.json").read_text()) if (out_dir / "stats.json").is_file() else {}
+    success = _success_path(run_dir, name)
+    success.unlink(missing_ok=True)
+    # Outputs of an earlier attempt are rewritten; private state (state/) survives for resume.
+    for sub in ("kept", "removed"):
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(name=name, cfg=cfg, run_dir=run_dir, inputs=inputs, upstream=upstream, force=force)
+    fn = load_stage_fn(name)
+    started = time.time()
+    stats = fn(ctx)
+    stats.set("seconds", round(time.time() - started, 3))
+    stats.check()
+    stats.write(out_dir / "stats.json")
+    atomic_write_text(success, json.dumps({"hash": digest, "version": __version__,
+                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    return stats.as_dict()
+
+
+def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: bool = False,
+                 log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    planned = stages or list(cfg.run.stages)
+    unknown = [s for s in planned if s not in STAGES]
+    if unknown:
+        raise TextbookError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
+    write_resolved_config(cfg, run_dir_of(cfg))
+    results: dict[str, dict[str, Any]] = {}
+    for name in planned:
+        log(f"[{name}] {STAGES[name].help}")
+        results[name] = run_one(cfg, name, planned=planned, force=force, log=log)
+    return results
+
+
+def gather_stage_stats(run_dir: Path) -> dict[str, Any]:
+    """stats.json of every completed stage in the run (for the manifest and the report)."""
+    out: dict[str, Any] = {}
+    stages = run_dir / "stages"
+    if stages.is_dir():
+        for d in sorted(stages.iterdir()):
+            p = d / "stats.json"
+            if p.is_file():
+                out[d.name] = json.loads(p.read_text())
+    return out

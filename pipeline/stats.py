@@ -1,0 +1,76 @@
+"""Per-stage accounting: every record read ends kept, dropped (named reason) or errored, and the counts add up."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import TextbookError
+from pipeline.io import atomic_write_text
+
+
+class StageStats:
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.n_read = 0
+        self.n_kept = 0
+        self.dropped: Counter[str] = Counter()
+        self.errored: Counter[str] = Counter()
+        self.extra: dict[str, Any] = {}
+
+    def read(self, n: int = 1) -> None:
+        self.n_read += n
+
+    def keep(self, n: int = 1) -> None:
+        self.n_kept += n
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+
+    def error(self, reason: str, n: int = 1) -> None:
+        self.errored[reason] += n
+
+    def set(self, key: str, value: Any) -> None:
+        """Stage-specific figures (tokens, cost, latency percentiles, coverage, ...)."""
+        self.extra[key] = value
+
+    @property
+    def accounted(self) -> int:
+        return self.n_kept + sum(self.dropped.values()) + sum(self.errored.values())
+
+    @property
+    def reconciled(self) -> bool:
+        return self.n_read == self.accounted
+
+    def check(self) -> None:
+        if not self.reconciled:
+            raise TextbookError(
+                f"stage {self.stage}: counts do not reconcile: read {self.n_read} != kept {self.n_kept} "
+                f"+ dropped {sum(self.dropped.values())} + errored {sum(self.errored.values())}"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "read": self.n_read,
+            "kept": self.n_kept,
+            "dropped": dict(sorted(self.dropped.items())),
+            "errored": dict(sorted(self.errored.items())),
+            "reconciled": self.reconciled,
+            **self.extra,
+        }
+
+    def write(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(self.as_dict(), indent=2, sort_keys=False, default=str) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageStats:
+        s = cls(d["stage"])
+        s.n_read, s.n_kept = d["read"], d["kept"]
+        s.dropped.update(d.get("dropped", {}))
+        s.errored.update(d.get("errored", {}))
+        known = {"stage", "read", "kept", "dropped", "errored", "reconciled"}
+        s.extra = {k: v for k, v in d.items() if k not in known}
+        return s
