@@ -1,0 +1,97 @@
+"""Stage registry: completed stages are skipped for the same config and inputs, re-run when either changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import run as runmod
+from pipeline.config import load_config
+from pipeline.documents import DocumentWriter, iter_documents
+from pipeline.errors import TextbookError
+from pipeline.stats import StageStats
+
+CALLS: list[str] = []
+
+
+def drop_short_stage(ctx: runmod.StageContext) -> StageStats:
+    """A small real stage: keeps documents of ≥ 3 words, removes the rest with a reason."""
+    CALLS.append(ctx.name)
+    stats = StageStats(ctx.name)
+    with DocumentWriter(ctx.kept_dir) as kept, DocumentWriter(ctx.removed_dir, prefix="too_short") as removed:
+        def unreadable(reason: str, where: str) -> None:
+            stats.read()  # an unreadable record was still read: it ends in the errored column
+            stats.error(reason)
+
+        for doc in iter_documents(ctx.inputs, on_error=unreadable):
+            stats.read()
+            if len(doc["text"].split()) >= 3:
+                kept.write(doc)
+                stats.keep()
+            else:
+                removed.write({**doc, "reason": "too_short"})
+                stats.drop("too_short")
+    return stats
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    CALLS.clear()
+    spec = runmod.StageSpec("dedup", f"{__name__}:drop_short_stage")
+    monkeypatch.setitem(runmod.STAGES, "dedup", spec)
+    return spec
+
+
+def make_inputs(tmp_path):
+    src = tmp_path / "in.jsonl"
+    lines = [{"id": "a", "text": "one two three four"}, {"id": "b", "text": "short"}, "{broken json",
+             {"id": "c", "text": "five six seven"}]
+    src.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return src
+
+
+def test_stage_skipped_when_complete_and_rerun_when_inputs_change(tmp_path, registry):
+    src = make_inputs(tmp_path)
+    cfg = load_config(None, [f"run.out={tmp_path / 'out'}", f"dedup.inputs=[{src}]", "run.stages=[dedup]"])
+    stats = runmod.run_pipeline(cfg, log=lambda m: None)["dedup"]
+    assert (stats["read"], stats["kept"], stats["dropped"], stats["errored"]) == (3, 2, {"too_short": 1},
+                                                                                  {"malformed_json": 1})
+    out = tmp_path / "out/stages/dedup"
+    assert json.loads((out / "stats.json").read_text())["reconciled"] is True
+    assert [d["id"] for d in iter_documents([out / "kept"])] == ["a", "c"]
+    assert [d["reason"] for d in iter_documents([out / "removed"])] == ["too_short"]
+    assert (tmp_path / "out/config.resolved.yaml").is_file()
+
+    runmod.run_pipeline(cfg, log=lambda m: None)
+    assert CALLS == ["dedup"], "a completed stage with the same config and inputs must be skipped"
+
+    src.write_text(src.read_text() + json.dumps({"id": "d", "text": "eight nine ten"}) + "\n")
+    stats = runmod.run_pipeline(cfg, log=lambda m: None)["dedup"]
+    assert CALLS == ["dedup", "dedup"] and stats["kept"] == 3
+
+    cfg2 = load_config(None, [f"run.out={tmp_path / 'out'}", f"dedup.inputs=[{src}]", "run.seed=5"])
+    runmod.run_one(cfg2, "dedup", log=lambda m: None)
+    assert len(CALLS) == 3, "a config change must re-run the stage"
+
+
+def test_crashed_attempt_leaves_no_success_marker(tmp_path, registry, monkeypatch):
+    src = make_inputs(tmp_path)
+    cfg = load_config(None, [f"run.out={tmp_path / 'out'}", f"dedup.inputs=[{src}]"])
+
+    def boom(ctx):
+        raise RuntimeError("crash")
+
+    monkeypatch.setattr(runmod, "load_stage_fn", lambda name: boom)
+    with pytest.raises(RuntimeError):
+        runmod.run_one(cfg, "dedup", log=lambda m: None)
+    assert runmod.completed_hash(tmp_path / "out", "dedup") is None
+
+
+def test_missing_upstream_is_a_clear_error(tmp_path):
+    cfg = load_config(None, [f"run.out={tmp_path / 'out'}", "run.stages=[dedup]"])
+    with pytest.raises(TextbookError, match="stage dedup: no input: run generate\\+web first"):
+        runmod.run_one(cfg, "dedup", planned=["dedup"], log=lambda m: None)
+    cfg = load_config(None, [f"run.out={tmp_path / 'out'}", f"dedup.inputs=[{tmp_path / 'missing.jsonl'}]"])
+    with pytest.raises(TextbookError, match="missing.jsonl: input path does not exist"):
+        runmod.run_one(cfg, "dedup", log=lambda m: None)
