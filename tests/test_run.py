@@ -55,7 +55,7 @@ def test_stage_skipped_when_complete_and_rerun_when_inputs_change(tmp_path, regi
     src = make_inputs(tmp_path)
     cfg = load_config(None, [f"run.out={tmp_path / 'out'}", f"dedup.inputs=[{src}]", "run.stages=[dedup]"])
     stats = runmod.run_pipeline(cfg, log=lambda m: None)["dedup"]
-    assert (stats["read"], stats["kept"], stats["dropped"], stats["errored"]) == (3, 2, {"too_short": 1},
+    assert (stats["read"], stats["kept"], stats["dropped"], stats["errored"]) == (4, 2, {"too_short": 1},
                                                                                   {"malformed_json": 1})
     out = tmp_path / "out/stages/dedup"
     assert json.loads((out / "stats.json").read_text())["reconciled"] is True
