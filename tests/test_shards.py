@@ -78,7 +78,7 @@ def test_manifest_totals_equal_sums_over_shards(tmp_path, tok, shared_data):
     on_disk = json.loads((tmp_path / "out/manifest.json").read_text())
     assert on_disk == json.loads(json.dumps(m, default=str))
     total_docs = total_tokens = 0
-    for split, s in m["splits"].items():
+    for _split, s in m["splits"].items():
         split_docs = split_tokens = 0
         for f in s["files"]:
             t = pq.read_table(tmp_path / "out" / f["path"], columns=["num_tokens", "source"])
