@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench clean system-deps
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python >= 3.11) on PATH, or make PYTHON=/path/to/python3.11"; exit 1; }
@@ -22,7 +22,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/textbook run configs/quickstart.yaml
 
-test: $(STAMP)
+# Headless Chromium renders the run report in a test; installed from Debian when we may (root, apt).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "note: chromium not installed; the report rendering test will be skipped"; }
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
