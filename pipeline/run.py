@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.config import RunConfig, config_hash
 from pipeline.documents import list_document_files
-from pipeline.errors import TextbookError
+from pipeline.errors import ResourceUnavailable, TextbookError
 from pipeline.io import atomic_write_text
 from pipeline.stats import StageStats
 
@@ -125,8 +125,9 @@ def _hash_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str]) -> tuple[list[Path], list[str]]:
-    """The stage's input document files and the upstream stages they come from."""
+def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str],
+                   skipped: frozenset[str] = frozenset()) -> tuple[list[Path], list[str]]:
+    """The stage's input document files and the upstream stages they come from (skipped stages left out)."""
     spec = STAGES[name]
     section = getattr(cfg, name, None)
     explicit = list(getattr(section, "inputs", []) or [])
@@ -135,7 +136,8 @@ def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str])
     if not spec.upstream:
         return [], []
     for group in spec.upstream:
-        present = [s for s in group if s in planned or completed_hash(run_dir, s) is not None]
+        present = [s for s in group
+                   if s not in skipped and (s in planned or completed_hash(run_dir, s) is not None)]
         if present:
             files: list[Path] = []
             for s in present:
@@ -186,13 +188,13 @@ def write_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def run_one(cfg: RunConfig, name: str, planned: list[str] | None = None, force: bool = False,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            log: Callable[[str], None] = print, skipped: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Run one stage unless its completed output for the same hash is already there."""
     if name not in STAGES:
         raise TextbookError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
     run_dir = run_dir_of(cfg)
     planned = planned if planned is not None else [name]
-    inputs, upstream = resolve_inputs(cfg, name, run_dir, planned)
+    inputs, upstream = resolve_inputs(cfg, name, run_dir, planned, skipped)
     digest = stage_hash(cfg, name, inputs, upstream, run_dir)
     out_dir = run_dir / "stages" / name
     if not force and completed_hash(run_dir, name) == digest:
@@ -222,12 +224,33 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: bool = 
     unknown = [s for s in planned if s not in STAGES]
     if unknown:
         raise TextbookError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
-    write_resolved_config(cfg, run_dir_of(cfg))
+    run_dir = run_dir_of(cfg)
+    write_resolved_config(cfg, run_dir)
     results: dict[str, dict[str, Any]] = {}
+    skipped: set[str] = set()
     for name in planned:
         log(f"[{name}] {STAGES[name].help}")
-        results[name] = run_one(cfg, name, planned=planned, force=force, log=log)
+        try:
+            results[name] = run_one(cfg, name, planned=planned, force=force, log=log, skipped=frozenset(skipped))
+        except ResourceUnavailable as e:
+            # Offline or unreachable: say what is missing, record it, go on with what can still run.
+            skipped.add(name)
+            log(f"[{name}] SKIPPED: {e}")
+            results[name] = mark_skipped(run_dir, name, str(e))
     return results
+
+
+def mark_skipped(run_dir: Path, name: str, why: str) -> dict[str, Any]:
+    """stats.json of a stage that could not run (no _SUCCESS: the next run tries it again)."""
+    stats = StageStats(name)
+    stats.set("skipped", why)
+    out = run_dir / "stages" / name
+    out.mkdir(parents=True, exist_ok=True)
+    _success_path(run_dir, name).unlink(missing_ok=True)
+    for sub in ("kept", "removed"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    stats.write(out / "stats.json")
+    return stats.as_dict()
 
 
 def gather_stage_stats(run_dir: Path) -> dict[str, Any]:

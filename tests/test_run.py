@@ -95,3 +95,26 @@ def test_missing_upstream_is_a_clear_error(tmp_path):
     cfg = load_config(None, [f"run.out={tmp_path / 'out'}", f"dedup.inputs=[{tmp_path / 'missing.jsonl'}]"])
     with pytest.raises(TextbookError, match="missing.jsonl: input path does not exist"):
         runmod.run_one(cfg, "dedup", log=lambda m: None)
+
+
+def test_unavailable_resource_skips_stage_and_the_run_goes_on(tmp_path, registry, monkeypatch):
+    from pipeline.errors import ResourceUnavailable
+
+    src = make_inputs(tmp_path)
+
+    def offline(ctx):
+        raise ResourceUnavailable("LLM endpoint unreachable: set OPENAI_BASE_URL or llm.model to a local directory")
+
+    real = runmod.load_stage_fn
+    monkeypatch.setattr(runmod, "load_stage_fn", lambda name: offline if name == "generate" else real(name))
+    monkeypatch.setitem(runmod.STAGES, "generate", runmod.StageSpec("generate", "x:y"))
+    spec = runmod.StageSpec("dedup", f"{__name__}:drop_short_stage", upstream=(("generate", "web"),))
+    monkeypatch.setitem(runmod.STAGES, "dedup", spec)
+    monkeypatch.setitem(runmod.STAGES, "web", runmod.StageSpec("web", f"{__name__}:drop_short_stage"))
+    cfg = load_config(None, [f"run.out={tmp_path / 'out'}", f"web.inputs=[{src}]", "run.stages=[web, generate, dedup]"])
+    results = runmod.run_pipeline(cfg, log=lambda m: None)
+    assert "OPENAI_BASE_URL" in results["generate"]["skipped"]
+    assert runmod.completed_hash(tmp_path / "out", "generate") is None
+    assert results["dedup"]["read"] == 2  # the web stage's kept documents only
+    skipped_stats = json.loads((tmp_path / "out/stages/generate/stats.json").read_text())
+    assert skipped_stats["skipped"].startswith("LLM endpoint unreachable")

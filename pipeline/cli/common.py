@@ -86,14 +86,31 @@ def print_stage_summary(stage: str, stats: dict[str, Any]) -> None:
 
 
 def print_run_summary(cfg: Any, results: dict[str, dict[str, Any]]) -> None:
+    """The table `textbook run` ends with, then where the shards and the report are."""
+    from pathlib import Path
+
     from rich.table import Table
 
     table = Table(title=f"run {cfg.run.name}")
-    for col in ("stage", "read", "kept", "dropped", "errored", "seconds"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+    for col in ("stage", "read", "kept", "dropped", "errored", "seconds", "note"):
+        table.add_column(col, justify="left" if col in ("stage", "note") else "right")
     for stage, s in results.items():
-        table.add_row(stage, str(s.get("read", "")), str(s.get("kept", "")),
-                      str(sum(s.get("dropped", {}).values())), str(sum(s.get("errored", {}).values())),
-                      str(s.get("seconds", "")))
+        note = f"[yellow]SKIPPED[/]: {s['skipped']}" if s.get("skipped") else ""
+        table.add_row(stage, f"{s.get('read', 0):,}", f"{s.get('kept', 0):,}",
+                      f"{sum(s.get('dropped', {}).values()):,}", f"{sum(s.get('errored', {}).values()):,}",
+                      str(s.get("seconds", "")), note)
     console.print(table)
-    console.print(f"outputs: {cfg.run.out_dir}")
+    out = Path(cfg.run.out_dir)
+    if (out / "manifest.json").is_file():
+        import json
+
+        m = json.loads((out / "manifest.json").read_text())
+        console.print(f"shards: {out}/data  ({m['totals']['documents']:,} documents, {m['totals']['tokens']:,} tokens; "
+                      f"`textbook inspect {out}`)")
+    else:
+        console.print(f"run directory: {out} (no final shards yet)")
+    if (out / "report" / "index.html").is_file():
+        console.print(f"report: {out / 'report' / 'index.html'}")
+    skipped = [k for k, v in results.items() if v.get("skipped")]
+    if skipped:
+        console.print(f"[yellow]skipped stages[/]: {', '.join(skipped)} (see the reasons above; re-run to retry them)")
