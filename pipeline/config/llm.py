@@ -1,6 +1,15 @@
-"""`llm:` and `budget:` sections (owned by the generate issue; placeholder fields to be extended)."""
+"""`llm:` and `budget:` sections: how to reach the model, how hard to push it, and what we may spend.
+
+Only fields that change *what* is asked (model, api, sampling params, n) enter a request's ledger key;
+everything else (concurrency, workers, limits, retries, ledger path) can change between runs and the ledger
+is reused.
+"""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -8,12 +17,93 @@ from pipeline.config.core import StrictModel
 
 
 class LLMSection(StrictModel):
-    provider: str = Field(default="openai", description="openai (any OpenAI-compatible endpoint) or local")
-    base_url: str | None = None
-    model: str = "HuggingFaceTB/SmolLM2-360M-Instruct"
-    api_key_env: str = "OPENAI_API_KEY"
+    provider: Literal["openai", "local"] = Field(
+        default="openai",
+        description="openai: any OpenAI-compatible endpoint at base_url; local: start `transformers serve MODEL` "
+        "on a free loopback port for the run",
+    )
+    base_url: str | None = Field(
+        default=None, description="endpoint, e.g. http://host:8000/v1; default $OPENAI_BASE_URL, then OpenAI's"
+    )
+    model: str = Field(
+        default="HuggingFaceTB/SmolLM2-360M-Instruct",
+        description="model name sent to the endpoint (provider local: a hub name or a local model directory)",
+    )
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        description="name of the environment variable holding the API key (the key itself never goes in config)",
+    )
+    api: Literal["chat", "completions"] = Field(
+        default="chat", description="chat: /v1/chat/completions with messages; completions: /v1/completions"
+    )
+    temperature: float = Field(default=0.8, ge=0, le=2, description="sampling temperature")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="nucleus sampling")
+    max_tokens: int = Field(default=1024, ge=1, description="completion length cap per request")
+    seed: int | None = Field(
+        default=0, description="sampling seed; request i of a prompt sends seed + sample_index (None: not sent)"
+    )
+    n: int = Field(default=1, ge=1, description="samples per prompt (n requests with sample_index 0..n-1)")
+    concurrency: int = Field(default=64, ge=1, description="requests in flight at once, across all workers")
+    workers: int = Field(
+        default=1,
+        ge=0,
+        description="Ray worker actors (asyncio, each keeps concurrency/workers requests in flight); "
+        "0 runs the same worker in the driver process without Ray",
+    )
+    requests_per_minute: int | None = Field(default=None, ge=1, description="shared limit over all workers")
+    tokens_per_minute: int | None = Field(
+        default=None, ge=1, description="shared limit over all workers (prompt estimate + max_tokens, settled on usage)"
+    )
+    timeout_s: float = Field(default=120.0, gt=0, description="per-attempt HTTP timeout")
+    max_retries: int = Field(default=6, ge=0, description="retries after the first attempt (429/5xx/timeouts/drops)")
+    backoff_base_s: float = Field(default=0.5, ge=0, description="first backoff; doubles per retry, full jitter")
+    backoff_max_s: float = Field(default=30.0, ge=0, description="backoff ceiling (Retry-After may ask for more)")
+    cooldown_s: float = Field(
+        default=1.0, ge=0, description="after a 429 without Retry-After, every worker holds new requests this long"
+    )
+    ray_address: str | None = Field(
+        default=None, description="join a Ray cluster (default $RAY_ADDRESS, else a local Ray on this machine)"
+    )
+    ledger: str | None = Field(
+        default=None,
+        description="SQLite request ledger (cache + resume); default <cache_dir>/ledger/llm.sqlite, shared by runs",
+    )
+    local_port: int | None = Field(default=None, ge=1, le=65535, description="provider local: port (default free)")
+    local_device: str = Field(default="auto", description="provider local: device for `transformers serve`")
+    local_startup_timeout_s: float = Field(
+        default=600.0, gt=0, description="provider local: seconds to wait for the server to become healthy"
+    )
+
+    def resolved_base_url(self) -> str | None:
+        return self.base_url or os.environ.get("OPENAI_BASE_URL") or None
+
+    def resolved_ray_address(self) -> str | None:
+        return self.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+    def ledger_path(self) -> Path:
+        if self.ledger:
+            return Path(self.ledger).expanduser()
+        from pipeline.paths import cache_dir
+
+        return cache_dir() / "ledger" / "llm.sqlite"
+
+    def sampling_params(self) -> dict:
+        """The request parameters that enter the ledger key (see `LLMRequest.key`)."""
+        params: dict = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
+        if self.seed is not None:
+            params["seed"] = self.seed
+        return params
 
 
 class BudgetSection(StrictModel):
-    max_usd: float | None = None
-    max_tokens: int | None = None
+    price_input_per_1m: float = Field(default=0.0, ge=0, description="USD per 1M prompt tokens")
+    price_output_per_1m: float = Field(default=0.0, ge=0, description="USD per 1M completion tokens")
+    max_usd: float | None = Field(
+        default=None, gt=0, description="hard cap on spend in this run: stop cleanly before exceeding it"
+    )
+    max_tokens: int | None = Field(
+        default=None, gt=0, description="hard cap on prompt + completion tokens in this run"
+    )
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.price_input_per_1m + completion_tokens * self.price_output_per_1m) / 1e6

@@ -1,0 +1,172 @@
+"""What goes to the model and what comes back. Nothing here knows about textbooks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """One call to the model. Exactly one of `messages` (chat API) or `prompt` (completions API).
+
+    `params` are the sampling parameters (temperature, top_p, max_tokens, seed, ...); `n` samples of one prompt
+    are n requests with `sample_index` 0..n-1 (the seed actually sent is `seed + sample_index`).
+    `template_version` is the prompt id (template name + content hash) so a template edit changes the key.
+    `tag` is opaque caller data handed back on the result; it is not part of the key.
+    """
+
+    messages: tuple[dict, ...] | None = None
+    prompt: str | None = None
+    params: dict = field(default_factory=dict)
+    sample_index: int = 0
+    template_version: str = ""
+    tag: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("LLMRequest needs exactly one of messages (chat) or prompt (completions)")
+        if self.messages is not None and not isinstance(self.messages, tuple):
+            object.__setattr__(self, "messages", tuple(self.messages))
+
+    @property
+    def api(self) -> str:
+        return "chat" if self.messages is not None else "completions"
+
+    def key(self, model: str) -> str:
+        """Content address: same model + rendered prompt + params + sample + template -> same key."""
+        body = {
+            "model": model,
+            "api": self.api,
+            "messages": list(self.messages) if self.messages is not None else None,
+            "prompt": self.prompt,
+            "params": self.params,
+            "sample_index": self.sample_index,
+            "template_version": self.template_version,
+        }
+        return hashlib.sha256(_canonical(body).encode()).hexdigest()
+
+    def sent_params(self) -> dict:
+        """Parameters as sent on the wire: the seed is offset by the sample index so samples differ."""
+        params = dict(self.params)
+        if params.get("seed") is not None:
+            params["seed"] = int(params["seed"]) + self.sample_index
+        return params
+
+    def estimated_prompt_tokens(self) -> int:
+        """Rough upper estimate (about 3 characters per token) for budgeting and tokens/min before usage is known."""
+        if self.messages is not None:
+            chars = sum(len(str(m.get("content", ""))) + 8 for m in self.messages)
+        else:
+            chars = len(self.prompt or "")
+        return chars // 3 + 1
+
+    def to_json(self) -> dict:
+        return {
+            "messages": list(self.messages) if self.messages is not None else None,
+            "prompt": self.prompt,
+            "params": self.params,
+            "sample_index": self.sample_index,
+            "template_version": self.template_version,
+            "tag": self.tag,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> LLMRequest:
+        msgs = d.get("messages")
+        return cls(
+            messages=tuple(msgs) if msgs is not None else None,
+            prompt=d.get("prompt"),
+            params=d.get("params") or {},
+            sample_index=int(d.get("sample_index", 0)),
+            template_version=d.get("template_version", ""),
+            tag=d.get("tag") or {},
+        )
+
+    def __hash__(self) -> int:  # dict fields are unhashable; the content key is the identity
+        return hash(self.key(""))
+
+
+@dataclass
+class LLMResult:
+    """The outcome of one request. `on_result` receives exactly one per request:
+
+    - ok: `ok=True`, `text` is the completion (may still be filtered by the caller);
+    - failed: `ok=False`, `error` says why (retries exhausted, 4xx, ...); never an empty document;
+    - skipped: `ok=False`, `skipped` names why it was never sent (`should_send` reason, `budget`, `duplicate`);
+      skipped and failed requests have no successful ledger entry, so a re-run sends them.
+    `cached=True` when the result came from the ledger without a call.
+    """
+
+    key: str
+    ok: bool
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    attempts: int
+    error: str | None
+    model: str
+    tag: dict = field(default_factory=dict)
+    cached: bool = False
+    skipped: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.ok:
+            return "ok"
+        return "skipped" if self.skipped else "failed"
+
+    def to_json(self) -> dict:
+        return {
+            "key": self.key, "ok": self.ok, "text": self.text, "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "latency_s": self.latency_s, "attempts": self.attempts, "error": self.error, "model": self.model,
+            "tag": self.tag, "cached": self.cached, "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> LLMResult:
+        return cls(**d)
+
+
+@dataclass
+class RunSummary:
+    """What `run_requests` did: every request is exactly one of ok (sent or cached), failed or skipped."""
+
+    total: int = 0
+    ok: int = 0  # includes cached
+    cached: int = 0
+    failed: int = 0
+    skipped: int = 0
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+    failed_reasons: dict[str, int] = field(default_factory=dict)
+    sent: int = 0  # requests dispatched to the endpoint in this run
+    attempts: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0  # spent in this run (cached results are free)
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    elapsed_s: float = 0.0
+    requests_per_s: float = 0.0
+    output_tokens_per_s: float = 0.0
+    latency_s: dict[str, float] = field(default_factory=dict)  # p50/p90/p99/max of sent requests
+    stopped_reason: str | None = None  # e.g. the budget cap; None when everything was processed
+    model: str = ""
+    ledger: str = ""
+
+    @property
+    def reconciled(self) -> bool:
+        return self.total == self.ok + self.failed + self.skipped
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
