@@ -1,14 +1,219 @@
-"""`run_requests`: send every request once, keep `concurrency` in flight, record each result in the ledger."""
+"""`run_requests`: send every request once, keep `concurrency` in flight, record each result in the ledger.
+
+The driver (this process) owns the ledger and the budget. It pulls requests lazily from the caller's iterable,
+answers ledger hits at once (`cached=True`), asks `should_send` just before dispatch, and keeps each worker's
+queue topped up to its share of `concurrency` (+ a small prefetch so a slot never waits on the driver).
+Workers are Ray actors (or, with `llm.workers: 0`, one in-process thread) running `worker.WorkerCore`.
+Results are written to the ledger in one transaction per arrival batch, then handed to `on_result`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import concurrent.futures
+import contextlib
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from pipeline.config.llm import BudgetSection, LLMSection
+from pipeline.errors import ResourceUnavailable, TextbookError
+from pipeline.llm.client import Secret
+from pipeline.llm.ledger import Ledger
 from pipeline.llm.types import LLMRequest, LLMResult, RunSummary
 
+_OPENAI_DEFAULT = "https://api.openai.com/v1"
 
+
+# --------------------------------------------------------------------------------------------- endpoint
+@contextlib.contextmanager
+def open_endpoint(llm: LLMSection) -> Iterator[LLMSection]:
+    """Yield an `llm` section pointing at a live endpoint: for `provider: local` without a base_url, start
+    `transformers serve` for the duration. Wrap a whole stage in it to reuse one server across calls."""
+    if llm.provider == "local" and not llm.base_url:
+        from pipeline.llm.server import LocalServer
+
+        with LocalServer(llm.model, port=llm.local_port, device=llm.local_device,
+                         startup_timeout_s=llm.local_startup_timeout_s) as server:
+            yield llm.model_copy(update={"base_url": server.base_url})
+        return
+    yield llm
+
+
+def api_key(llm: LLMSection) -> Secret:
+    """The key from `llm.api_key_env`; endpoints other than OpenAI's may need none."""
+    key = os.environ.get(llm.api_key_env, "")
+    base = llm.resolved_base_url()
+    if not key and (base is None or base.rstrip("/") == _OPENAI_DEFAULT):
+        raise ResourceUnavailable(
+            f"no API key: set the environment variable {llm.api_key_env} (llm.api_key_env), or point "
+            "llm.base_url / OPENAI_BASE_URL at an OpenAI-compatible server, or use llm.provider: local")
+    return Secret(key)
+
+
+# --------------------------------------------------------------------------------------------- workers
+class _RayHandle:
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def submit(self, batch: list) -> None:
+        self.actor.submit.remote(batch)
+
+    def poll(self) -> concurrent.futures.Future:
+        return self.actor.poll.remote(0.5).future()
+
+    def cancel_queued(self) -> list[str]:
+        import ray
+
+        return ray.get(self.actor.cancel_queued.remote(), timeout=60)
+
+    def close(self) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.get(self.actor.close.remote(), timeout=10)
+        with contextlib.suppress(Exception):
+            ray.kill(self.actor)
+
+
+class _ThreadHandle:
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+
+    def submit(self, batch: list) -> None:
+        self.worker.submit(batch)
+
+    def poll(self) -> concurrent.futures.Future:
+        return self.worker.poll(0.5)
+
+    def cancel_queued(self) -> list[str]:
+        return self.worker.cancel_queued().result(timeout=60)
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def _slots(llm: LLMSection) -> list[int]:
+    """Each worker's share of `concurrency` (never an idle worker with zero slots)."""
+    n = min(max(1, llm.workers), llm.concurrency)
+    return [llm.concurrency // n + (1 if i < llm.concurrency % n else 0) for i in range(n)]
+
+
+def _start_workers(llm: LLMSection, secret: Secret) -> list[Any]:
+    base_url = llm.resolved_base_url()
+    if llm.workers == 0:
+        from pipeline.llm.worker import ThreadWorker
+
+        return [_ThreadHandle(ThreadWorker(llm, base_url, secret, llm.concurrency))]
+    import ray
+
+    from pipeline.llm.limiter import LimiterActor
+    from pipeline.llm.worker import RayWorker
+
+    if not ray.is_initialized():
+        ray.init(address=llm.resolved_ray_address(), include_dashboard=False, ignore_reinit_error=True,
+                 log_to_driver=False)
+    limiter = None
+    if llm.requests_per_minute or llm.tokens_per_minute:
+        limiter = ray.remote(num_cpus=0)(LimiterActor).remote(llm.requests_per_minute, llm.tokens_per_minute)
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=16)(RayWorker)
+    strategy = "SPREAD" if llm.workers > 1 else "DEFAULT"
+    handles = [_RayHandle(actor_cls.options(scheduling_strategy=strategy).remote(llm, base_url, secret, s, limiter))
+               for s in _slots(llm)]
+    ray.get([h.actor.ping.remote() for h in handles], timeout=300)
+    return handles
+
+
+# --------------------------------------------------------------------------------------------- budget
+class _Budget:
+    """Hard caps. A request is dispatched only if spend so far + worst case of everything in flight + its own
+    worst case (estimated prompt + max_tokens) stays within the cap, so the cap cannot be overshot."""
+
+    def __init__(self, budget: BudgetSection, llm: LLMSection) -> None:
+        self.b, self.llm = budget, llm
+        self.spent_usd = self.reserved_usd = 0.0
+        self.spent_tok = self.reserved_tok = 0
+
+    def worst(self, req: LLMRequest) -> tuple[int, int]:
+        return req.estimated_prompt_tokens(), int(req.params.get("max_tokens") or self.llm.max_tokens)
+
+    def fits(self, req: LLMRequest) -> bool:
+        p, c = self.worst(req)
+        if self.b.max_usd is not None and \
+                self.spent_usd + self.reserved_usd + self.b.cost(p, c) > self.b.max_usd:
+            return False
+        return self.b.max_tokens is None or self.spent_tok + self.reserved_tok + p + c <= self.b.max_tokens
+
+    def reserve(self, req: LLMRequest, sign: int = 1) -> None:
+        p, c = self.worst(req)
+        self.reserved_usd += sign * self.b.cost(p, c)
+        self.reserved_tok += sign * (p + c)
+
+    def settle(self, req: LLMRequest, result: LLMResult) -> None:
+        self.reserve(req, -1)
+        self.spent_usd += self.b.cost(result.prompt_tokens, result.completion_tokens)
+        self.spent_tok += result.prompt_tokens + result.completion_tokens
+
+    def message(self) -> str:
+        caps = []
+        if self.b.max_usd is not None:
+            caps.append(f"budget.max_usd={self.b.max_usd} (spent ${self.spent_usd:.4f})")
+        if self.b.max_tokens is not None:
+            caps.append(f"budget.max_tokens={self.b.max_tokens} (used {self.spent_tok})")
+        return "budget cap reached: " + ", ".join(caps) + "; results so far are in the ledger, " \
+            "raise the cap and re-run to continue"
+
+
+# --------------------------------------------------------------------------------------------- progress
+class _Progress:
+    def __init__(self, enabled: bool, total: int | None) -> None:
+        self.enabled, self.total = enabled, total
+        self.bar = None
+        self._last = 0.0
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("[bold]llm"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("llm", total=total, info="")
+
+    def update(self, s: RunSummary, spent: float, t0: float, force: bool = False) -> None:
+        if self.bar is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.25:
+            return
+        self._last = now
+        done = s.ok + s.failed + s.skipped
+        dt = max(now - t0, 1e-6)
+        rate = (s.ok - s.cached + s.failed) / dt
+        eta = ""
+        if self.total and rate > 0:
+            eta = f" eta {max(0, self.total - done) / rate:,.0f}s"
+        info = (f"{rate:.1f} req/s {s.completion_tokens / dt:,.0f} out tok/s | ok {s.ok} (cached {s.cached}) "
+                f"failed {s.failed} skipped {s.skipped} retries {s.retries} | ${spent:.4f}{eta}")
+        self.bar.update(self.task, completed=done, total=self.total, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    v = sorted(values)
+
+    def q(p: float) -> float:
+        return round(v[min(len(v) - 1, int(p * (len(v) - 1) + 0.5))], 4)
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": round(v[-1], 4), "mean": round(sum(v) / len(v), 4)}
+
+
+# --------------------------------------------------------------------------------------------- driver
 def run_requests(
     requests: Iterable[LLMRequest],
     llm: LLMSection,
@@ -19,10 +224,238 @@ def run_requests(
     on_result: Callable[[LLMResult], None] | None = None,
     progress: bool = True,
 ) -> RunSummary:
-    """Run every request (ledger hits are returned without a call); `on_result` gets exactly one result each."""
-    raise NotImplementedError("being written")
+    """Run every request; `on_result` is called in this thread exactly once per request (ok, failed or skipped).
+
+    Ledger hits come back at once with `cached=True` and cost nothing. Requests are pulled lazily, so a
+    generator works; `should_send(req)` may return a reason to skip it, checked just before dispatch.
+    On the budget cap the run stops dispatching, lets requests in flight finish (they are recorded), reports
+    the rest as skipped `budget`, and sets `summary.stopped_reason`. Ctrl-C / kill loses nothing recorded.
+    """
+    with open_endpoint(llm) as live:
+        return _Driver(requests, live, budget, Path(ledger_path), should_send, on_result, progress).run()
 
 
-def estimate(requests: Iterable[LLMRequest], llm: LLMSection, budget: BudgetSection) -> dict:
-    """For --dry-run: n requests, estimated tokens, cost and time at the configured concurrency."""
-    raise NotImplementedError("being written")
+class _Driver:
+    def __init__(self, requests: Iterable[LLMRequest], llm: LLMSection, budget: BudgetSection, ledger_path: Path,
+                 should_send: Callable[[LLMRequest], str | None] | None,
+                 on_result: Callable[[LLMResult], None] | None, progress: bool) -> None:
+        self.llm, self.should_send, self.on_result = llm, should_send, on_result
+        total = len(requests) if hasattr(requests, "__len__") else None  # type: ignore[arg-type]
+        self.requests = iter(requests)
+        self.ledger = Ledger(ledger_path)
+        self.budget = _Budget(budget, llm)
+        self.s = RunSummary(total=0, model=llm.model, ledger=str(ledger_path))
+        self.progress = _Progress(progress, total)
+        self.skipped: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.latencies: list[float] = []
+        self.seen: set[str] = set()
+        self.inflight: dict[str, LLMRequest] = {}
+        self.held: tuple[str, LLMRequest] | None = None  # next request, waiting for budget room
+        self.exhausted = False
+        self.t0 = time.monotonic()
+
+    # -- emitting results (exactly one per request)
+    def _emit(self, result: LLMResult) -> None:
+        s = self.s
+        if result.ok:
+            s.ok += 1
+            if result.cached:
+                s.cached += 1
+        elif result.skipped:
+            s.skipped += 1
+            self.skipped[result.skipped] += 1
+        else:
+            s.failed += 1
+            self.failed[(result.error or "unknown").split(":", 2)[-1].strip()[:80]] += 1
+        if self.on_result is not None:
+            self.on_result(result)
+
+    def _skip(self, key: str, req: LLMRequest, reason: str) -> None:
+        self._emit(LLMResult(key=key, ok=False, text=None, finish_reason=None, prompt_tokens=0,
+                             completion_tokens=0, latency_s=0.0, attempts=0, error=None, model=self.llm.model,
+                             tag=req.tag, skipped=reason))
+
+    # -- pulling requests
+    def _next(self) -> tuple[str, LLMRequest] | None:
+        """Next request that needs a call, answering ledger hits and duplicates on the way."""
+        if self.held is not None:
+            item, self.held = self.held, None
+            return item
+        for req in self.requests:
+            self.s.total += 1
+            key = req.key(self.llm.model)
+            if key in self.seen:
+                self._skip(key, req, "duplicate")
+                continue
+            self.seen.add(key)
+            hit = self.ledger.get_ok(key)
+            if hit is not None:
+                hit.tag = req.tag
+                self._emit(hit)
+                continue
+            return key, req
+        self.exhausted = True
+        return None
+
+    def _fill(self, capacity: int) -> list[tuple[str, LLMRequest]]:
+        batch: list[tuple[str, LLMRequest]] = []
+        while len(batch) < capacity and self.s.stopped_reason is None:
+            item = self._next()
+            if item is None:
+                break
+            key, req = item
+            if self.should_send is not None:
+                reason = self.should_send(req)
+                if reason:
+                    self._skip(key, req, reason)
+                    continue
+            if not self.budget.fits(req):
+                if self.inflight or batch:
+                    self.held = item  # room may free up when in-flight requests report real usage
+                else:
+                    self.s.stopped_reason = self.budget.message()
+                    self._skip(key, req, "budget")
+                break
+            self.budget.reserve(req)
+            self.inflight[key] = req
+            batch.append(item)
+        return batch
+
+    def _drain_unsent(self) -> None:
+        """After a budget stop: every request not sent is reported (ledger hits still count as ok)."""
+        if self.held is not None:
+            key, req = self.held
+            self.held = None
+            self._skip(key, req, "budget")
+        while (item := self._next()) is not None:
+            self._skip(item[0], item[1], "budget")
+
+    # -- results
+    def _record(self, results: list[LLMResult]) -> None:
+        pairs = []
+        for r in results:
+            req = self.inflight.pop(r.key)
+            r.tag = req.tag
+            pairs.append((r, req))
+        self.ledger.put_many(pairs)  # durable before anyone downstream sees it
+        for r, req in pairs:
+            self.budget.settle(req, r)
+            self.s.sent += 1
+            self.s.attempts += r.attempts
+            self.s.prompt_tokens += r.prompt_tokens
+            self.s.completion_tokens += r.completion_tokens
+            self.latencies.append(r.latency_s)
+            self._emit(r)
+
+    def run(self) -> RunSummary:
+        handles: list[Any] = []
+        try:
+            first = self._fill(1)
+            if first:
+                secret = api_key(self.llm)
+                handles = _start_workers(self.llm, secret)
+                self._loop(handles, first)
+            self.progress.update(self.s, self.budget.spent_usd, self.t0, force=True)
+        finally:
+            for h in handles:
+                h.close()
+            self.progress.close()
+            self.ledger.close()
+        return self._summary()
+
+    def _loop(self, handles: list[Any], first: list[tuple[str, LLMRequest]]) -> None:
+        slots = _slots(self.llm)
+        caps = [s + max(2, s // 8) for s in slots]  # small prefetch: a freed slot never waits on the driver
+        outstanding = [0] * len(handles)
+        retries = [0] * len(handles)
+        handles[0].submit(first)
+        outstanding[0] = len(first)
+        polls = {h.poll(): i for i, h in enumerate(handles)}
+        cancelled = False
+        while True:
+            if self.s.stopped_reason is None:
+                for i, h in enumerate(handles):
+                    batch = self._fill(caps[i] - outstanding[i])
+                    if batch:
+                        h.submit(batch)
+                        outstanding[i] += len(batch)
+            if self.s.stopped_reason is not None and not cancelled:
+                cancelled = True
+                for i, h in enumerate(handles):
+                    for key in h.cancel_queued():
+                        outstanding[i] -= 1
+                        req = self.inflight.pop(key)
+                        self.budget.reserve(req, -1)
+                        self._skip(key, req, "budget")
+                self._drain_unsent()
+            if sum(outstanding) == 0 and self.held is None and (self.exhausted or cancelled):
+                break
+            done, _ = concurrent.futures.wait(list(polls), return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in done:
+                i = polls.pop(fut)
+                try:
+                    results, retries[i] = fut.result()
+                except Exception as e:  # worker died: its requests fail (not in the ledger, re-run sends them)
+                    raise TextbookError(f"LLM worker {i} died: {type(e).__name__}: {e}") from e
+                outstanding[i] -= len(results)
+                self._record(results)
+                polls[handles[i].poll()] = i
+            self.s.retries = sum(retries)
+            self.progress.update(self.s, self.budget.spent_usd, self.t0)
+
+    def _summary(self) -> RunSummary:
+        s = self.s
+        s.skipped_reasons = dict(self.skipped)
+        s.failed_reasons = dict(self.failed)
+        s.retries = max(s.retries, s.attempts - s.sent)
+        s.cost_usd = round(self.budget.spent_usd, 6)
+        s.elapsed_s = round(time.monotonic() - self.t0, 3)
+        s.requests_per_s = round(s.sent / s.elapsed_s, 3) if s.elapsed_s else 0.0
+        s.output_tokens_per_s = round(s.completion_tokens / s.elapsed_s, 3) if s.elapsed_s else 0.0
+        s.latency_s = _percentiles(self.latencies)
+        if not s.reconciled:  # a bug, not a user error: say so loudly
+            raise TextbookError(f"LLM run does not reconcile: total {s.total} != ok {s.ok} + failed {s.failed} "
+                                f"+ skipped {s.skipped}")
+        return s
+
+
+# --------------------------------------------------------------------------------------------- dry run
+def estimate(requests: Iterable[LLMRequest], llm: LLMSection, budget: BudgetSection, *,
+             ledger_path: Path | None = None, assumed_latency_s: float | None = None) -> dict:
+    """For --dry-run: n requests, estimated tokens, cost (upper bound: every completion hits max_tokens) and
+    time at the configured concurrency. Requests already answered in the ledger are free and not counted."""
+    n = cached = 0
+    p_tok = c_tok = 0
+    ledger = Ledger(ledger_path) if ledger_path is not None and Path(ledger_path).exists() else None
+    try:
+        for req in requests:
+            n += 1
+            if ledger is not None and ledger.get_ok(req.key(llm.model)) is not None:
+                cached += 1
+                continue
+            p_tok += req.estimated_prompt_tokens()
+            c_tok += int(req.params.get("max_tokens") or llm.max_tokens)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    to_send = n - cached
+    # without a measurement, assume ~50 output tokens/s per stream for the worst-case completion length
+    latency = assumed_latency_s if assumed_latency_s is not None else (c_tok / to_send / 50 if to_send else 0.0)
+    rate = llm.concurrency / latency if latency > 0 else float("inf")
+    if llm.requests_per_minute:
+        rate = min(rate, llm.requests_per_minute / 60)
+    if llm.tokens_per_minute and to_send:
+        rate = min(rate, llm.tokens_per_minute / 60 / ((p_tok + c_tok) / to_send))
+    return {
+        "requests": n,
+        "cached": cached,
+        "to_send": to_send,
+        "est_prompt_tokens": p_tok,
+        "max_completion_tokens": c_tok,
+        "est_max_cost_usd": round(budget.cost(p_tok, c_tok), 4),
+        "concurrency": llm.concurrency,
+        "assumed_latency_s": round(latency, 3),
+        "est_time_s": round(to_send / rate, 1) if to_send and rate != float("inf") else 0.0,
+        "model": llm.model,
+    }

@@ -1,0 +1,280 @@
+"""A fault-injecting OpenAI-compatible server for tests and benchmarks (no model: answers are derived from the request).
+
+Serves `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /_stats` on 127.0.0.1 with
+a configurable latency distribution and rates of 429 (with Retry-After), 500, dropped connections, hangs past
+the client's timeout and malformed JSON. The answer to a request is a deterministic function of its body, and
+the server COUNTS successful answers per request body (`/_stats`, `.stats()`), which is how tests prove that
+nothing was asked twice. A body containing `FAIL_ALWAYS` always gets a 500 (to test exhausted retries).
+
+Written on bare asyncio streams (not a web framework) so that faults are real: a dropped connection is a socket
+closed mid-request, a malformed body is bytes on the wire. Runs in a subprocess (default, so it does not share
+the client's GIL) or in a thread: `with FaultyOpenAIServer(latency="lognormal", rate_429=0.1) as srv: srv.base_url`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+_WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not one "
+          "all can their has more been its other when there use into time two may first only number way "
+          "energy cell atom force water light system model value example function equation data rate").split()
+
+
+@dataclass
+class FaultConfig:
+    latency: str = "fixed"  # fixed | lognormal
+    latency_s: float = 0.0  # fixed latency, or the median of the lognormal
+    sigma: float = 0.5
+    rate_429: float = 0.0
+    retry_after_s: float = 0.05
+    rate_500: float = 0.0
+    rate_drop: float = 0.0
+    rate_hang: float = 0.0
+    hang_s: float = 30.0
+    rate_malformed: float = 0.0
+    words: int = 200  # completion length (capped by max_tokens; then finish_reason "length")
+    seed: int = 0
+    model: str = "test-model"
+    ratelimit_headers: bool = False  # send x-ratelimit-* headers (remaining never 0)
+    extra: dict = field(default_factory=dict)
+
+
+def _canonical_key(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _answer_text(key: str, n_words: int) -> str:
+    rng = random.Random(key)
+    return " ".join(rng.choice(_WORDS) for _ in range(n_words)).capitalize() + "."
+
+
+class _App:
+    def __init__(self, cfg: FaultConfig) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        self.answered: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        self.received = 0
+
+    def _latency(self) -> float:
+        c = self.cfg
+        if c.latency == "lognormal" and c.latency_s > 0:
+            return self.rng.lognormvariate(math.log(c.latency_s), c.sigma)
+        return c.latency_s
+
+    def _fault(self) -> str | None:
+        c = self.cfg
+        x = self.rng.random()
+        for name, rate in (("429", c.rate_429), ("500", c.rate_500), ("drop", c.rate_drop), ("hang", c.rate_hang),
+                           ("malformed", c.rate_malformed)):
+            if x < rate:
+                return name
+            x -= rate
+        return None
+
+    def stats(self) -> dict:
+        return {"received": self.received, "answered_total": sum(self.answered.values()),
+                "distinct_answered": len(self.answered), "answered": dict(self.answered),
+                "faults": dict(self.faults)}
+
+    def completion(self, path: str, body: dict) -> dict:
+        key = _canonical_key(body)
+        max_tokens = int(body.get("max_tokens") or 10**9)
+        n_words = min(self.cfg.words, max_tokens)
+        text = _answer_text(key, n_words)
+        finish = "length" if self.cfg.words > max_tokens else "stop"
+        if "messages" in body:
+            prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in body["messages"])
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": finish, "logprobs": None}
+            obj = "chat.completion"
+        else:
+            prompt_tokens = len(str(body.get("prompt", "")).split())
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        return {"id": "cmpl-" + key[:24], "object": obj, "created": int(time.time()), "model": body.get("model"),
+                "choices": [choice], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n_words,
+                                               "total_tokens": prompt_tokens + n_words}}
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, v in
+                           (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
+                raw = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                keep = await self.route(method, path.split("?", 1)[0], raw, writer)
+                if not keep or headers.get("connection", "").lower() == "close":
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, status: int, payload: bytes,
+                    headers: dict[str, str] | None = None) -> None:
+        reason = {200: "OK", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
+                  400: "Bad Request"}.get(status, "Error")
+        lines = [f"HTTP/1.1 {status} {reason}", "content-type: application/json",
+                 f"content-length: {len(payload)}", "connection: keep-alive"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+        await writer.drain()
+
+    async def route(self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter) -> bool:
+        if method == "GET" and path == "/_stats":
+            await self._send(writer, 200, json.dumps(self.stats()).encode())
+            return True
+        if method == "GET" and path in ("/v1/models", "/health"):
+            await self._send(writer, 200, json.dumps(
+                {"object": "list", "data": [{"id": self.cfg.model, "object": "model", "owned_by": "test"}]}).encode())
+            return True
+        if method != "POST" or path not in ("/v1/chat/completions", "/v1/completions"):
+            await self._send(writer, 404, b'{"error": {"message": "not found"}}')
+            return True
+        self.received += 1
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError:
+            await self._send(writer, 400, b'{"error": {"message": "invalid JSON body"}}')
+            return True
+        await asyncio.sleep(self._latency())
+        fault = "500" if b"FAIL_ALWAYS" in raw else self._fault()
+        if fault is not None:
+            self.faults[fault] += 1
+        if fault == "429":
+            ra = self.cfg.retry_after_s
+            await self._send(writer, 429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}',
+                             {"retry-after": str(max(1, math.ceil(ra))), "retry-after-ms": str(int(ra * 1000))})
+            return True
+        if fault == "500":
+            await self._send(writer, 500, b'{"error": {"message": "internal error", "type": "server_error"}}')
+            return True
+        if fault == "drop":
+            return False
+        if fault == "hang":
+            await asyncio.sleep(self.cfg.hang_s)
+            return False
+        payload = json.dumps(self.completion(path, body)).encode()
+        if fault == "malformed":
+            await self._send(writer, 200, payload[: len(payload) // 2])
+            return True
+        headers = {}
+        if self.cfg.ratelimit_headers:
+            headers = {"x-ratelimit-remaining-requests": "1000", "x-ratelimit-reset-requests": "1s",
+                       "x-ratelimit-remaining-tokens": "100000", "x-ratelimit-reset-tokens": "1s"}
+        await self._send(writer, 200, payload, headers)
+        # counted only once the answer is on the wire: a client that sees it will not ask again
+        self.answered[_canonical_key(body)] += 1
+        return True
+
+
+async def _serve(cfg: FaultConfig, port: int, ready: Any) -> None:
+    app = _App(cfg)
+    server = await asyncio.start_server(app.handle, "127.0.0.1", port, backlog=1024, limit=2**24)
+    ready(server.sockets[0].getsockname()[1])
+    async with server:
+        await server.serve_forever()
+
+
+class FaultyOpenAIServer:
+    """Context manager; `.base_url` (…/v1), `.stats()`, `.port`. `mode="process"` (default) or `"thread"`."""
+
+    def __init__(self, mode: str = "process", **config: Any) -> None:
+        self.cfg = FaultConfig(**config)
+        self.mode = mode
+        self.port: int | None = None
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> FaultyOpenAIServer:
+        if self.mode == "thread":
+            started = threading.Event()
+
+            def ready(port: int) -> None:
+                self.port = port
+                started.set()
+
+            def main() -> None:
+                self._loop = asyncio.new_event_loop()
+                self._loop.run_until_complete(self._guard(_serve(self.cfg, 0, ready)))
+
+            self._thread = threading.Thread(target=main, name="faulty-openai", daemon=True)
+            self._thread.start()
+            if not started.wait(30):
+                raise RuntimeError("test server did not start")
+        else:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.llm.testserver", json.dumps(asdict(self.cfg))],
+                stdout=subprocess.PIPE, text=True)
+            line = self._proc.stdout.readline() if self._proc.stdout else ""
+            if not line.startswith("PORT "):
+                self._proc.kill()
+                raise RuntimeError(f"test server did not start: {line!r}")
+            self.port = int(line.split()[1])
+        return self
+
+    @staticmethod
+    async def _guard(coro: Any) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            pass
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_stats", timeout=30) as r:
+            return json.loads(r.read())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        if self._loop is not None:
+            loop = self._loop
+
+            def stop() -> None:
+                for task in asyncio.all_tasks(loop):
+                    task.cancel()
+
+            loop.call_soon_threadsafe(stop)
+            if self._thread is not None:
+                self._thread.join(10)
+
+
+def main() -> None:
+    cfg = FaultConfig(**json.loads(sys.argv[1])) if len(sys.argv) > 1 else FaultConfig()
+
+    def ready(port: int) -> None:
+        print(f"PORT {port}", flush=True)
+
+    try:
+        asyncio.run(_serve(cfg, 0, ready))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
