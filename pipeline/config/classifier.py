@@ -1,9 +1,113 @@
-"""`classifier:` section: which model scores documents and how (owned by the classifier issue)."""
+"""`classifier:` section: which model scores documents, and how to annotate, train and evaluate one.
+
+The run's web stage reads `model`, `max_chars`, `batch_size`, `threshold`/`keep_top`. The `classifier`
+commands (`textbook classifier annotate|train|evaluate|score`) read the `annotate:` and `train:` blocks.
+"""
 
 from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
 
 from pipeline.config.core import StrictModel
 
 
+class LabelSource(StrictModel):
+    """One file/directory/data set of labelled (or fixed-label) documents."""
+
+    path: str = Field(description="parquet/jsonl(.gz)/csv/json file or directory, or `hf:NAME[:split]` (needs network)")
+    format: Literal["auto", "parquet", "jsonl", "csv", "json", "text"] = Field(
+        default="auto", description="auto from the extension; `text`: every file under a directory is one document"
+    )
+    glob: str = Field(default="**/*", description="format text: which files under the directory")
+    name: str | None = Field(default=None, description="label in metrics and the model card (default: file name)")
+    text_column: str = Field(default="text", description="column with the document text")
+    score_column: str | None = Field(default="score", description="column with the annotator's score")
+    id_column: str | None = Field(
+        default=None, description="column identifying a document (repeated annotations share it); default: text hash"
+    )
+    label: float | None = Field(
+        default=None, description="fixed score for every row (DCLM-style positives/negatives); overrides score_column"
+    )
+    label_map: dict[str, float] | None = Field(
+        default=None, description="map string labels to scores, e.g. {None: 0, Minimal: 1, ...}"
+    )
+    where: dict[str, Any] | None = Field(
+        default=None, description="keep only rows whose columns equal these values, e.g. {score: 0}"
+    )
+    limit: int | None = Field(default=None, ge=1, description="at most this many documents (deterministic sample)")
+    chunk_chars: int | None = Field(
+        default=None, ge=200, description="split long documents into paragraph-aligned chunks of about this size"
+    )
+    markup: Literal["none", "rst"] = Field(default="none", description="strip reST roles/directives before use")
+
+
+class TrainSection(StrictModel):
+    name: str = Field(default="edu-fasttext", description="model name; written to <out_dir>/<name>/")
+    out_dir: str = Field(default="classifiers", description="parent directory of the model directory")
+    sources: list[LabelSource] = Field(default_factory=list, description="training data (all splits come from here)")
+    eval_sets: list[LabelSource] = Field(
+        default_factory=list, description="extra evaluation-only sets (documents also in the train split are excluded)"
+    )
+    backend: Literal["fasttext", "sklearn"] = Field(default="fasttext")
+    mode: Literal["expected", "binary", "regression"] = Field(
+        default="expected",
+        description="expected: multi-class, score = expectation over label probabilities; binary: score >= "
+        "threshold vs not, score = score_max * P(positive); regression: sklearn ridge",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="backend hyperparameters (fasttext: lr, epoch, wordNgrams, dim, minCount, bucket, quantize, "
+        "cutoff; sklearn: features tfidf|hashing, head logistic|ridge, ngram_max, max_features, C, alpha)",
+    )
+    score_min: float = Field(default=0, description="lowest valid score of the rubric")
+    score_max: float = Field(default=5, description="highest valid score of the rubric")
+    threshold: float = Field(default=3, description="binary cut-off on the rubric scale (score >= threshold)")
+    keep_top: float | None = Field(
+        default=None, gt=0, le=1, description="calibrate the cut-off keeping this fraction and record it as default"
+    )
+    calibration: list[LabelSource] = Field(
+        default_factory=list,
+        description="documents representative of what will be scored (labels not needed) for keep-top cut-offs; "
+        "default: the validation and test splits. Documents in the train split are excluded",
+    )
+    max_chars: int = Field(default=4000, ge=0, description="score only this prefix (0: whole document)")
+    lowercase: bool = Field(default=True, description="lower-case text before features")
+    split: tuple[float, float, float] = Field(
+        default=(0.8, 0.1, 0.1), description="train/validation/test fractions, by hash of the document id"
+    )
+    strict: bool = Field(
+        default=False, description="bad rows (non-numeric or out-of-range scores) are an error instead of counted"
+    )
+    rubric: str | None = Field(default=None, description="rubric file the labels came from (for the model card)")
+    annotator: str | None = Field(default=None, description="who labelled the data (for the model card)")
+    language: str = Field(default="en", description="language of the training data (for the model card)")
+    description: str = Field(default="", description="a paragraph for the model card: data, intended use, caveats")
+
+
+class AnnotateSection(StrictModel):
+    inputs: list[str] = Field(default_factory=list, description="documents to sample (jsonl/parquet files or dirs)")
+    text_column: str = Field(default="text")
+    id_column: str = Field(default="id")
+    sample: int | None = Field(default=1000, ge=1, description="documents to annotate (deterministic sample); None: all")
+    rubric: str = Field(default="prompts/rubrics/edu_additive_v1.md", description="rubric prompt file ({text} slot)")
+    max_chars: int = Field(default=6000, ge=100, description="document prefix shown to the annotator")
+    repeats: int = Field(default=1, ge=1, description="annotations per document (agreement ceiling)")
+    out: str = Field(default="annotations/edu.parquet", description="output parquet (id, text, score, ...)")
+
+
 class ClassifierSection(StrictModel):
-    model: str = "classifiers/edu-fasttext"
+    model: str = Field(default="classifiers/edu-fasttext", description="model directory used for scoring")
+    max_chars: int | None = Field(
+        default=None, ge=0, description="score only this prefix of each document (default: the model's own)"
+    )
+    batch_size: int = Field(default=512, ge=1, description="documents scored per call")
+    threshold: float | None = Field(
+        default=None, description="keep documents with edu_score >= threshold (default: the model's threshold)"
+    )
+    keep_top: float | None = Field(
+        default=None, gt=0, le=1, description="keep this fraction instead, using the cut-off calibrated with the model"
+    )
+    annotate: AnnotateSection = Field(default_factory=AnnotateSection)
+    train: TrainSection = Field(default_factory=TrainSection)
