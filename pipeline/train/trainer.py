@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config import config_hash
 from pipeline.config.pretrain import PretrainSection, TrainSection, resolve_pretrain
 from pipeline.errors import TextbookError
 from pipeline.io import atomic_path, atomic_write_text
@@ -273,11 +274,12 @@ class Trainer:
             raise TextbookError(f"{self.out}: holds checkpoints of an earlier run: pass --resume to continue it "
                                 "or --force to start over")
         ckpt = load_checkpoint(existing[-1])
+        if resume == "auto" and (ckpt["config"] != self.cfg.model_dump(mode="json")
+                                 or ckpt["shards"] != self.shard_paths):
+            self.log(f"{self.out}: earlier checkpoints were made with another config or shards: starting over")
+            self.wipe()
+            return None
         if ckpt["model_args"] != self.args.to_dict():
-            if resume == "auto":
-                self.log(f"{self.out}: earlier checkpoints are of another model: starting over")
-                self.wipe()
-                return None
             raise TextbookError(f"{ckpt['path']}: the checkpoint's model differs from the config "
                                 f"({ckpt['model_args']} vs {self.args.to_dict()})")
         return ckpt
@@ -515,7 +517,7 @@ class Trainer:
             "data_epochs": loader_state["epoch"] + 1 if loader_state else None,
             "train_tokens_available": split_tokens(self.sets, self.cfg.data.split),
             "checkpoint": str(ckpts[-1]) if ckpts else None, "log": str(self.out / "log.jsonl"),
-            "shards": self.shard_paths,
+            "shards": self.shard_paths, "config_hash": config_hash(self.cfg),
         }
 
 

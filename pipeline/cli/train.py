@@ -1,0 +1,147 @@
+"""`textbook pretrain`, `textbook export-hf`, `textbook ablate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.cli.common import SET_HELP, console, user_errors
+
+
+def _is_run_config(path: Path) -> bool:
+    """A run config has run-level sections (run:, pretrain:, shard:...); a pretrain YAML has model:, train:..."""
+    import yaml
+
+    from pipeline.config import RunConfig
+    from pipeline.config.pretrain import PretrainSection
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # the pretrain loader reports the error with file and line
+    if not isinstance(data, dict):
+        return False
+    keys = set(data)
+    run_only = set(RunConfig.model_fields) - set(PretrainSection.model_fields)
+    return bool(keys & run_only) and keys <= set(RunConfig.model_fields)
+
+
+@user_errors
+def pretrain(
+    config: str = typer.Argument(..., help="A pretrain YAML (configs/pretrain/*.yaml or your own), a preset "
+                                 "name (tiny, small, gpt2-124m, 350m), or a run config (runs its pretrain stage)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " In a pretrain YAML keys are relative: "
+                                   "--set train.max_steps=500 --set model.dim=128."),
+    shards: list[str] = typer.Option([], "--shards", help="Shard directory to train on (repeatable); "
+                                     "overrides data.shards."),
+    out: str | None = typer.Option(None, "--out", help="Checkpoints and logs (default: out: in the config, "
+                                   "else runs/pretrain/<config name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output directory."),
+    force: bool = typer.Option(False, "--force", help="Start over, deleting earlier checkpoints in the output directory."),
+    init_from: str | None = typer.Option(None, "--init-from", help="Grow this smaller checkpoint into the "
+                                         "configured model (width doubling is function-preserving)."),
+    grow_depth: str | None = typer.Option(None, "--grow-depth", help="New layers when growing: stack (copies) "
+                                          "or identity (copies with zeroed output projections)."),
+) -> None:
+    """Pretrain a Llama-style model on textbook shards (one process, or several GPUs through torchrun).
+
+    Example: textbook pretrain configs/pretrain/small.yaml --shards shards/quickstart --set train.max_steps=500
+
+    Several GPUs: torchrun --nproc_per_node 8 -m pipeline.cli pretrain my.yaml
+    """
+    import json
+
+    from pipeline.config.pretrain import load_pretrain_config, preset_path
+    from pipeline.errors import TextbookError
+
+    if resume and force:
+        raise TextbookError("--resume and --force exclude each other")
+    # the options are --set overrides in disguise: the same validation, and the preset fills the rest
+    extra = [f"data.shards={json.dumps(list(shards))}"] if shards else []
+    extra += [f"grow.init_from={json.dumps(init_from)}"] if init_from else []
+    extra += [f"grow.depth={grow_depth}"] if grow_depth else []
+    path = Path(config)
+    if path.is_file() and _is_run_config(path):
+        from pipeline.cli.common import run_stage_command
+
+        run_stage_command("pretrain", config, [*set_, *(f"pretrain.{e}" for e in extra)], force=force)
+        return
+    # the same PretrainSection model serves a run config's pretrain: section and this standalone file
+    section = load_pretrain_config(path if path.is_file() else preset_path(config), [*set_, *extra])
+    name = path.stem if path.is_file() else config
+    out_dir = Path(out or section.out or f"runs/pretrain/{name}")
+    from pipeline.train.trainer import train
+
+    summary = train(section, out_dir, resume="force" if force else resume,
+                    log=lambda m: console.print(m, highlight=False))
+    _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="pretrain")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [("steps", f"{s['steps']:,}"), ("tokens", f"{s['tokens']:,}"), ("parameters", f"{s['params']:,}"),
+            ("final train loss", s.get("final_loss")), ("tokens/s", s.get("tokens_per_s")),
+            ("MFU", "n/a (no peak known for this device)" if s.get("mfu") is None else f"{s['mfu']:.1%}"),
+            ("data epochs", s.get("data_epochs"))]
+    rows += [(k.removeprefix("eval/"), v) for k, v in s.get("evals", {}).items()]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    console.print(table)
+    console.print(f"checkpoint: {s['checkpoint']}\nlog: {s['log']}\n"
+                  f"export: textbook export-hf {s['checkpoint']} DIR", highlight=False)
+
+
+@user_errors
+def export_hf(
+    checkpoint: str = typer.Argument(..., help="A checkpoint file (step_*.pt) or a pretrain output directory (newest)."),
+    out_dir: str = typer.Argument(..., help="Directory to write (replaced if it exists)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+) -> None:
+    """Write a Hugging Face LlamaForCausalLM directory (config.json, model.safetensors, tokenizer files).
+
+    Example: textbook export-hf runs/pretrain/small hf/small && python -c "from transformers import
+    AutoModelForCausalLM as M; M.from_pretrained('hf/small')"
+    """
+    from pipeline.train.export import export_hf as do_export
+
+    out = do_export(checkpoint, out_dir, dtype=dtype)
+    console.print(f"exported {checkpoint} -> {out} (LlamaForCausalLM)", highlight=False)
+
+
+@user_errors
+def ablate(
+    config: str = typer.Argument(..., help="Ablation YAML: arms (shard sets), seeds, token budget, common eval sets."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key of the ablation YAML: --set tokens=2000000."),
+) -> None:
+    """Train the same model on each arm's shards (equal token budget, several seeds) and compare bits per byte
+    on the common evaluation sets: results.md, results.json, ablation.png in the output directory.
+
+    Example: textbook ablate configs/pretrain/ablation-example.yaml --set tokens=500000
+    """
+    from rich.table import Table
+
+    from pipeline.train.ablate import check_arms, load_ablation_config, run_ablation
+
+    cfg = load_ablation_config(config, set_)
+    check_arms(cfg)
+    results = run_ablation(cfg, log=lambda m: console.print(m, highlight=False))
+    table = Table(title=f"ablation {cfg.name}: bits per byte (mean ± std over {len(cfg.seeds)} seeds)")
+    table.add_column("arm")
+    for s in results["eval_sets"]:
+        table.add_column(s, justify="right")
+    for arm, row in results["arms"].items():
+        table.add_row(arm, *[f"{row[s]['mean']:.4f} ± {row[s]['std']:.4f}" if s in row else "n/a"
+                             for s in results["eval_sets"]])
+    console.print(table)
+    console.print(f"results: {cfg.out_dir / 'results.md'}  plot: {cfg.out_dir / 'ablation.png'}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pretrain")(pretrain)
+    app.command("export-hf")(export_hf)
+    app.command("ablate")(ablate)

@@ -1,0 +1,30 @@
+"""`pretrain` stage of `textbook run`: a short pretraining run on the run's own shards.
+
+It produces no documents (read = kept = 0); the final losses and bits per byte go into stats.json, the
+checkpoints and `log.jsonl` (which the report plots) into `stages/pretrain/`. A crashed attempt resumes
+from its last checkpoint when the config and shards are unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import TextbookError
+from pipeline.stats import StageStats
+
+
+def run_stage(ctx) -> StageStats:  # ctx: pipeline.run.StageContext
+    from pipeline.train.trainer import train
+
+    section = ctx.cfg.pretrain
+    shards = list(section.data.shards) or [str(ctx.run_dir)]
+    for s in shards:
+        if not (Path(s) / "manifest.json").is_file():
+            raise TextbookError(f"pretrain: no shards at {s} (run the shard stage first, or set pretrain.data.shards)")
+    out = Path(section.out) if section.out else ctx.out_dir
+    summary = train(section, out, shards=shards, resume="auto")
+    stats = StageStats(ctx.name)
+    for key in ("steps", "tokens", "params", "final_loss", "final_val_loss", "final_val_bpb", "evals",
+                "tokens_per_s", "mfu", "data_epochs", "checkpoint", "log"):
+        stats.set(key, summary.get(key))
+    return stats
