@@ -67,6 +67,7 @@ class _App:
         self.answered: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.received = 0
+        self.auth: Counter[str] = Counter()  # sha256 of bearer tokens seen: proves a key was sent, never stores it
 
     def _latency(self) -> float:
         c = self.cfg
@@ -87,7 +88,7 @@ class _App:
     def stats(self) -> dict:
         return {"received": self.received, "answered_total": sum(self.answered.values()),
                 "distinct_answered": len(self.answered), "answered": dict(self.answered),
-                "faults": dict(self.faults)}
+                "faults": dict(self.faults), "auth_sha256": dict(self.auth)}
 
     def completion(self, path: str, body: dict) -> dict:
         key = _canonical_key(body)
@@ -117,6 +118,9 @@ class _App:
                 headers = {k.strip().lower(): v.strip() for k, v in
                            (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
                 raw = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                token = headers.get("authorization", "").removeprefix("Bearer ").strip()
+                if token and method == "POST":
+                    self.auth[hashlib.sha256(token.encode()).hexdigest()] += 1
                 keep = await self.route(method, path.split("?", 1)[0], raw, writer)
                 if not keep or headers.get("connection", "").lower() == "close":
                     break
