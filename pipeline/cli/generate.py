@@ -1,0 +1,138 @@
+"""`textbook generate` and `textbook topics ...`: synthetic textbooks from the topic taxonomy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from pipeline.cli.common import CONFIG_HELP, SET_HELP, console, run_stage_command, user_errors
+
+topics_app = typer.Typer(help="Inspect and grow the topic taxonomy (prompts/topics).", no_args_is_help=True)
+
+
+@user_errors
+def generate(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    n: int | None = typer.Option(None, "--n", help="Prompt specs to generate (overrides generate.n)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print requests, sample prompts, estimated tokens, "
+                                 "cost and time; send nothing."),
+    force: bool = typer.Option(False, "--force", help="Re-run even when complete (answers still come from the "
+                               "ledger)."),
+    samples: int = typer.Option(2, "--samples", help="Rendered prompts to show with --dry-run."),
+) -> None:
+    """Generate synthetic textbook documents through the configured LLM (resumable: re-run after a crash).
+
+    Example: textbook generate configs/quickstart.yaml --n 200 --dry-run
+    """
+    sets = list(set_) + ([f"generate.n={n}"] if n is not None else [])
+    if dry_run:
+        _dry_run(config, sets, samples)
+        return
+    result = run_stage_command("generate", config, sets, force=force)
+    llm = result.get("llm") or {}
+    if llm:
+        console.print(f"requests {result.get('requests', 0):,}: sent {llm.get('sent', 0):,}, from ledger "
+                      f"{llm.get('cached', 0):,}, failed {llm.get('failed', 0):,}, skipped {llm.get('skipped', 0):,}; "
+                      f"cost ${llm.get('cost_usd', 0):.4f}")
+    if result.get("stopped_reason"):
+        console.print(f"[yellow]stopped early[/]: {result['stopped_reason']} (re-run with a larger budget to go on)")
+    stopped = (result.get("diversity") or {}).get("cells_stopped") or {}
+    for cell, why in stopped.items():
+        console.print(f"[yellow]diversity guard[/]: stopped '{cell}' (repeat rate {why['repeat_rate']})")
+
+
+def _dry_run(config: str, sets: list[str], samples: int) -> None:
+    from rich.table import Table
+
+    from pipeline.cli.common import load
+    from pipeline.errors import TextbookError
+    from pipeline.generate.sampler import coverage
+    from pipeline.generate.stage import plan
+    from pipeline.llm.runner import estimate
+    from pipeline.run import resolve_inputs, run_dir_of
+
+    cfg = load(config, sets)
+    try:
+        inputs, _ = resolve_inputs(cfg, "generate", run_dir_of(cfg), [s for s in cfg.run.stages])
+    except TextbookError:
+        inputs = []  # the web stage has not run yet: a dry run plans without web seeds
+    p = plan(cfg, inputs)
+    cov = coverage(p.specs, p.grid_cells, p.taxonomy)
+    console.print(f"[bold]generate (dry run)[/]: {len(p.specs):,} prompt specs × {cfg.llm.n} sample(s) = "
+                  f"{len(p.requests):,} requests to {cfg.llm.model} ({cfg.llm.api} API)")
+    console.print(f"grid: {cov['cells_filled']}/{cov['cells_total']} audience × format cells, "
+                  f"{cov['subjects_covered']}/{cov['subjects_total']} subjects, "
+                  f"{cov['leaves_covered']:,}/{cov['leaves_total']:,} leaf topics, {cov['web_seeded']} web-seeded")
+    for req in p.requests[: max(samples, 0)]:
+        spec = p.spec_of(req)
+        body = req.messages[-1]["content"] if req.messages else req.prompt
+        console.rule(f"spec {spec.index}: {spec.audience} · {spec.format} · {spec.topic}")
+        console.print(body, highlight=False, markup=False)
+    est: dict[str, Any] = estimate(p.requests, cfg.llm, cfg.budget)
+    table = Table(title="estimate")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in est.items():
+        table.add_row(str(k), f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+    console.print(table)
+
+
+@topics_app.command("expand")
+@user_errors
+def topics_expand(
+    subject: str = typer.Argument(..., help="Subject to expand, e.g. 'Marine Biology'."),
+    config: str = typer.Option(..., "--config", "-c", help=CONFIG_HELP + " Its llm: section is used."),
+    out: Path = typer.Option(..., "--out", "-o", help="Taxonomy YAML file to write (e.g. prompts/topics/x.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    subtopics: int = typer.Option(8, "--subtopics", help="Subtopics to ask for."),
+    concepts: int = typer.Option(8, "--concepts", help="Concepts per subtopic to ask for."),
+    samples: int = typer.Option(1, "--samples", help="Answers to ask for and merge (more: broader)."),
+    domain: str = typer.Option("expanded", "--domain", help="Domain label written in the file."),
+    tags: list[str] = typer.Option([], "--tag", help="Tag for the subject, e.g. --tag code (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+) -> None:
+    """Ask the LLM for the subtopics and concepts of SUBJECT, deduplicate them and write a taxonomy file.
+
+    Example: textbook topics expand "Marine Biology" --config configs/quickstart.yaml --out prompts/topics/marine.yaml
+    """
+    from pipeline.cli.common import load
+    from pipeline.generate.expand import expand_subject, write_taxonomy
+
+    cfg = load(config, set_)
+    outline, info = expand_subject(subject, cfg, subtopics, concepts, samples)
+    write_taxonomy(out, subject, outline, domain=domain, tags=tags, overwrite=force)
+    n = sum(len(v) for v in outline.values())
+    console.print(f"wrote {out}: {subject}: {len(outline)} subtopics, {n} concepts "
+                  f"({info['ok']}/{info['requests']} answers used)")
+
+
+@topics_app.command("stats")
+@user_errors
+def topics_stats(
+    paths: list[str] = typer.Argument(None, help="Taxonomy files or directories (default prompts/topics)."),
+) -> None:
+    """Validate taxonomy files and print subjects, subtopics and leaf topics per domain.
+
+    Example: textbook topics stats prompts/topics
+    """
+    from rich.table import Table
+
+    from pipeline.generate.taxonomy import load_taxonomy
+
+    tax = load_taxonomy(paths or ["prompts/topics"])
+    table = Table(title="taxonomy")
+    for col in ("subject", "domain", "tags", "subtopics", "leaves"):
+        table.add_column(col, justify="right" if col in ("subtopics", "leaves") else "left")
+    for s in tax.subjects.values():
+        table.add_row(s.name, s.domain, ",".join(sorted(s.tags)), str(len(s.subtopics)), str(len(s.leaves)))
+    console.print(table)
+    summary = tax.summary()
+    console.print(f"{summary['subjects']} subjects, {summary['subtopics']} subtopics, {summary['leaves']:,} leaf topics")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+    app.add_typer(topics_app, name="topics")
