@@ -71,7 +71,7 @@ def _dry_run(config: str, sets: list[str], samples: int) -> None:
         body = req.messages[-1]["content"] if req.messages else req.prompt
         console.rule(f"spec {spec.index}: {spec.audience} · {spec.format} · {spec.topic}")
         console.print(body, highlight=False, markup=False)
-    est: dict[str, Any] = estimate(p.requests, cfg.llm, cfg.budget)
+    est: dict[str, Any] = estimate(p.requests, cfg.llm, cfg.budget, ledger_path=cfg.llm.ledger_path())
     table = Table(title="estimate")
     table.add_column("figure")
     table.add_column("value", justify="right")

@@ -1,0 +1,104 @@
+"""Output validation (every drop has a named reason) and the diversity guard."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config.generate import DiversitySettings, GenerateSection
+from pipeline.generate.diversity import DiversityGuard, opening
+from pipeline.generate.validate import Validator, detect_language
+
+ENGLISH = ("Photosynthesis is the process by which green plants use the energy of sunlight to turn water and "
+           "carbon dioxide into sugar and oxygen. Inside each leaf, tiny structures called chloroplasts hold a "
+           "green pigment, chlorophyll, that absorbs red and blue light. ") * 4
+GERMAN = ("Die Photosynthese ist der Vorgang, bei dem grüne Pflanzen die Energie des Sonnenlichts nutzen, um aus "
+          "Wasser und Kohlendioxid Zucker und Sauerstoff herzustellen. In jedem Blatt enthalten winzige "
+          "Strukturen, die Chloroplasten, einen grünen Farbstoff. ") * 4
+
+
+@pytest.fixture(scope="module")
+def validator():
+    return Validator(GenerateSection(min_tokens=150), None)
+
+
+@pytest.mark.parametrize("text, finish, reason", [
+    ("", "stop", "empty"),
+    ("  \n\t ", "stop", "empty"),
+    (None, "stop", "empty"),
+    (ENGLISH, "length", "length"),
+    ("As an AI language model, I cannot write textbooks. " + ENGLISH, "stop", "refusal"),
+    ("Certainly! Here is a textbook section on photosynthesis.\n\n" + ENGLISH, "stop", "refusal"),
+    ("I’m sorry, but I can’t help with that.", "stop", "refusal"),
+    ("Photosynthesis makes sugar from light.", "stop", "too_short"),
+    (GERMAN, "stop", "not_english"),
+    (ENGLISH, "stop", None),
+])
+def test_each_drop_has_its_named_reason(validator, text, finish, reason):
+    assert validator.check(text, finish).reason == reason
+
+
+def test_length_finish_can_be_kept_and_whitespace_counter(validator):
+    v = Validator(GenerateSection(drop_length_finish=False, token_counter="whitespace", min_tokens=20), None)
+    verdict = v.check(ENGLISH, "length")
+    assert verdict.reason is None and verdict.tokens == int(len(ENGLISH.split()) * 1.3)
+    assert validator.check(ENGLISH, "stop").tokens > 150  # the run's tokenizer counts real tokens
+
+
+def test_language_check_ignores_code_blocks_and_can_be_turned_off():
+    code = "```python\n" + "def f(x):\n    return x + 1\n" * 40 + "```\n"
+    lang, score = detect_language(code + ENGLISH[:400])
+    assert lang == "en" and score > 0.5
+    anylang = Validator(GenerateSection(language=None, min_tokens=10), None)
+    assert anylang.check(GERMAN, "stop").reason is None
+    german = Validator(GenerateSection(language="de", min_tokens=10), None)
+    assert german.check(ENGLISH, "stop").reason == "not_german"
+
+
+def test_opening_is_the_first_sentence_start():
+    assert opening("# Once upon a time, there was a fox. It ran.", 5) == "once upon a time there"
+    assert opening("no sentence end here", 8) == "no sentence end here"
+
+
+def _texts(k, start=0):
+    import random
+
+    words = ENGLISH.split() + GERMAN.split()
+    out = []
+    for i in range(start, start + k):
+        rng = random.Random(i)
+        out.append(f"Topic {i} begins here. " + " ".join(rng.choice(words) for _ in range(120)))
+    return out
+
+
+def test_guard_stops_a_cell_that_repeats_itself_and_leaves_a_diverse_one_alone():
+    guard = DiversityGuard(DiversitySettings(min_docs=4, max_repeat_rate=0.5))
+    # a cell whose outputs all start "In this chapter, we will explore" -> repeated openings
+    for i, t in enumerate(_texts(6)):
+        guard.observe(f"same{i}", "young children × children_story", "In this chapter, we will explore it. " + t)
+    for i, t in enumerate(_texts(6, start=100)):
+        guard.observe(f"div{i}", "college × exercises", t)
+    assert guard.should_send("young children × children_story").startswith("diversity_guard")
+    assert guard.should_send("college × exercises") is None
+    stats = guard.stats()
+    assert list(stats["cells_stopped"]) == ["young children × children_story"]
+    assert stats["cells_stopped"]["young children × children_story"]["after_outputs"] == 4
+    assert stats["most_common_openings"][0] == {"opening": "in this chapter we will explore it", "count": 6}
+    assert stats["requests_not_sent_per_cell"] == {"young children × children_story": 1}
+    assert 0 < stats["distinct_3gram_ratio"] <= 1
+
+
+def test_near_duplicates_are_found_and_counted():
+    guard = DiversityGuard(DiversitySettings(min_docs=3, max_repeat_rate=0.9))
+    base = _texts(1)[0]
+    first = guard.observe("a", "c", base)
+    assert first["near_duplicate_of"] is None
+    second = guard.observe("b", "c", base.replace("Topic 0 begins here.", "Here it begins.") + " extra words")
+    assert second["near_duplicate_of"] == "a"
+    guard.observe("c", "c", _texts(1, start=7)[0])
+    assert guard.stats()["near_duplicate_rate"] == pytest.approx(1 / 3, abs=1e-3)
+    assert guard.should_send("c") is None  # 1/3 repeats is under 0.9
+    off = DiversityGuard(DiversitySettings(enabled=False, min_docs=1, max_repeat_rate=0.0))
+    off.observe("a", "c", base)
+    off.observe("b", "c", base)
+    assert off.should_send("c") is None  # measured, never enforced
+    assert off.stats()["near_duplicate_rate"] == 0.5
