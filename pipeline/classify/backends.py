@@ -89,7 +89,18 @@ class FastTextBackend(Backend):
                     f.write(f"__label__{int(label)} {text}\n")
             train_args = {k: p[k] for k in ("lr", "epoch", "wordNgrams", "dim", "minCount", "bucket", "loss",
                                             "thread", "seed")}
-            self.model = fasttext.train_supervised(input=path, verbose=0, **train_args)
+            # fastText sometimes diverges ("Encountered NaN"), depending on lr and dim: retry with a smaller
+            # learning rate a few times and record the rate that worked.
+            for attempt in range(4):
+                try:
+                    self.model = fasttext.train_supervised(input=path, verbose=0, **train_args)
+                    break
+                except RuntimeError as e:
+                    if "NaN" not in str(e) or attempt == 3:
+                        raise TextbookError(f"fastText training failed ({e}); lower params.lr "
+                                            f"(tried down to {train_args['lr']})") from None
+                    train_args["lr"] = train_args["lr"] / 2
+            self.params["lr_used"] = train_args["lr"]
             if p.get("quantize"):
                 # product quantization + vocabulary cut-off: a few MB instead of tens
                 self.model.quantize(input=path, qnorm=bool(p["qnorm"]), retrain=True,

@@ -263,9 +263,11 @@ def load_source(src: LabelSource, score_min: float, score_max: float, report: Lo
                 ident = doc_id(piece)
             out.append(Example(ident, piece, name, [score]))
         report.used += 1
-    if src.limit is not None and len(out) > src.limit:
-        out.sort(key=lambda e: _hash01(e.id + "|sample"))
-        out = out[: src.limit]
+    if src.limit is not None:
+        # a deterministic sample of *documents* (all annotations of a chosen document stay)
+        ids = sorted({e.id for e in out}, key=lambda i: _hash01(i + "|sample"))[: src.limit]
+        chosen = set(ids)
+        out = [e for e in out if e.id in chosen]
     return out
 
 

@@ -94,6 +94,12 @@ class AnnotateSection(StrictModel):
     rubric: str = Field(default="prompts/rubrics/edu_additive_v1.md", description="rubric prompt file ({text} slot)")
     max_chars: int = Field(default=6000, ge=100, description="document prefix shown to the annotator")
     repeats: int = Field(default=1, ge=1, description="annotations per document (agreement ceiling)")
+    score_pattern: str = Field(
+        default=r"Educational score:\s*\**\s*(\d+(?:\.\d+)?)",
+        description="regex whose group 1 is the score; no match or several different values = failed",
+    )
+    score_min: float = Field(default=0, description="lowest valid score")
+    score_max: float = Field(default=5, description="highest valid score")
     out: str = Field(default="annotations/edu.parquet", description="output parquet (id, text, score, ...)")
 
 
