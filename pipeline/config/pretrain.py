@@ -117,6 +117,12 @@ class PretrainSection(StrictModel):
     eval: EvalSection = Field(default_factory=EvalSection)
     grow: GrowSection = Field(default_factory=GrowSection)
 
+    @property
+    def inputs(self) -> list[str]:
+        """For `textbook run`: named shard directories stand in for the shard stage (and are hashed);
+        empty means the run's own shards, made by its shard stage."""
+        return list(self.data.shards)
+
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
