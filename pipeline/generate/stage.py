@@ -107,9 +107,10 @@ def _slug(text: str, limit: int = 48) -> str:
 
 
 def failure_reason(error: str | None) -> str:
-    """`failed_<kind>` from the LLM layer's error text ('RateLimitError: ...' → failed_ratelimiterror)."""
-    head = (error or "unknown").split(":", 1)[0]
-    return f"failed_{_slug(head, 40)}"
+    """`failed_<kind>` from the LLM layer's error ('after 7 attempt(s): InternalServerError 500: ...' →
+    failed_internalservererror_500): few, stable reason names for the stats."""
+    text = re.sub(r"^(after \d+ attempt\(s\):\s*|worker error:\s*)+", "", error or "unknown")
+    return f"failed_{_slug(text.split(':', 1)[0], 40)}"
 
 
 def skip_reason(skipped: str) -> str:
