@@ -170,6 +170,8 @@ class WebReader(PipelineStep):
         is_text = record.rec_type == "conversion" or mime.startswith("text/plain")
         data = record.content_stream().read(self.max_page_bytes + 1)
         self._check_size(len(data))
+        if getattr(record.raw_stream, "limit", 0) > 0:  # the file ended inside this record (warcio does not raise)
+            raise Skip("errored", "truncated_warc_record", f"{record.raw_stream.limit} bytes missing")
         if not data.strip():
             raise Skip("dropped", "empty")
         if not is_text and not mime.lower().startswith(HTML_TYPES):

@@ -72,13 +72,9 @@ def _fields(model: Any) -> dict[str, Any]:
 
 
 def _url_filter(cfg: Any) -> Any:
-    from datatrove.pipeline.filters import URLFilter
-    from tldextract import TLDExtract
+    from pipeline.web.steps import OfflineURLFilter
 
-    flt = URLFilter(soft_word_threshold=cfg.soft_word_threshold, extra_domains=cfg.extra_domains or None)
-    # The public-suffix list ships with tldextract; never fetch it (offline runs would stall on it).
-    flt.tldextractor = TLDExtract(suffix_list_urls=())
-    return flt
+    return OfflineURLFilter(cfg.soft_word_threshold, cfg.extra_domains)
 
 
 # --- execution ---------------------------------------------------------------------------------------------------
@@ -125,6 +121,7 @@ def _run_local(section: Any, steps: list[Any], logs_dir: Path) -> None:
             executor.pipeline = deepcopy(original)
             _task(executor, rank)
         return
+    _warm_imports(section)
     global _ACTIVE
     _ACTIVE = executor
     rounds = -(-len(ranks) // section.workers)
@@ -151,6 +148,15 @@ def _run_local(section: Any, steps: list[Any], logs_dir: Path) -> None:
     if failures:
         raise TextbookError(f"web: {failures[0]}" + (f" (+{len(failures) - 1} more)" if len(failures) > 1 else "")
                             + f"; logs in {logs_dir / 'logs'}. Completed tasks are kept: re-run to resume")
+
+
+def _warm_imports(section: Any) -> None:
+    """Import the heavy libraries once in the parent: forked workers inherit them instead of each paying for it."""
+    import trafilatura  # noqa: F401
+
+    f = section.filters
+    if f.gopher_quality.enabled or f.gopher_repetition.enabled or f.c4_quality.enabled or f.fineweb_quality.enabled:
+        import spacy  # noqa: F401
 
 
 def _task(executor: Any, rank: int) -> None:

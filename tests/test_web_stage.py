@@ -1,0 +1,215 @@
+"""Web stage on real Common Crawl / HTML data and on planted bad inputs: every record ends kept, dropped or errored."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from pipeline.documents import iter_documents
+from pipeline.errors import TextbookError
+from pipeline.run import run_one
+
+NO_FILTERS = [f"web.filters.{f}.enabled=false" for f in
+              ("url", "min_length", "language", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")]
+# cheap filters only (no block lists, no spaCy): for tests about execution rather than filtering
+LIGHT = [f"web.filters.{f}.enabled=false" for f in
+         ("url", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")]
+
+
+def make_cfg(tmp_path: Path, web: dict, sets: list[str] | None = None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = {"run": {"name": "t", "out": str(tmp_path / "run"), "stages": ["web"]}, "web": web}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return load_config(str(path), sets or [])
+
+
+def kept(tmp_path: Path) -> list[dict]:
+    return list(iter_documents([tmp_path / "run" / "stages" / "web" / "kept"]))
+
+
+def test_real_warc_jsonl_html(shared_data: Path, tmp_path: Path) -> None:
+    web = shared_data / "web"
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for name in ("adac.de.kindersitze.html", "blog.python.org.html"):  # a German shop page, an English blog
+        src = web / "trafilatura_pages" / "cache" / name
+        if src.exists():
+            shutil.copy(src, pages / name)
+    sqlite = web / "sqlite_doc_html"
+    cfg = make_cfg(tmp_path, {
+        "inputs": [str(web / "dolma_cc" / "warc" / "sample-0001.warc.gz"),
+                   str(web / "dolma_cc" / "cc_en_head" / "cc_en_head-0091.jsonl"), str(pages)],
+        "sources": [{"path": str(sqlite), "type": "html", "glob": "lang_select.html"},
+                    {"path": str(sqlite), "type": "html", "glob": "releaselog/3_4_0.html"}],
+        "tasks": 2, "workers": 1})
+    stats = run_one(cfg, "web")
+    assert stats["reconciled"] and stats["errored"] == {}
+    files = stats["files"]
+    assert files[str(web / "dolma_cc" / "cc_en_head" / "cc_en_head-0091.jsonl")]["read"] == 10
+    warc = files[str(web / "dolma_cc" / "warc" / "sample-0001.warc.gz")]
+    assert warc["read"] >= 15  # HTTP responses; request/metadata records are not documents
+    assert stats["non_document_warc_records"] > 0
+    for f in files.values():
+        assert f["read"] == f["kept"] + sum(f["dropped"].values()) + sum(f["errored"].values())
+    docs = kept(tmp_path)
+    assert len(docs) == stats["kept"] > 10
+    assert all(d["source"] == "web" and d["text"].strip() for d in docs)
+    assert all(d["meta"]["language"] == "en" and d["meta"]["input_file"] for d in docs)
+    from_warc = [d for d in docs if d["meta"]["input_file"].endswith(".warc.gz")]
+    assert from_warc and all(d["url"].startswith("http") and "<html" not in d["text"].lower() for d in from_warc)
+    assert any("SELECT" in d["text"] for d in docs)  # the long SQLite article survives every filter
+    if (pages / "adac.de.kindersitze.html").exists():  # German: dropped by language ID, with its reason
+        removed = pq.read_table(tmp_path / "run" / "stages" / "web" / "removed").to_pylist()
+        adac = [r for r in removed if "adac" in (r["meta"] or "")]
+        assert adac and adac[0]["reason"].startswith("language: lang_de")
+        assert stats["filters"]["language"]["reasons"]["lang_de"] >= 1
+
+
+def _warc_bytes(shared_data: Path) -> bytes:
+    return (shared_data / "web" / "dolma_cc" / "warc" / "sample-0000.warc.gz").read_bytes()
+
+
+def test_bad_inputs_are_counted_not_fatal(shared_data: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    whole = _warc_bytes(shared_data)
+    (bad / "truncated.warc.gz").write_bytes(whole[: len(whole) // 2])
+    (bad / "corrupt.warc.gz").write_bytes(whole[:40_000] + b"\x00garbage" * 500 + whole[40_000:])
+    lines = [json.dumps({"id": "a", "text": "good text " * 30}).encode(),
+             b'{"id": "b", "text": "no closing brace',
+             b'{"id": "c", "text": "bad utf8 \xff\xfe here"}',
+             json.dumps({"id": "d", "text": "   "}).encode(),
+             json.dumps({"id": "e", "body": "no text field"}).encode(),
+             json.dumps(["not", "an", "object"]).encode()]
+    (bad / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (bad / "notgzip.jsonl.gz").write_bytes(b"this is not gzip at all")
+    (bad / "broken.parquet").write_bytes(b"PAR1 nonsense")
+    (bad / "empty.html").write_bytes(b"")
+    with open(bad / "huge.html", "wb") as f:  # a 50 MB page
+        f.write(b"<html><body>" + b"<p>spam spam spam</p>" * (50_000_000 // 21) + b"</body></html>")
+    cfg = make_cfg(tmp_path, {"inputs": [str(bad)], "tasks": 2, "workers": 1}, NO_FILTERS)
+    stats = run_one(cfg, "web")
+    assert stats["reconciled"]
+    f = {Path(k).name: v for k, v in stats["files"].items()}
+    assert f["mixed.jsonl"] == {"read": 6, "kept": 1, "dropped": {"empty": 1},
+                                "errored": {"invalid_utf8": 1, "malformed_json": 2, "missing_text": 1}}
+    assert f["notgzip.jsonl.gz"]["errored"] == {"unreadable_file": 1}
+    assert f["broken.parquet"]["errored"] == {"unreadable_file": 1}
+    assert f["empty.html"]["dropped"] == {"empty": 1}
+    assert f["huge.html"]["dropped"] == {"too_large": 1}
+    assert f["truncated.warc.gz"]["errored"] == {"truncated_warc_record": 1} and f["truncated.warc.gz"]["kept"] > 0
+    assert sum(f["corrupt.warc.gz"]["errored"].values()) >= 1
+    errors = [json.loads(x) for x in (tmp_path / "run" / "stages" / "web" / "errors.jsonl").read_text().splitlines()]
+    where = {(Path(e["file"]).name, e["reason"]): e["where"] for e in errors}
+    assert where[("mixed.jsonl", "invalid_utf8")] == "line 3"
+    assert where[("mixed.jsonl", "malformed_json")] in ("line 2", "line 6")
+    assert where[("truncated.warc.gz", "truncated_warc_record")].startswith("byte ")
+    assert any(e["reason"] == "corrupt_warc" and e["where"].startswith("after byte ") for e in errors)
+
+
+def test_missing_input_path_is_one_line_error(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, {"inputs": [str(tmp_path / "nope.warc.gz")]})
+    with pytest.raises(TextbookError, match="does not exist"):
+        run_one(cfg, "web")
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    (tmp_path / "c.yaml").write_text(json.dumps({"run": {"out": str(tmp_path / "r")},
+                                                 "web": {"sources": [{"path": str(tmp_path / "gone")}]}}))
+    res = CliRunner().invoke(app, ["web", str(tmp_path / "c.yaml")])
+    assert res.exit_code == 1 and "does not exist" in res.output and "Traceback" not in res.output
+
+
+def _small_inputs(shared_data: Path) -> list[str]:
+    web = shared_data / "web" / "dolma_cc"
+    return [str(web / "cc_en_head"), str(web / "provided_documents_000.json.gz")]
+
+
+def test_resume_skips_completed_tasks(shared_data: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, {"inputs": _small_inputs(shared_data), "tasks": 3, "workers": 1}, LIGHT)
+    first = run_one(cfg, "web")
+    state = Path(first["state_dir"])
+    out = state / "out" / "kept"
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    # a crash during task 1: its completion marker never got written and its outputs are half there
+    (state / "logs" / "completions" / "00001").unlink()
+    (tmp_path / "run" / "stages" / "web" / "_SUCCESS.json").unlink()
+    second = run_one(cfg, "web")
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    assert {k for k in before if not k.startswith("r00001")} <= after.keys()
+    assert all(after[k] == v for k, v in before.items() if not k.startswith("r00001"))  # tasks 0, 2 skipped
+    assert any(after[k] != v for k, v in before.items() if k.startswith("r00001"))  # task 1 re-ran
+    for key in ("read", "kept", "dropped", "errored", "files"):
+        assert first[key] == second[key]
+
+
+def test_local_workers_and_ray_give_the_same_output(shared_data: Path, tmp_path: Path, ray_session) -> None:
+    results = {}
+    for name, sets in {"local1": ["web.workers=1"], "local2": ["web.workers=2"],
+                       "ray": ["web.executor=ray", "web.workers=2"]}.items():
+        d = tmp_path / name
+        d.mkdir()
+        cfg = make_cfg(d, {"inputs": _small_inputs(shared_data), "tasks": 2}, sets + LIGHT)
+        stats = run_one(cfg, "web")
+        results[name] = (sorted(doc["id"] for doc in kept(d)), stats["dropped"], stats["read"])
+    assert results["local1"][0]
+    assert results["local1"] == results["local2"] == results["ray"]
+
+
+def test_edu_score_stored_and_filter(shared_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pipeline.classify.datatrove_steps")
+    from pipeline.paths import repo_path
+
+    model = repo_path("classifiers", "edu-fasttext")
+    if not (model / "classifier.json").exists():
+        pytest.skip("no committed edu classifier")
+    inputs = [str(shared_data / "web" / "dolma_cc" / "cc_en_head")]
+    cfg = make_cfg(tmp_path / "a", {"inputs": inputs, "edu": {"enabled": True, "model": str(model)}}, NO_FILTERS)
+    scored = run_one(cfg, "web")
+    docs = kept(tmp_path / "a")
+    assert len(docs) == scored["kept"] == 20 and all(d["edu_score"] is not None for d in docs)
+    cut = sorted(d["edu_score"] for d in docs)[10]
+    cfg = make_cfg(tmp_path / "b", {"inputs": inputs, "edu": {"enabled": True, "model": str(model), "filter": True,
+                                                              "threshold": cut}}, NO_FILTERS)
+    filtered = run_one(cfg, "web")
+    assert filtered["kept"] == sum(d["edu_score"] >= cut for d in docs)
+    assert filtered["dropped"] == {"edu": 20 - filtered["kept"]}
+
+
+def test_hf_dataset_on_disk(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    texts = ["A first document about databases and indexes. " * 10, "", "Second one. " * 20]
+    datasets.Dataset.from_dict({"content": texts, "uid": ["x", "y", "z"]}).save_to_disk(str(tmp_path / "ds"))
+    cfg = make_cfg(tmp_path, {"sources": [{"path": str(tmp_path / "ds"), "type": "hf", "text_key": "content",
+                                           "id_key": "uid"}], "tasks": 2}, NO_FILTERS)
+    stats = run_one(cfg, "web")
+    assert (stats["read"], stats["kept"], stats["dropped"]) == (3, 2, {"empty": 1})
+    assert sorted(d["meta"]["source_id"] for d in kept(tmp_path)) == ["x", "z"]
+
+
+def test_language_filter_offline() -> None:
+    from datatrove.data import Document
+
+    from pipeline.web.steps import LanguageFilter
+
+    flt = LanguageFilter(["en"], 0.65)
+    en = Document(text="The query planner chooses an index for each table in the join.", id="1")
+    de = Document(text="Der Anfrageplaner wählt für jede Tabelle im Join einen Index aus.", id="2")
+    assert flt.filter(en) is True and en.metadata["language"] == "en"
+    assert flt.filter(de) == (False, "lang_de")
+
+
+def test_gzip_jsonl_with_truncation(tmp_path: Path) -> None:
+    data = gzip.compress(b"".join(json.dumps({"text": f"doc {i} " * 40}).encode() + b"\n" for i in range(50)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) * 2 // 3])
+    cfg = make_cfg(tmp_path, {"inputs": [str(tmp_path / "cut.jsonl.gz")], "tasks": 1}, NO_FILTERS)
+    stats = run_one(cfg, "web")
+    assert stats["reconciled"] and stats["errored"] == {"truncated_file": 1} and stats["kept"] >= 1
