@@ -121,7 +121,7 @@ def ablate(
     """Train the same model on each arm's shards (equal token budget, several seeds) and compare bits per byte
     on the common evaluation sets: results.md, results.json, ablation.png in the output directory.
 
-    Example: textbook ablate configs/pretrain/ablation-example.yaml --set tokens=500000
+    Example: textbook ablate configs/pretrain/ablations/example.yaml --set tokens=500000
     """
     from rich.table import Table
 
