@@ -239,3 +239,22 @@ def test_sigkill_midway_then_rerun_loses_nothing_and_repays_nothing(tmp_path, wo
         hits = [led.get_ok(LLMRequest(messages=({"role": "user", "content": f"topic {i}"},), params=params)
                            .key("test-model")) for i in range(n)]
     assert all(h is not None and h.text for h in hits) and len({h.text for h in hits}) == n
+
+
+def test_saturating_429s_pause_the_worker_but_scattered_ones_do_not(tmp_path):
+    import asyncio
+
+    from pipeline.llm.client import LLMClient, Secret
+    from pipeline.llm.limiter import LocalLimiter
+
+    async def run(rate_429: float) -> float:
+        with FaultyOpenAIServer(mode="thread", rate_429=rate_429, retry_after_s=5.0) as srv:
+            lim = LocalLimiter(None, None)
+            client = LLMClient(_llm(srv, max_retries=0, cooldown_s=30), srv.base_url, Secret(""), lim)
+            reqs = _requests(_llm(srv), 20)
+            await asyncio.gather(*(client.call(r, str(i)) for i, r in enumerate(reqs)))
+            await client.close()
+            return lim.paused_until - time.monotonic()
+
+    assert asyncio.run(run(1.0)) > 1  # every answer a 429: new requests held for Retry-After (5 s)
+    assert asyncio.run(run(0.0)) < 0

@@ -58,8 +58,13 @@ class LLMSection(StrictModel):
     max_retries: int = Field(default=6, ge=0, description="retries after the first attempt (429/5xx/timeouts/drops)")
     backoff_base_s: float = Field(default=0.5, ge=0, description="first backoff; doubles per retry, full jitter")
     backoff_max_s: float = Field(default=30.0, ge=0, description="backoff ceiling (Retry-After may ask for more)")
+    cooldown_429_share: float = Field(
+        default=0.5, gt=0, le=1,
+        description="when this share of a worker's last 20 responses were 429s the endpoint is saturated: the "
+        "worker holds all new requests (Retry-After, else cooldown_s); a lone 429 only delays its own request",
+    )
     cooldown_s: float = Field(
-        default=1.0, ge=0, description="after a 429 without Retry-After, every worker holds new requests this long"
+        default=1.0, ge=0, description="cool-down length when a saturating 429 carries no Retry-After"
     )
     ray_address: str | None = Field(
         default=None, description="join a Ray cluster (default $RAY_ADDRESS, else a local Ray on this machine)"

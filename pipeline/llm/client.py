@@ -8,6 +8,7 @@ request that exhausts its retries comes back as a failed `LLMResult` carrying it
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import json
 import random
@@ -112,6 +113,7 @@ class LLMClient:
         self.client = AsyncOpenAI(api_key=api_key.get() or "EMPTY", base_url=base_url, max_retries=0,
                                   timeout=llm.timeout_s, http_client=http)
         self.retries = 0
+        self.recent_429: collections.deque[bool] = collections.deque(maxlen=20)
 
     async def close(self) -> None:
         await self.client.close()
@@ -190,7 +192,10 @@ class LLMClient:
                 self.limiter.settle(est, 0)
                 error, retryable, wait = self._error(e)
                 status = getattr(e, "status_code", None)
-                if status == 429:
+                self.recent_429.append(status == 429)
+                # scattered 429s only delay their own request; mostly-429s means back off together
+                if status == 429 and sum(self.recent_429) >= self.llm.cooldown_429_share * 20:
+                    self.recent_429.clear()
                     self.limiter.pause(wait if wait is not None else self.llm.cooldown_s)
                 if not retryable or attempt == self.llm.max_retries:
                     break
@@ -200,6 +205,7 @@ class LLMClient:
                     delay = max(wait, min(delay, wait + 1.0))
                 await asyncio.sleep(delay)
                 continue
+            self.recent_429.append(False)
             pause = ratelimit_pause(headers)
             if pause:
                 self.limiter.pause(pause)

@@ -354,7 +354,9 @@ class _Driver:
             first = self._fill(1)
             if first:
                 secret = api_key(self.llm)
+                t_start = time.monotonic()
                 handles = _start_workers(self.llm, secret)
+                self.s.startup_s = round(time.monotonic() - t_start, 3)
                 self._loop(handles, first)
             self.progress.update(self.s, self.budget.spent_usd, self.t0, force=True)
         finally:

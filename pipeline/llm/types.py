@@ -155,6 +155,7 @@ class RunSummary:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     elapsed_s: float = 0.0
+    startup_s: float = 0.0  # one-time cost inside elapsed_s: starting Ray (if needed), worker actors, the client
     requests_per_s: float = 0.0
     output_tokens_per_s: float = 0.0
     latency_s: dict[str, float] = field(default_factory=dict)  # p50/p90/p99/max of sent requests

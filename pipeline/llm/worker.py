@@ -93,6 +93,8 @@ class RayWorker(WorkerCore):
     """The Ray actor body; `ray.remote(num_cpus=0)` is applied by the runner (network-bound, needs no CPU slot)."""
 
     async def ping(self) -> bool:
+        # build the client now (importing openai/httpx takes seconds) so startup is measured as startup
+        self._start()
         return True
 
 
