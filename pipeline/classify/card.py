@@ -85,7 +85,7 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], train: TrainSectio
         f"- {d['documents']:,} documents after merging {d['repeated_annotations_merged']:,} repeated annotations; "
         f"split by hash of the document id {d['split_fractions']} → {d['splits']}.",
         f"- Train label counts: {d['train_label_counts']}.",
-        f"- Bad rows: {d['load']['problems'] or 'none'}.", "",
+        f"- Rows not used (bad, or filtered out by a source's `where`): {d['load']['problems'] or 'none'}.", "",
         "| source | test docs | mean label | mean model score | label >= thr | model >= thr |",
         "|---|---:|---:|---:|---:|---:|",
     ]

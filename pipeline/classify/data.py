@@ -35,6 +35,7 @@ class Example:
     text: str
     source: str
     scores: list[float] = field(default_factory=list)
+    fixed: bool = False  # label set by the source (DCLM-style), not by an annotator
 
     @property
     def score(self) -> float:
@@ -261,7 +262,7 @@ def load_source(src: LabelSource, score_min: float, score_max: float, report: Lo
                 ident = f"{rid}#{i}" if len(pieces) > 1 else str(rid)
             else:
                 ident = doc_id(piece)
-            out.append(Example(ident, piece, name, [score]))
+            out.append(Example(ident, piece, name, [score], fixed=src.label is not None))
         report.used += 1
     if src.limit is not None:
         # a deterministic sample of *documents* (all annotations of a chosen document stay)
@@ -278,7 +279,7 @@ def merge(examples: list[Example]) -> tuple[list[Example], int]:
     for ex in examples:
         seen = by_id.get(ex.id)
         if seen is None:
-            by_id[ex.id] = Example(ex.id, ex.text, ex.source, list(ex.scores))
+            by_id[ex.id] = Example(ex.id, ex.text, ex.source, list(ex.scores), ex.fixed)
         else:
             seen.scores.extend(ex.scores)
             repeats += 1

@@ -117,7 +117,9 @@ def train_classifier(train: TrainSection, keep_top: float | None = None, out_dir
             block["load"] = rep.as_dict()
             eval_sets[src.name or Path(src.path).name] = block
     calibration = _calibrate(backend, train, splits, train_ids, keep_top)
-    agreement = M.agreement([e.scores for e in examples], train.threshold, train.score_min, train.score_max)
+    # only real annotations measure an annotator (fixed source labels always "agree")
+    agreement = M.agreement([e.scores for e in examples if not e.fixed], train.threshold, train.score_min,
+                            train.score_max)
 
     metrics = {
         "name": train.name, "backend": train.backend, "mode": train.mode,
