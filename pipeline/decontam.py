@@ -1,0 +1,351 @@
+"""The `decontaminate` stage and its index: n-gram overlap with evaluation benchmarks.
+
+Benchmark texts and documents are normalised the same way (`minhash.words`: case, punctuation and whitespace
+folded), then every run of `ngram` (default 13) words is hashed. A benchmark text shorter than `ngram` words
+but at least `min_words` long is matched whole. A document containing `min_matches` indexed n-grams is
+contaminated: removed (reason `contaminated`) or, with `mode: flag`, kept with `meta.contamination`.
+
+The index is a sorted uint64 array of n-gram hashes with the benchmark item each came from; n-grams shared by
+more than `max_items_per_ngram` items are template text (instructions, answer formats) and are left out.
+`check_texts(index, texts)` is the same test for prompts and seed texts before any money is spent on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ResourceUnavailable, TextbookError
+from pipeline.minhash import NORMALIZATION_VERSION, batch_ngram_hashes, ngram_hashes, word_hashes, words
+from pipeline.stats import StageStats
+
+INDEX_FORMAT = "textbook-decontam-index"
+
+
+@dataclass
+class Match:
+    """What one text shares with the benchmarks."""
+
+    ngrams: int  # matched n-gram positions
+    benchmarks: dict[str, list[str]]  # benchmark -> item ids
+    examples: dict[str, list[str]]  # benchmark -> matched n-grams (normalised words)
+
+    def as_meta(self) -> dict[str, Any]:
+        return {"matched_ngrams": self.ngrams, "benchmarks": self.benchmarks, "examples": self.examples}
+
+
+@dataclass
+class DecontamIndex:
+    ngram: int
+    min_words: int
+    hashes: np.ndarray  # uint64, sorted (a hash repeats once per item it belongs to)
+    refs: np.ndarray  # uint32 item number per hash
+    items: list[tuple[str, str]]  # (benchmark, item id)
+    short_lengths: list[int]  # lengths (< ngram) of benchmark texts indexed whole
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ build / save / load
+
+    @classmethod
+    def build(cls, sources: Iterable[tuple[str, str, Iterator[tuple[str, list[str]]]]], ngram: int = 13,
+              min_words: int = 8, max_items_per_ngram: int = 10) -> DecontamIndex:
+        """`sources`: (benchmark name, where from, items). Items are (item id, texts)."""
+        from tqdm import tqdm
+
+        hash_parts: list[np.ndarray] = []
+        ref_parts: list[np.ndarray] = []
+        items: list[tuple[str, str]] = []
+        short: set[int] = set()
+        per_bench: dict[str, dict[str, Any]] = {}
+        pending: list[np.ndarray] = []  # word hashes of texts waiting for one vectorised pass
+        pending_refs: list[int] = []
+
+        def flush() -> None:
+            h, owner, _ = batch_ngram_hashes(pending, ngram)
+            hash_parts.append(h)
+            ref_parts.append(np.asarray(pending_refs, dtype=np.uint32)[owner])
+            for wh, ref in zip(pending, pending_refs, strict=True):
+                if min_words <= len(wh) < ngram:  # a short text is matched whole
+                    short.add(len(wh))
+                    hash_parts.append(ngram_hashes(wh, len(wh)))
+                    ref_parts.append(np.full(1, ref, dtype=np.uint32))
+            pending.clear()
+            pending_refs.clear()
+
+        for name, origin, it in sources:
+            fig = per_bench.setdefault(name, {"source": origin, "items": 0, "texts": 0, "too_short": 0})
+            for item_id, texts in tqdm(it, desc=f"index {name}", unit="item", mininterval=1.0, file=sys.stderr):
+                ref = len(items)
+                items.append((name, str(item_id)))
+                fig["items"] += 1
+                for t in texts:
+                    wh = word_hashes(words(t))
+                    fig["texts"] += 1
+                    if len(wh) < min_words:
+                        fig["too_short"] += 1
+                        continue
+                    pending.append(wh)
+                    pending_refs.append(ref)
+                if len(pending) >= 4096:
+                    flush()
+            flush()
+        hashes = np.concatenate(hash_parts) if hash_parts else np.empty(0, np.uint64)
+        refs = np.concatenate(ref_parts) if ref_parts else np.empty(0, np.uint32)
+        # one (hash, item) pair each, sorted by hash
+        order = np.lexsort((refs, hashes))
+        hashes, refs = hashes[order], refs[order]
+        if len(hashes):
+            first = np.concatenate([[True], (hashes[1:] != hashes[:-1]) | (refs[1:] != refs[:-1])])
+            hashes, refs = hashes[first], refs[first]
+        uniq, counts = np.unique(hashes, return_counts=True)
+        common = counts > max_items_per_ngram
+        keep = ~np.repeat(common, counts)
+        bench_names = list(per_bench)
+        bench_of_item = np.array([bench_names.index(b) for b, _ in items], dtype=np.int32) if items else \
+            np.empty(0, np.int32)
+        kept_refs = refs[keep]
+        per_item_bench = bench_of_item[kept_refs] if len(kept_refs) else np.empty(0, np.int32)
+        for k, name in enumerate(bench_names):
+            per_bench[name]["ngrams"] = int((per_item_bench == k).sum())
+        info = {"benchmarks": per_bench, "template_ngrams_dropped": int(common.sum()),
+                "ngrams": int(keep.sum()), "items": len(items), "max_items_per_ngram": max_items_per_ngram}
+        return cls(ngram, min_words, hashes[keep], kept_refs, items, sorted(short), info)
+
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        tmp = d.with_name(f".{d.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "hashes.npy", self.hashes)
+        np.save(tmp / "refs.npy", self.refs)
+        with open(tmp / "items.jsonl", "w", encoding="utf-8") as f:
+            for b, i in self.items:
+                f.write(json.dumps([b, i]) + "\n")
+        meta = {"format": INDEX_FORMAT, "normalization": NORMALIZATION_VERSION, "ngram": self.ngram,
+                "min_words": self.min_words, "short_lengths": self.short_lengths, **self.info,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if d.exists():
+            shutil.rmtree(d)
+        tmp.rename(d)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> DecontamIndex:
+        d = Path(directory)
+        meta_path = d / "index.json"
+        if not meta_path.is_file():
+            raise TextbookError(f"{d}: not a decontamination index (no index.json); build one with "
+                                "`textbook decontaminate index`")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != INDEX_FORMAT or meta.get("normalization") != NORMALIZATION_VERSION:
+            raise TextbookError(f"{d}: index format {meta.get('format')} / normalisation {meta.get('normalization')} "
+                                f"is not this version's ({INDEX_FORMAT} / {NORMALIZATION_VERSION}); rebuild it")
+        items = [tuple(json.loads(line)) for line in (d / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+        info = {k: v for k, v in meta.items() if k not in ("format", "normalization", "ngram", "min_words",
+                                                            "short_lengths", "created")}
+        return cls(meta["ngram"], meta["min_words"], np.load(d / "hashes.npy"), np.load(d / "refs.npy"),
+                   items, list(meta["short_lengths"]), info)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ matching
+
+    def match(self, text: str, max_examples: int = 5) -> Match | None:
+        return self.match_many([text], max_examples)[0]
+
+    def match_many(self, texts: list[str], max_examples: int = 5) -> list[Match | None]:
+        """Benchmark overlap of each text; all texts are hashed together in one vectorised pass per length."""
+        out: list[Match | None] = [None] * len(texts)
+        if not len(self.hashes) or not texts:
+            return out
+        ws_list = [words(t) for t in texts]
+        wh_list = [word_hashes(ws) for ws in ws_list]
+        hits: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # text -> (length, position, hash slot)
+        for n in (self.ngram, *self.short_lengths):
+            h, owner, pos = batch_ngram_hashes(wh_list, n)
+            if not len(h):
+                continue
+            slot = np.searchsorted(self.hashes, h)
+            slot[slot >= len(self.hashes)] = len(self.hashes) - 1
+            hit = np.nonzero(self.hashes[slot] == h)[0]
+            for i in hit.tolist():
+                hits[int(owner[i])].append((n, int(pos[i]), int(slot[i])))
+        for t, found in hits.items():
+            benchmarks: dict[str, set[str]] = defaultdict(set)
+            examples: dict[str, list[str]] = defaultdict(list)
+            for n, p, slot in found:
+                gram = " ".join(ws_list[t][p:p + n])
+                h = self.hashes[slot]
+                hi = int(np.searchsorted(self.hashes, h, side="right"))
+                for ref in self.refs[slot:hi].tolist():  # searchsorted gave the leftmost slot of this hash
+                    bench, item = self.items[ref]
+                    benchmarks[bench].add(item)
+                    if len(examples[bench]) < max_examples and gram not in examples[bench]:
+                        examples[bench].append(gram)
+            out[t] = Match(len(found), {b: sorted(v) for b, v in sorted(benchmarks.items())}, dict(examples))
+        return out
+
+
+def check_texts(index: DecontamIndex, texts: Iterable[str], min_matches: int = 1) -> list[Match | None]:
+    """For each text (a rendered prompt, a seed passage): its benchmark overlap, or None when clean.
+
+    The generate stage calls this before sending prompts, so no money is spent on a contaminated seed.
+    """
+    matches = index.match_many(list(texts))
+    return [m if m is not None and m.ngrams >= min_matches else None for m in matches]
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_index(benchmarks: list[str], local_dir: str | None = None, files: list[Any] | None = None,
+                ngram: int = 13, min_words: int = 8, max_items_per_ngram: int = 10, require_all: bool = False,
+                log: Any = None) -> DecontamIndex:
+    """Index the named benchmarks (local copies first, then the HF hub) and any extra files."""
+    from pipeline.benchmarks_data import iter_items
+
+    say = log or (lambda m: print(m, file=sys.stderr))
+    errors: dict[str, Counter[str]] = defaultdict(Counter)
+    error_samples: dict[str, list[str]] = defaultdict(list)
+    unavailable: dict[str, str] = {}
+
+    def on_error_for(name: str) -> Any:
+        def on_error(reason: str, where: str) -> None:
+            errors[name][reason] += 1
+            if len(error_samples[name]) < 5:
+                error_samples[name].append(f"{reason}: {where}")
+        return on_error
+
+    sources = []
+    # One failed hub download means offline: the others are not tried (each costs ~20 s of retries).
+    hub_ok = not any(os.environ.get(v) in ("1", "true", "True") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    for name in benchmarks:
+        try:
+            origin, it = iter_items(name, local_dir=local_dir, on_error=on_error_for(name), allow_hub=hub_ok)
+        except ResourceUnavailable as e:
+            if require_all:
+                raise
+            hub_ok = hub_ok and "unreachable" not in str(e) and "cannot load" not in str(e)
+            unavailable[name] = str(e)
+            say(f"decontaminate: skipping {name}: {e}")
+            continue
+        sources.append((name, origin, it))
+    for f in files or []:
+        origin, it = iter_items(f.name, path=f.path, fields=list(f.fields) or None, on_error=on_error_for(f.name))
+        sources.append((f.name, origin, it))
+    if not sources:
+        raise ResourceUnavailable("decontaminate: none of the benchmarks could be loaded ("
+                                  + "; ".join(unavailable.values()) + ")")
+    index = DecontamIndex.build(sources, ngram=ngram, min_words=min_words, max_items_per_ngram=max_items_per_ngram)
+    for name, c in errors.items():
+        index.info["benchmarks"].setdefault(name, {})["errors"] = dict(c)
+        index.info["benchmarks"][name]["error_samples"] = error_samples[name]
+    index.info["unavailable"] = unavailable
+    return index
+
+
+def index_for_section(section: Any, cache_dir: Path) -> DecontamIndex:
+    """The section's prebuilt index, or one built from its benchmarks (cached by its settings)."""
+    if section.index:
+        index = DecontamIndex.load(section.index)
+        if index.ngram != section.ngram:
+            raise TextbookError(f"decontaminate.index {section.index} uses {index.ngram}-grams but "
+                                f"decontaminate.ngram is {section.ngram}; rebuild the index or change ngram")
+        return index
+    from pipeline.config import config_hash
+
+    key = config_hash({"benchmarks": section.benchmarks, "local_dir": section.local_dir,
+                       "files": [f.model_dump() for f in section.files], "ngram": section.ngram,
+                       "min_words": section.min_words, "max": section.max_items_per_ngram,
+                       "norm": NORMALIZATION_VERSION})[:16]
+    cached = cache_dir / f"index-{key}"
+    if (cached / "index.json").is_file():
+        return DecontamIndex.load(cached)
+    index = build_index(section.benchmarks, section.local_dir, section.files, section.ngram, section.min_words,
+                        section.max_items_per_ngram, section.require_all)
+    index.save(cached)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def run_stage(ctx: Any) -> StageStats:
+    from tqdm import tqdm
+
+    from pipeline.documents import DocumentWriter, iter_documents
+
+    section = ctx.section
+    stats = StageStats(ctx.name)
+    if not ctx.inputs:
+        raise TextbookError("decontaminate: no input documents (the upstream stages kept nothing, or "
+                            "decontaminate.inputs is empty)")
+    index = index_for_section(section, ctx.state_dir)
+    per_bench_docs: Counter[str] = Counter()
+    per_bench_ngrams: dict[str, Counter[str]] = defaultdict(Counter)
+    flagged = 0
+
+    def unreadable(reason: str, where: str) -> None:
+        stats.read()
+        stats.error(reason)
+
+    removed: dict[str, DocumentWriter] = {}
+
+    def route(batch: list[dict[str, Any]], kept: DocumentWriter) -> None:
+        nonlocal flagged
+        for doc, m in zip(batch, index.match_many([d["text"] for d in batch]), strict=True):
+            if m is None or m.ngrams < section.min_matches:
+                kept.write(doc)
+                stats.keep()
+                continue
+            for bench, grams in m.examples.items():
+                per_bench_docs[bench] += 1
+                per_bench_ngrams[bench].update(grams)
+                if len(per_bench_ngrams[bench]) > 5000:  # bounded: keep the most frequent
+                    per_bench_ngrams[bench] = Counter(dict(per_bench_ngrams[bench].most_common(1000)))
+            meta = {**(doc.get("meta") or {}), "contamination": m.as_meta()}
+            if section.mode == "flag":
+                kept.write({**doc, "meta": meta})
+                stats.keep()
+                flagged += 1
+            else:
+                removed.setdefault("contaminated", DocumentWriter(ctx.removed_dir, prefix="contaminated")).write(
+                    {**doc, "meta": meta, "reason": "contaminated"})
+                stats.drop("contaminated")
+
+    with DocumentWriter(ctx.kept_dir) as kept:
+        batch: list[dict[str, Any]] = []
+        for doc in tqdm(iter_documents(ctx.inputs, on_error=unreadable), desc="decontaminate", unit="doc",
+                        mininterval=1.0, file=sys.stderr):
+            stats.read()
+            if not doc["text"].strip():
+                removed.setdefault("empty_text", DocumentWriter(ctx.removed_dir, prefix="empty_text")).write(
+                    {**doc, "reason": "empty_text"})
+                stats.drop("empty_text")
+                continue
+            batch.append(doc)
+            if len(batch) >= 256 or sum(len(d["text"]) for d in batch[-1:]) > 4_000_000:
+                route(batch, kept)
+                batch = []
+        if batch:
+            route(batch, kept)
+    for w in removed.values():
+        w.close()
+    stats.set("mode", section.mode)
+    stats.set("flagged", flagged)
+    stats.set("ngram", index.ngram)
+    stats.set("index", index.info)
+    stats.set("benchmarks_unavailable", index.info.get("unavailable", {}))
+    stats.set("matched", {b: {"documents": per_bench_docs[b],
+                              "top_ngrams": per_bench_ngrams[b].most_common(section.report_ngrams)}
+                          for b in sorted(per_bench_docs)})
+    return stats

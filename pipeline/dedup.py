@@ -1,0 +1,625 @@
+"""The `dedup` stage: exact and MinHash-LSH near-duplicate removal across all sources together.
+
+Steps (datatrove style, each with its own figures in the stats):
+
+1. hash      stream the documents once; per document write its MinHash signature, LSH band hashes and the
+             hash of its normalised text to scratch files (nothing per document stays in RAM but a float
+             score and a priority).
+2. exact     sort the 128-bit text hashes: equal hashes are exact duplicates.
+3. buckets   for one band at a time, sort the band hashes: documents sharing a bucket are candidate pairs.
+4. verify    a candidate pair is a duplicate when the whole signatures agree on >= verify_threshold
+             (estimated Jaccard), which removes the LSH false positives.
+5. cluster   union-find over the duplicate pairs; in each cluster the survivor is the document with the
+             highest edu_score, then the earliest source in `source_priority`, then the smallest id.
+             Documents of an earlier run's index (`index_in`) were already emitted and always survive.
+6. filter    stream the documents again: survivors to kept/, the others to removed/ with reason
+             exact_duplicate or near_duplicate and meta.kept_id (+ meta.similarity).
+
+Memory: ~40 MB per million documents during clustering (see `minhash.memory_per_million`) plus the
+duplicate pairs; scratch on disk: 4*num_perm + 8*bands + 16 bytes per document.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import TextbookError
+from pipeline.minhash import (
+    NORMALIZATION_VERSION,
+    MinHasher,
+    band_hashes,
+    batch_ngram_hashes,
+    format_curve,
+    memory_per_million,
+    ngram_hashes,
+    threshold_curve,
+    word_hashes,
+    words,
+)
+from pipeline.stats import StageStats
+
+INDEX_FORMAT = "textbook-dedup-index"
+KEEP, EXACT, NEAR = 0, 1, 2
+REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate"}
+
+
+@dataclass(frozen=True)
+class DedupParams:
+    shingle_size: int = 3
+    num_perm: int = 112
+    bands: int = 37
+    rows: int = 3
+    seed: int = 1
+    exact: bool = True
+    near: bool = True
+    verify_threshold: float | None = 0.3
+
+    @classmethod
+    def from_section(cls, s: Any) -> DedupParams:
+        return cls(shingle_size=s.shingle_size, num_perm=s.num_perm, bands=s.bands, rows=s.rows, seed=s.seed,
+                   exact=s.exact, near=s.near, verify_threshold=s.verify_threshold)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What an index must share with this run to be comparable."""
+        return {"normalization": NORMALIZATION_VERSION, "shingle_size": self.shingle_size,
+                "num_perm": self.num_perm, "bands": self.bands, "rows": self.rows, "seed": self.seed}
+
+
+@lru_cache(maxsize=4)
+def _hasher(num_perm: int, seed: int) -> MinHasher:
+    return MinHasher(num_perm, seed)
+
+
+def hash_batch(texts: list[str], p: DedupParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(signatures uint32[m, P], band hashes uint64[m, B], exact hashes uint64[m, 2]) of a batch of texts.
+
+    Shingles of the whole batch are hashed and min-reduced in one vectorised pass (batch_ngram_hashes +
+    reduceat); a text shorter than the shingle size is one shingle of all its words.
+    """
+    import hashlib
+
+    mh = _hasher(p.num_perm, p.seed)
+    exact = np.empty((len(texts), 2), dtype=np.uint64)
+    whs: list[np.ndarray] = []
+    for i, text in enumerate(texts):
+        ws = words(text)
+        digest = hashlib.blake2b(" ".join(ws).encode("utf-8", "replace"), digest_size=16).digest()
+        exact[i] = np.frombuffer(digest, dtype=np.uint64)
+        whs.append(word_hashes(ws))
+    x, owner, _ = batch_ngram_hashes(whs, p.shingle_size)
+    short = [i for i, w in enumerate(whs) if 0 < len(w) < p.shingle_size]
+    if short:  # rare: add their one whole-text shingle, keeping owners sorted
+        x = np.concatenate([x, *[ngram_hashes(whs[i], len(whs[i])) for i in short]])
+        owner = np.concatenate([owner, np.asarray(short, dtype=np.int64)])
+        order = np.argsort(owner, kind="stable")
+        x, owner = x[order], owner[order]
+    sigs = mh.signatures_of(x, owner, len(texts))
+    return sigs, band_hashes(sigs, p.bands, p.rows), exact
+
+
+def _hash_task(args: tuple[list[str], DedupParams]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return hash_batch(*args)
+
+
+class Rows:
+    """Per-document arrays (signatures, bands, exact hashes) over several on-disk segments, indexed globally."""
+
+    def __init__(self) -> None:
+        self.segments: list[dict[str, np.ndarray]] = []
+        self.offsets: list[int] = [0]
+
+    def add(self, sig: np.ndarray, band: np.ndarray, exact: np.ndarray) -> None:
+        self.segments.append({"sig": sig, "band": band, "exact": exact})
+        self.offsets.append(self.offsets[-1] + len(sig))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def column(self, name: str, j: int) -> np.ndarray:
+        parts = [np.ascontiguousarray(s[name][:, j]) for s in self.segments]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+
+    def take(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` (any order) of array `name`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        width = self.segments[0][name].shape[1]
+        out = np.empty((len(idx), width), dtype=self.segments[0][name].dtype)
+        seg = np.searchsorted(np.asarray(self.offsets[1:]), idx, side="right")
+        for k, s in enumerate(self.segments):
+            m = seg == k
+            if m.any():
+                local = idx[m] - self.offsets[k]
+                order = np.argsort(local)  # sorted reads are much faster on a memmap
+                vals = s[name][local[order]]
+                tmp = np.empty_like(vals)
+                tmp[order] = vals
+                out[m] = tmp
+        return out
+
+
+def _memmap(path: Path, dtype: Any, width: int) -> np.ndarray:
+    n = path.stat().st_size // (np.dtype(dtype).itemsize * width) if path.exists() else 0
+    if n == 0:
+        return np.empty((0, width), dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n, width))
+
+
+# ---------------------------------------------------------------------------------------------- index
+
+
+def load_index(path: str | Path, p: DedupParams) -> tuple[np.ndarray, np.ndarray, np.ndarray, Path]:
+    d = Path(path)
+    meta_path = d / "index.json"
+    if not meta_path.is_file():
+        raise TextbookError(f"{d}: not a dedup index (no index.json); point dedup.index_in at <run>/stages/dedup/index")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != INDEX_FORMAT:
+        raise TextbookError(f"{d}: not a {INDEX_FORMAT}")
+    want = p.fingerprint()
+    diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: index {a} vs config {b}" for k, (a, b) in diff.items())
+        raise TextbookError(f"{d}: dedup index made with other parameters ({detail}); use the same dedup "
+                            "settings or rebuild the index")
+    return (_memmap(d / "sig.u32", np.uint32, p.num_perm), _memmap(d / "band.u64", np.uint64, p.bands),
+            _memmap(d / "exact.u64", np.uint64, 2), d / "docs.parquet")
+
+
+def _read_index_ids(docs_path: Path, local: np.ndarray) -> list[str]:
+    if not len(local):
+        return []
+    ids = pq.read_table(docs_path, columns=["id"]).column("id")
+    return [str(x) for x in ids.take(pa.array(local)).to_pylist()]
+
+
+# ---------------------------------------------------------------------------------------------- clustering
+
+
+class _UnionFind:
+    """Union-find over only the documents that appear in a duplicate pair (compact, python lists)."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.nodes = np.unique(np.concatenate([a, b]))
+        self.parent = list(range(len(self.nodes)))
+        for x, y in zip(np.searchsorted(self.nodes, a).tolist(), np.searchsorted(self.nodes, b).tolist(),
+                        strict=True):
+            rx, ry = self._find(x), self._find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def _find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def clusters(self) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i in range(len(self.nodes)):
+            groups[self._find(i)].append(int(self.nodes[i]))
+        return groups
+
+
+def _pairs_in_runs(sorted_vals: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (first of run, member) and (previous, member) for every run of equal values."""
+    if len(sorted_vals) < 2:
+        e = np.empty(0, dtype=np.int64)
+        return e, e
+    same = sorted_vals[1:] == sorted_vals[:-1]
+    if not same.any():
+        e = np.empty(0, dtype=np.int64)
+        return e, e
+    pos = np.nonzero(same)[0] + 1  # positions whose value equals the previous one
+    starts = np.nonzero(np.concatenate([[True], ~same]))[0]
+    first = starts[np.searchsorted(starts, pos, side="right") - 1]
+    a = np.concatenate([order[first], order[pos - 1]])
+    b = np.concatenate([order[pos], order[pos]])
+    keep = a != b
+    return a[keep], b[keep]
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    if not len(lo):
+        return lo, hi
+    pairs = np.unique(np.stack([lo, hi], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+@dataclass
+class Clustering:
+    survivor: np.ndarray  # int64[n_total]: index of the surviving copy (itself when kept)
+    reason: np.ndarray  # int8[n_total]: KEEP / EXACT / NEAR
+    similarity: np.ndarray  # float32[n_total]: estimated Jaccard with the survivor (1 for kept)
+    figures: dict[str, Any]
+
+
+def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.ndarray,
+                    ids_of: Callable[[np.ndarray], list[str]], p: DedupParams,
+                    log: Callable[[str], None] = lambda m: None) -> Clustering:
+    """Cluster all rows (the first `n_prior` are an earlier index and always survive)."""
+    n = len(rows)
+    figures: dict[str, Any] = {}
+    pa_, pb_ = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    rep = np.ones(n, dtype=bool)
+    t0 = time.time()
+    if p.exact and n:
+        ex = np.concatenate([s["exact"] for s in rows.segments]) if rows.segments else np.empty((0, 2), np.uint64)
+        order = np.lexsort((ex[:, 1], ex[:, 0]))
+        sv = ex[order]
+        same = np.concatenate([[False], (sv[1:] == sv[:-1]).all(axis=1)])
+        a, b = _pairs_in_runs(np.cumsum(~same), order)  # run id per sorted row: equal ids = equal hashes
+        del sv
+        pa_.append(a)
+        pb_.append(b)
+        rep[order[same]] = False  # only the first of an exact group takes part in the band search
+        figures["exact_pairs"] = int(len(a) // 2)
+    figures["seconds_exact"] = round(time.time() - t0, 3)
+    t0 = time.time()
+    candidates = 0
+    verified = 0
+    if p.near and n:
+        reps = np.nonzero(rep)[0]
+        for band in range(p.bands):
+            col = rows.column("band", band)[reps]
+            order = np.argsort(col, kind="stable")
+            a, b = _pairs_in_runs(col[order], reps[order])
+            del col, order
+            if not len(a):
+                continue
+            a, b = _unique_pairs(a, b)
+            candidates += len(a)
+            if p.verify_threshold is not None:
+                sims = np.concatenate([
+                    (rows.take("sig", a[i:i + 65536]) == rows.take("sig", b[i:i + 65536])).mean(axis=1)
+                    for i in range(0, len(a), 65536)])
+                ok = sims >= p.verify_threshold
+                a, b = a[ok], b[ok]
+            verified += len(a)
+            pa_.append(a)
+            pb_.append(b)
+    figures["candidate_pairs"] = candidates
+    figures["verified_pairs"] = verified
+    figures["seconds_buckets"] = round(time.time() - t0, 3)
+    t0 = time.time()
+    a, b = _unique_pairs(np.concatenate(pa_), np.concatenate(pb_))
+    survivor = np.arange(n, dtype=np.int64)
+    reason = np.zeros(n, dtype=np.int8)
+    similarity = np.ones(n, dtype=np.float32)
+    sizes: Counter[int] = Counter()
+    if len(a):
+        groups = _UnionFind(a, b).clusters()
+        members = np.fromiter((m for g in groups.values() for m in g), dtype=np.int64)
+        new_members = members[members >= n_prior]
+        id_map = dict(zip(new_members.tolist(), ids_of(new_members - n_prior), strict=True))
+        for g in groups.values():
+            sizes[len(g)] += 1
+            best = min(g, key=lambda i: (0, 0.0, 0, "", i) if i < n_prior else
+                       (1, -float(score[i - n_prior]), int(priority[i - n_prior]), id_map[i], i))
+            for m in g:
+                if m != best:
+                    survivor[m] = best
+        dup = np.nonzero(survivor != np.arange(n))[0]
+        if len(dup):
+            ex_a, ex_b = rows.take("exact", dup), rows.take("exact", survivor[dup])
+            reason[dup] = np.where((ex_a == ex_b).all(axis=1), EXACT, NEAR)
+            for i in range(0, len(dup), 65536):
+                part = dup[i:i + 65536]
+                similarity[part] = (rows.take("sig", part) == rows.take("sig", survivor[part])).mean(axis=1)
+    figures["clusters"] = int(sum(sizes.values()))
+    figures["cluster_sizes"] = {str(k): v for k, v in sorted(sizes.items())}
+    figures["seconds_cluster"] = round(time.time() - t0, 3)
+    log(f"dedup: {figures['clusters']} clusters, {candidates} candidate pairs, {verified} verified")
+    return Clustering(survivor, reason, similarity, figures)
+
+
+# ---------------------------------------------------------------------------------------------- in memory
+
+
+def dedup_texts(texts: list[str], scores: list[float | None] | None = None, sources: list[str] | None = None,
+                ids: list[str] | None = None, params: DedupParams | None = None,
+                source_priority: tuple[str, ...] = ("synthetic", "web")) -> Clustering:
+    """Cluster a list of texts in memory (tests, notebooks, benchmarks). Indices are list positions."""
+    p = params or DedupParams()
+    sig, band, exact = hash_batch(texts, p) if texts else (
+        np.empty((0, p.num_perm), np.uint32), np.empty((0, p.bands), np.uint64), np.empty((0, 2), np.uint64))
+    rows = Rows()
+    rows.add(sig, band, exact)
+    score = _scores(scores or [None] * len(texts))
+    prio = _priorities(sources or [None] * len(texts), list(source_priority))
+    ids = ids or [str(i) for i in range(len(texts))]
+    return find_duplicates(rows, 0, score, prio, lambda idx: [ids[i] for i in idx.tolist()], p)
+
+
+def _scores(values: list[Any]) -> np.ndarray:
+    out = np.array([(-math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else float(v))
+                    for v in values], dtype=np.float32)
+    return out
+
+
+def _priorities(sources: list[str | None], order: list[str]) -> np.ndarray:
+    rank = _priority_rank(order)
+    return np.array([rank(s) for s in sources], dtype=np.int32)
+
+
+def _priority_rank(order: list[str]) -> Callable[[str | None], int]:
+    known = {s: i for i, s in enumerate(order)}
+    seen: dict[str, int] = {}
+
+    def rank(source: str | None) -> int:
+        s = source or ""
+        if s in known:
+            return known[s]
+        # unlisted sources after the listed ones, by name: a stable order from the name's first bytes
+        if s not in seen:
+            seen[s] = len(order) + int.from_bytes(s.encode()[:3].ljust(3, b"\0"), "big")
+        return seen[s]
+
+    return rank
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def _progress(desc: str, total: int | None) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="doc", mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+
+
+def _count_inputs(paths: list[Path]) -> int | None:
+    from pipeline.documents import count_rows
+
+    if paths and all(p.suffix == ".parquet" for p in paths):
+        return count_rows(paths)
+    return None
+
+
+def _usable(doc: dict[str, Any]) -> bool:
+    return bool(doc["text"].strip()) and bool(words(doc["text"][:100_000]) or words(doc["text"]))
+
+
+def _batches(it: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for doc in it:
+        batch.append(doc)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _hash_inputs(ctx: Any, p: DedupParams, work: Path, stats: StageStats, section: Any
+                 ) -> tuple[np.ndarray, np.ndarray, Counter[str]]:
+    """Step 1: one pass over the inputs, writing signatures/bands/exact hashes and ids to `work`."""
+    from pipeline.documents import iter_documents
+
+    rank = _priority_rank(list(section.source_priority))
+    scores: list[np.ndarray] = []
+    prios: list[np.ndarray] = []
+    per_source: Counter[str] = Counter()
+
+    def unreadable(reason: str, where: str) -> None:
+        stats.read()
+        stats.error(reason)
+
+    files = {k: open(work / f"{k}", "wb") for k in ("sig.u32", "band.u64", "exact.u64", "ids.txt")}
+    pool = None
+    try:
+        def hashed(batches: Iterator[list[dict[str, Any]]]) -> Iterator[tuple[list[dict], tuple]]:
+            if section.workers <= 1:
+                for b in batches:
+                    yield b, hash_batch([d["text"] for d in b], p)
+                return
+            import multiprocessing as mp
+
+            nonlocal pool
+            pool = mp.get_context("spawn").Pool(section.workers)
+            pending: list[tuple[list[dict], Any]] = []
+            for b in batches:
+                pending.append((b, pool.apply_async(_hash_task, (([d["text"] for d in b], p),))))
+                if len(pending) >= 2 * section.workers:
+                    doc_batch, res = pending.pop(0)
+                    yield doc_batch, res.get()
+            for doc_batch, res in pending:
+                yield doc_batch, res.get()
+
+        def usable_docs() -> Iterator[dict[str, Any]]:
+            for doc in iter_documents(ctx.inputs, on_error=unreadable):
+                stats.read()
+                if not _usable(doc):
+                    stats.drop("empty_text")
+                    continue
+                yield doc
+
+        with _progress("dedup: hashing", _count_inputs(ctx.inputs)) as bar:
+            for docs, (sig, band, exact) in hashed(_batches(usable_docs(), section.batch_size)):
+                files["sig.u32"].write(sig.tobytes())
+                files["band.u64"].write(band.tobytes())
+                files["exact.u64"].write(exact.tobytes())
+                files["ids.txt"].write(("\n".join(json.dumps(d["id"]) for d in docs) + "\n").encode())
+                scores.append(_scores([d.get("edu_score") for d in docs]))
+                prios.append(np.array([rank(d.get("source")) for d in docs], dtype=np.int32))
+                per_source.update(d.get("source") or "unknown" for d in docs)
+                bar.update(len(docs))
+    finally:
+        for f in files.values():
+            f.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return _cat(scores, np.float32), _cat(prios, np.int32), per_source
+
+
+def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+
+def _ids_reader(path: Path) -> Callable[[np.ndarray], list[str]]:
+    def ids_of(idx: np.ndarray) -> list[str]:
+        want = {int(i): k for k, i in enumerate(idx.tolist())}
+        out: list[str] = [""] * len(idx)
+        if not want:
+            return out
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f):
+                k = want.get(lineno)
+                if k is not None:
+                    out[k] = json.loads(line)
+        return out
+
+    return ids_of
+
+
+def run_stage(ctx: Any) -> StageStats:
+    section = ctx.section
+    p = DedupParams.from_section(section)
+    stats = StageStats(ctx.name)
+    curve = format_curve(p.bands, p.rows, p.verify_threshold)
+    print(curve, file=sys.stderr)
+    if not ctx.inputs:
+        raise TextbookError("dedup: no input documents (the upstream stages kept nothing, or dedup.inputs is empty)")
+    work = ctx.state_dir / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t_start = time.time()
+    scores, prios, per_source_in = _hash_inputs(ctx, p, work, stats, section)
+    n_new = len(scores)
+    seconds_hash = time.time() - t_start
+
+    rows = Rows()
+    prior_docs: list[tuple[Path, int]] = []  # (docs.parquet, first global row)
+    for path in section.index_in:
+        if Path(path).resolve() == (ctx.out_dir / "index").resolve():
+            raise TextbookError(f"dedup.index_in: {path} is this run's own index (it is rewritten by this stage); "
+                                "copy it elsewhere or use it from another run")
+        sig, band, exact, docs_path = load_index(path, p)
+        prior_docs.append((docs_path, len(rows)))
+        rows.add(sig, band, exact)
+    n_prior = len(rows)
+    rows.add(_memmap(work / "sig.u32", np.uint32, p.num_perm), _memmap(work / "band.u64", np.uint64, p.bands),
+             _memmap(work / "exact.u64", np.uint64, 2))
+    ids_new = _ids_reader(work / "ids.txt")
+    result = find_duplicates(rows, n_prior, scores, prios, ids_new, p,
+                             log=lambda m: print(m, file=sys.stderr))
+
+    # ids of survivors that removed documents point at (their meta.kept_id)
+    surv = np.unique(result.survivor[n_prior:][result.reason[n_prior:] != KEEP])
+    kept_ids: dict[int, str] = {}
+    new_s = surv[surv >= n_prior]
+    kept_ids.update(zip(new_s.tolist(), ids_new(new_s - n_prior), strict=True))
+    for k, (docs_path, start) in enumerate(prior_docs):
+        end = prior_docs[k + 1][1] if k + 1 < len(prior_docs) else n_prior
+        sel = surv[(surv >= start) & (surv < end)]
+        kept_ids.update(zip(sel.tolist(), _read_index_ids(docs_path, sel - start), strict=True))
+
+    removed_per_source, pairs = _write_outputs(ctx, result, n_prior, kept_ids, stats, section)
+    if section.keep_index:
+        _write_index(ctx.out_dir / "index", rows, n_prior, prior_docs, result, work, p, section)
+    shutil.rmtree(work, ignore_errors=True)
+
+    elapsed = time.time() - t_start
+    stats.set("params", {**p.fingerprint(), "verify_threshold": p.verify_threshold, "exact": p.exact,
+                         "near": p.near, "source_priority": list(section.source_priority)})
+    stats.set("threshold_curve", [{"jaccard": j, "p_candidate": pr} for j, pr in threshold_curve(p.bands, p.rows)])
+    stats.set("documents_hashed", n_new)
+    stats.set("prior_index_documents", n_prior)
+    stats.set("documents_per_source", dict(per_source_in))
+    stats.set("removed_per_source", removed_per_source)
+    stats.set("sample_pairs", pairs)
+    stats.set("memory_per_million_docs", memory_per_million(p.num_perm, p.bands))
+    stats.set("docs_per_second", round(n_new / elapsed, 1) if elapsed > 0 else None)
+    stats.set("seconds_hash", round(seconds_hash, 3))
+    for k, v in result.figures.items():
+        stats.set(k, v)
+    return stats
+
+
+def _write_outputs(ctx: Any, result: Clustering, n_prior: int, kept_ids: dict[int, str], stats: StageStats,
+                   section: Any) -> tuple[dict[str, dict[str, int]], list[dict[str, Any]]]:
+    """Step 6: stream the inputs again (same order, same filter) and route each document."""
+    from pipeline.documents import DocumentWriter, iter_documents
+
+    removed_per_source: dict[str, Counter[str]] = defaultdict(Counter)
+    pairs: list[dict[str, Any]] = []
+    writers: dict[str, DocumentWriter] = {}
+    i = n_prior
+    kept = DocumentWriter(ctx.kept_dir)
+    with _progress("dedup: writing", len(result.survivor) - n_prior) as bar:
+        for doc in iter_documents(ctx.inputs, on_error=lambda r, w: None):
+            if not _usable(doc):
+                writers.setdefault("empty_text", DocumentWriter(ctx.removed_dir, prefix="empty_text")).write(
+                    {**doc, "reason": "empty_text"})
+                continue
+            code = int(result.reason[i])
+            if code == KEEP:
+                kept.write(doc)
+                stats.keep()
+            else:
+                why = REASONS[code]
+                s = int(result.survivor[i])
+                sim = round(float(result.similarity[i]), 4)
+                meta = dict(doc.get("meta") or {})
+                meta.update({"kept_id": kept_ids[s], "similarity": sim,
+                             "kept_from_earlier_run": s < n_prior})
+                writers.setdefault(why, DocumentWriter(ctx.removed_dir, prefix=why)).write(
+                    {**doc, "meta": meta, "reason": why})
+                stats.drop(why)
+                removed_per_source[doc.get("source") or "unknown"][why] += 1
+                if len(pairs) < section.sample_pairs:
+                    pairs.append({"removed_id": doc["id"], "kept_id": kept_ids[s], "reason": why,
+                                  "similarity": sim, "removed_text": doc["text"][:200]})
+            i += 1
+            bar.update(1)
+    kept.close()
+    for w in writers.values():
+        w.close()
+    if i != len(result.survivor):
+        raise TextbookError(f"dedup: the inputs changed while the stage ran ({i - n_prior} documents on the second "
+                            f"pass, {len(result.survivor) - n_prior} on the first); run it again")
+    return {k: dict(v) for k, v in sorted(removed_per_source.items())}, pairs
+
+
+def _write_index(dest: Path, rows: Rows, n_prior: int, prior_docs: list[tuple[Path, int]], result: Clustering,
+                 work: Path, p: DedupParams, section: Any) -> None:
+    """The index a later run passes as dedup.index_in: earlier index rows + this run's kept documents."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    keep_rows = np.concatenate([np.arange(n_prior), n_prior + np.nonzero(result.reason[n_prior:] == KEEP)[0]])
+    with open(tmp / "sig.u32", "wb") as fs, open(tmp / "band.u64", "wb") as fb, open(tmp / "exact.u64", "wb") as fe:
+        for i in range(0, len(keep_rows), 65536):
+            part = keep_rows[i:i + 65536]
+            fs.write(rows.take("sig", part).tobytes())
+            fb.write(rows.take("band", part).tobytes())
+            fe.write(rows.take("exact", part).tobytes())
+    tables = [pq.read_table(path, columns=["id"]) for path, _ in prior_docs]
+    kept_new = np.nonzero(result.reason[n_prior:] == KEEP)[0]
+    new_ids = _ids_reader(work / "ids.txt")(kept_new)
+    tables.append(pa.table({"id": pa.array(new_ids, pa.string())}))
+    pq.write_table(pa.concat_tables(tables), tmp / "docs.parquet", compression="zstd")
+    meta = {"format": INDEX_FORMAT, **p.fingerprint(), "documents": int(len(keep_rows)),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
