@@ -128,8 +128,9 @@ class WebSection(StageSection):
     workers: int = Field(default=1, ge=1, description="tasks run at the same time")
     ray_address: str | None = Field(default=None, description="executor ray: connect to this cluster, "
                                     "default a local Ray (outputs must be on a filesystem the workers share)")
-    task_timeout_s: int = Field(default=3600, ge=1, description="a task running longer is killed and reported "
-                                "(the stage fails with a one-line error; re-run resumes)")
+    task_timeout_s: int = Field(default=3600, ge=1, description="workers > 1 or ray: a task running longer is "
+                                "killed and reported (one-line error; re-run resumes). Each page is also bounded "
+                                "by extract_timeout_s")
     max_page_bytes: int = Field(default=5_000_000, ge=1, description="records larger than this are dropped "
                                 "before extraction (reason too_large)")
     extract_timeout_s: float = Field(default=5.0, gt=0, description="trafilatura time limit per page")

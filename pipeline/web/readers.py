@@ -265,7 +265,7 @@ class WebReader(PipelineStep):
         from datasets.distributed import split_dataset_by_node
 
         path = Path(unit.path)
-        if path.is_dir() and (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[unit.hf_split]

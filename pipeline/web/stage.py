@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.errors import TextbookError
 from pipeline.io import atomic_write_text
+from pipeline.paths import repo_path
 from pipeline.stats import StageStats
 from pipeline.web.units import Unit, fingerprint, plan_units
 
@@ -256,6 +257,8 @@ def run_stage(ctx: Any) -> StageStats:
     edu_model = None
     if section.edu.enabled:
         edu_model = section.edu.model or ctx.cfg.classifier.model
+        if not Path(edu_model).exists() and repo_path(edu_model).exists():  # relative to the checkout
+            edu_model = str(repo_path(edu_model))
         if not Path(edu_model).exists():
             raise TextbookError(f"web.edu: classifier model {edu_model} not found (train one with "
                                 "`textbook classifier train`, or set web.edu.model / web.edu.enabled=false)")
