@@ -5,6 +5,9 @@ duplicates of an earlier output, or that open with a first sentence already used
 `min_docs` outputs and its repeat rate exceeds `max_repeat_rate`, the cell is stopped: the LLM runner asks
 `should_send` before each request and the cell's remaining requests are skipped (and reported).
 Stats: near-duplicate rate, distinct word-3-gram ratio, most common openings, stopped cells.
+
+The MinHash is vectorised numpy over hashed word n-grams (about 0.1 ms per document), so judging outputs in the
+driver never slows the dispatch of requests.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from pipeline.config.generate import DiversitySettings
 
@@ -41,12 +46,81 @@ class CellState:
     openings: Counter[str] = field(default_factory=Counter)
 
 
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads the bits of a (multiply-add) hash."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def ngram_hashes(word_hashes: np.ndarray, k: int) -> np.ndarray:
+    """Hashes of every run of k consecutive words (one hash if the text is shorter than k)."""
+    n = len(word_hashes)
+    if n <= k:
+        k = n
+    h = word_hashes[: n - k + 1].copy()
+    with np.errstate(over="ignore"):
+        for j in range(1, k):
+            h = h * np.uint64(1_000_003) + word_hashes[j: n - k + 1 + j]
+    return _mix(h)
+
+
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimising false positives + false negatives around the threshold (as datasketch does)."""
+    integrate = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed it
+    xs = np.linspace(0, 1, 201)
+    best, best_err = (1, num_perm), float("inf")
+    for r in range(1, num_perm + 1):
+        if num_perm % r:
+            continue
+        b = num_perm // r
+        p = 1 - (1 - xs**r) ** b
+        fp = integrate(p[xs < threshold], xs[xs < threshold])
+        fn = integrate(1 - p[xs >= threshold], xs[xs >= threshold])
+        if fp + fn < best_err:
+            best, best_err = (b, r), fp + fn
+    return best
+
+
+class MinHashIndex:
+    """Streaming MinHash LSH: add a signature, ask which earlier ones estimate Jaccard >= threshold."""
+
+    def __init__(self, threshold: float, num_perm: int, seed: int = 1) -> None:
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
+        self.b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+        self.threshold = threshold
+        self.bands, self.rows = lsh_params(threshold, num_perm)
+        self.buckets: list[dict[bytes, list[str]]] = [{} for _ in range(self.bands)]
+        self.signatures: dict[str, np.ndarray] = {}
+
+    def signature(self, shingles: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return _mix(shingles[:, None] * self.a[None, :] + self.b[None, :]).min(axis=0)
+
+    def query(self, sig: np.ndarray) -> list[str]:
+        cands: set[str] = set()
+        for i, bucket in enumerate(self.buckets):
+            cands.update(bucket.get(sig[i * self.rows:(i + 1) * self.rows].tobytes(), ()))
+        return sorted(k for k in cands if float(np.mean(self.signatures[k] == sig)) >= self.threshold)
+
+    def add(self, key: str, sig: np.ndarray) -> None:
+        if key in self.signatures:
+            return
+        self.signatures[key] = sig
+        for i, bucket in enumerate(self.buckets):
+            bucket.setdefault(sig[i * self.rows:(i + 1) * self.rows].tobytes(), []).append(key)
+
+
 class DiversityGuard:
     def __init__(self, settings: DiversitySettings) -> None:
-        from datasketch import MinHashLSH
-
         self.s = settings
-        self.lsh = MinHashLSH(threshold=settings.near_dup_threshold, num_perm=settings.num_perm)
+        self.index = MinHashIndex(settings.near_dup_threshold, settings.num_perm)
+        self.word_hash: dict[str, int] = {}
         self.cells: dict[str, CellState] = {}
         self.stopped: dict[str, dict[str, Any]] = {}
         self.openings: Counter[str] = Counter()
@@ -59,35 +133,35 @@ class DiversityGuard:
     def cell_of(self, spec: Any) -> str:
         return " × ".join(spec.field(f) for f in self.s.cell_by)
 
-    def _minhash(self, tokens: list[str]) -> Any:
-        from datasketch import MinHash
+    def _word_hashes(self, tokens: list[str]) -> np.ndarray:
+        import xxhash
 
-        k = self.s.shingle_words
-        shingles = {" ".join(tokens[i:i + k]).encode() for i in range(max(len(tokens) - k + 1, 1))}
-        m = MinHash(num_perm=self.s.num_perm)
-        m.update_batch(list(shingles))
-        return m
+        cache = self.word_hash
+        out = []
+        for t in tokens:
+            h = cache.get(t)
+            if h is None:
+                h = cache[t] = xxhash.xxh64_intdigest(t)
+            out.append(h)
+        return np.array(out, dtype=np.uint64)
 
     def observe(self, key: str, cell: str, text: str) -> dict[str, Any]:
         """Index one output; returns whether it repeats an earlier one (for the document's meta)."""
-        import xxhash
-
         tokens = words(text)
         if not tokens:
             return {"near_duplicate_of": None, "opening_seen_before": False}
         self.docs += 1
-        m = self._minhash(tokens)
-        hits = self.lsh.query(m)
-        if key not in self.lsh:  # a ledger replay can show the same request twice
-            self.lsh.insert(key, m)
-        for i in range(len(tokens) - 2):
-            self.ngrams.add(xxhash.xxh64_intdigest(" ".join(tokens[i:i + 3])))
-        self.ngram_total += max(len(tokens) - 2, 0)
+        wh = self._word_hashes(tokens)
+        sig = self.index.signature(ngram_hashes(wh, self.s.shingle_words))
+        near = [k for k in self.index.query(sig) if k != key]
+        self.index.add(key, sig)
+        if len(tokens) >= 3:
+            self.ngrams.update(ngram_hashes(wh, 3).tolist())
+            self.ngram_total += len(tokens) - 2
         op = opening(text, self.s.opening_words)
         self.openings[op] += 1
         state = self.cells.setdefault(cell, CellState())
         state.docs += 1
-        near = sorted(h for h in hits if h != key)
         seen_opening = state.openings[op] > 0
         state.openings[op] += 1
         state.near_dups += bool(near)

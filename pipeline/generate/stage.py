@@ -122,10 +122,8 @@ class Judge:
 
     def __init__(self, ctx_kept: Path, ctx_removed: Path, cfg: RunConfig, stats: StageStats, the_plan: Plan,
                  guard: Any) -> None:
-        from pipeline.generate.validate import Validator
-
         self.cfg, self.stats, self.plan, self.guard = cfg, stats, the_plan, guard
-        self.validator = Validator(cfg.generate, cfg.tokenizer.path)
+        self._validator: Any = None
         self.kept_rows: list[tuple[int, int, dict[str, Any]]] = []
         self.removed: dict[str, DocumentWriter] = {}
         self.removed_dir = ctx_removed
@@ -136,6 +134,16 @@ class Judge:
         self.prompt_tokens = 0
         self.cached = 0
         self.states: Counter[str] = Counter()
+
+    @property
+    def validator(self) -> Any:
+        # Built on first use, in the judging thread: loading the tokenizer and the language-id model overlaps
+        # with the LLM layer's start-up instead of delaying it.
+        if self._validator is None:
+            from pipeline.generate.validate import Validator
+
+            self._validator = Validator(self.cfg.generate, self.cfg.tokenizer.path)
+        return self._validator
 
     def _doc(self, spec: PromptSpec, result: LLMResult, request: LLMRequest | None, text: str,
              extra: dict[str, Any]) -> dict[str, Any]:
@@ -208,6 +216,46 @@ class Judge:
             writer.close()
 
 
+class JudgeThread:
+    """Judges results on a background thread, so validation (tokenizer, language id, MinHash) never holds up the
+    LLM layer's driver loop, which must keep `concurrency` requests in flight. Results are judged in arrival
+    order; an exception in judging is re-raised by `close()`."""
+
+    def __init__(self, judge: Judge, by_key: dict[str, LLMRequest]) -> None:
+        import queue
+        import threading
+
+        self.judge, self.by_key = judge, by_key
+        self.queue: queue.Queue[LLMResult | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="generate-judge", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        try:
+            self.judge.validator  # noqa: B018 - load tokenizer + language id now, while the LLM layer starts
+        except BaseException as e:  # noqa: BLE001
+            self.error = e
+        while (result := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                self.judge(result, self.by_key.get(result.key))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller in close()
+                self.error = e
+
+    def put(self, result: LLMResult) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(result)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def run_stage(ctx: Any) -> StageStats:
     from pipeline.generate.diversity import DiversityGuard
     from pipeline.llm.runner import run_requests
@@ -220,15 +268,16 @@ def run_stage(ctx: Any) -> StageStats:
     by_key = {r.key(cfg.llm.model): r for r in requests}
     guard = DiversityGuard(cfg.generate.diversity)
     judge = Judge(ctx.kept_dir, ctx.removed_dir, cfg, stats, the_plan, guard)
-
-    def on_result(result: LLMResult) -> None:
-        judge(result, by_key.get(result.key))
+    pump = JudgeThread(judge, by_key)
 
     def should_send(request: LLMRequest) -> str | None:
         return guard.should_send(request.tag["cell"])
 
-    summary = run_requests(requests, cfg.llm, cfg.budget, cfg.llm.ledger_path(), should_send=should_send,
-                           on_result=on_result, progress=True)
+    try:
+        summary = run_requests(requests, cfg.llm, cfg.budget, cfg.llm.ledger_path(), should_send=should_send,
+                               on_result=pump.put, progress=True)
+    finally:
+        pump.close()
     judge.close()
     _account_missing(stats, len(requests))
     stats.set("prompt_specs", len(the_plan.specs))
