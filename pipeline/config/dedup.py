@@ -86,7 +86,7 @@ class ShardSection(StageSection):
     seed: int | None = Field(default=None, description="shuffle and sampling seed (default: run.seed)")
     max_chars: int = Field(default=2_000_000, ge=1, description="longer documents are dropped (too_long)")
     shard_mb: int = Field(default=256, ge=1, description="target size of one shard file (MB, in memory)")
-    shuffle_buffer_mb: int = Field(default=512, ge=16, description="memory for the global shuffle: the stage "
+    shuffle_buffer_mb: int = Field(default=512, ge=1, description="memory for the global shuffle: the stage "
                                    "spills to this many MB per bucket and shuffles one bucket at a time")
     out: str | None = Field(default=None, description="shard directory (default: run.out)")
 
