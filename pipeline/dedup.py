@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -390,8 +391,12 @@ def _count_inputs(paths: list[Path]) -> int | None:
     return None
 
 
+_HAS_WORD = re.compile(r"\w")
+
+
 def _usable(doc: dict[str, Any]) -> bool:
-    return bool(doc["text"].strip()) and bool(words(doc["text"][:100_000]) or words(doc["text"]))
+    """A document with at least one word character (else it is dropped as empty_text)."""
+    return _HAS_WORD.search(doc["text"]) is not None
 
 
 def _batches(it: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:

@@ -1,0 +1,163 @@
+"""Issue 6 benchmark: near-dedup and the shard stage.
+
+(a) Near-dedup of N documents (default 100k) built from real text: our dedup stage (signatures on disk,
+    band-by-band clustering) vs `datasketch` MinHashLSH with the same 3-word shingles and the same
+    37 bands x 3 rows (112 permutations), each in a fresh subprocess: documents/s, CPU seconds, peak RSS.
+(b) Tokenize + shard throughput: the whole `shard` stage (read, tokenize, spill, bucket shuffle, write through
+    ShardSetWriter) vs raw `tokenizers.encode_batch` + one `pyarrow.parquet.write_table`.
+
+    .venv/bin/python benchmarks/bench_dedup.py [--n 100000] [--mb 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def corpus(n: int, seed: int = 0) -> list[dict]:
+    """n documents of 100-600 words cut from real text at random offsets, 15 % of words resampled so they are
+    distinct, plus 10 % near-copies (5 % of words changed) of earlier documents."""
+    from pipeline.documents import iter_documents
+    from pipeline.paths import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None:
+        sys.exit("../shared/data is needed for this benchmark")
+    texts = [d["text"] for d in iter_documents([data / "web/dolma_cc", data / "textbooks/openstax_intro_python/"
+                                                "modules_plaintext.jsonl"])]
+    texts += [r["original_text"] for r in json.loads((data / "web/fineweb_sample_300/fineweb_subset.json").read_text())]
+    stream = " ".join(texts).split()
+    rng = random.Random(seed)
+    docs: list[dict] = []
+    for i in range(n):
+        if docs and rng.random() < 0.1:
+            base = rng.choice(docs)["text"].split()
+            ws = [w if rng.random() > 0.05 else rng.choice(stream) for w in base]
+        else:
+            length = rng.randint(100, 600)
+            start = rng.randrange(len(stream) - length)
+            ws = [w if rng.random() > 0.15 else rng.choice(stream) for w in stream[start:start + length]]
+        docs.append({"id": f"d{i}", "text": " ".join(ws), "source": "web", "edu_score": rng.random() * 5})
+    return docs
+
+
+def write_parquet(docs: list[dict], path: Path) -> Path:
+    from pipeline.documents import DocumentWriter
+
+    with DocumentWriter(path) as w:
+        w.write_many(docs)
+    return path
+
+
+def run_ours(inp: Path, work: Path) -> dict:
+    from pipeline import run as runmod
+    from pipeline.config import load_config
+
+    cfg = load_config(None, [f"run.out={work}", f"dedup.inputs=[{inp}]", "run.stages=[dedup]",
+                             "dedup.keep_index=false"])
+    t, c = time.perf_counter(), time.process_time()
+    stats = runmod.run_pipeline(cfg, log=lambda m: None)["dedup"]
+    return {"seconds": time.perf_counter() - t, "cpu": time.process_time() - c,
+            "removed": sum(stats["dropped"].values()), "docs": stats["read"]}
+
+
+def run_datasketch(inp: Path) -> dict:
+    from datasketch import MinHash, MinHashLSH
+
+    from pipeline.documents import iter_documents
+    from pipeline.minhash import words
+
+    docs = list(iter_documents([inp]))
+    t, c = time.perf_counter(), time.process_time()
+    lsh = MinHashLSH(num_perm=112, params=(37, 3))
+    removed = 0
+    for d in docs:
+        ws = words(d["text"])
+        sh = {" ".join(ws[i:i + 3]).encode() for i in range(max(1, len(ws) - 2))}
+        m = MinHash(num_perm=112, seed=1)
+        m.update_batch(list(sh))
+        if lsh.query(m):
+            removed += 1  # the usual streaming use: the first copy stays
+        else:
+            lsh.insert(d["id"], m)
+    return {"seconds": time.perf_counter() - t, "cpu": time.process_time() - c, "removed": removed,
+            "docs": len(docs)}
+
+
+def child(method: str, inp: Path) -> None:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with tempfile.TemporaryDirectory() as d:
+        r = run_ours(inp, Path(d)) if method == "ours" else run_datasketch(inp)
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    r["rss_before_mb"] = base / 1024
+    print(json.dumps(r))
+
+
+def shard_bench(mb: float, d: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_shards import load_texts, raw
+
+    from pipeline import run as runmod
+    from pipeline.config import load_config
+    from pipeline.documents import DocumentWriter
+
+    texts = load_texts(mb)
+    inp = d / "shard-in"
+    with DocumentWriter(inp) as w:
+        w.write_many({"id": f"t{i}", "text": t, "source": "web"} for i, t in enumerate(texts))
+    raw(texts[:200], d)  # warm-up
+    rs, rt = raw(texts, d)
+    cfg = load_config(None, [f"run.out={d / 'shard-out'}", f"shard.inputs=[{inp}]", "run.stages=[shard]",
+                             "shard.validation_fraction=0.01"])
+    t = time.perf_counter()
+    stats = runmod.run_pipeline(cfg, log=lambda m: None)["shard"]
+    os_ = time.perf_counter() - t
+    ot = stats["output_tokens"]
+    print(f"(b) {len(texts):,} docs, {sum(map(len, texts)) / 1e6:.1f} MB: raw tokenizers+pyarrow {rt / rs:,.0f} tok/s "
+          f"({rs:.2f}s)   shard stage {ot / os_:,.0f} tok/s ({os_:.2f}s)   ratio {rs / os_:.2f}x  (tokens equal: {rt == ot})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--mb", type=float, default=24.0)
+    ap.add_argument("--child", choices=["ours", "datasketch"])
+    ap.add_argument("--input")
+    ap.add_argument("--skip", choices=["dedup", "shard"])
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, Path(args.input))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        if args.skip != "dedup":
+            t = time.time()
+            inp = write_parquet(corpus(args.n), d / "docs")
+            print(f"corpus: {args.n:,} documents ({time.time() - t:.0f}s to build)")
+            for method in ("ours", "datasketch"):
+                res = subprocess.run([sys.executable, __file__, "--child", method, "--input", str(inp)],
+                                     capture_output=True, text=True)
+                if res.returncode:
+                    print(res.stderr[-2000:])
+                    continue
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                print(f"(a) {method:10s} {r['docs'] / r['seconds']:8,.0f} docs/s  ({r['seconds']:.1f}s wall, "
+                      f"{r['cpu']:.1f}s CPU)  peak RSS {r['peak_rss_mb']:,.0f} MB (imports {r['rss_before_mb']:,.0f} MB)"
+                      f"  removed {r['removed']:,}")
+        if args.skip != "shard":
+            shard_bench(args.mb, d)
+
+
+if __name__ == "__main__":
+    main()
