@@ -53,7 +53,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=128)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 0],
+                    help="LLM worker actors per run (0: the in-process thread worker, no Ray)")
     ap.add_argument("--words", type=int, default=200, help="words per answer from the test server")
     ap.add_argument("--out", type=str, default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -65,35 +66,39 @@ def main() -> None:
     rows = []
     for label, faults in (("no faults", {}), ("10% 429", {"rate_429": 0.10, "retry_after_s": 0.5})):
         with FaultyOpenAIServer(mode="process", latency="lognormal", latency_s=0.5, sigma=0.5, words=args.words,
-                                seed=1, **faults) as srv, tempfile.TemporaryDirectory() as d:
-            sets = [f"run.out={d}/run", "run.stages=[generate]", f"generate.n={args.n}", f"run.seed={len(rows)}",
-                    f"llm.base_url={srv.base_url}", "llm.model=test-model", f"llm.concurrency={args.concurrency}",
-                    f"llm.workers={args.workers}", f"llm.ledger={d}/ledger.sqlite", "llm.api_key_env=BENCH_NO_KEY",
-                    "llm.max_tokens=400", "llm.backoff_base_s=0.1"]
-            cfg = load_config(None, sets)
-            p = plan(cfg, [])
-            msgs = [list(r.messages) for r in p.requests]
-            base_s, base_failed = asyncio.run(plain_loop(srv.base_url, msgs, cfg.llm.sampling_params(),
-                                                         args.concurrency))
-            base_rps = args.n / base_s
-            print(f"{label}: plain AsyncOpenAI+Semaphore {base_rps:.1f} req/s ({base_rps / ideal:.2f} of ideal "
-                  f"{ideal:.1f}), failed {base_failed}", flush=True)
-            t0 = time.perf_counter()
-            stats = run_one(cfg, "generate", log=lambda m: None)
-            secs = time.perf_counter() - t0
-            rps = args.n / secs
-            llm = stats["llm"]
-            row = {"case": label, "n": args.n, "concurrency": args.concurrency, "ideal_rps": round(ideal, 1),
-                   "plain_rps": round(base_rps, 1), "plain_failed": base_failed, "stage_rps": round(rps, 1),
-                   "ratio": round(rps / base_rps, 3), "stage_seconds": round(secs, 2),
-                   "llm_elapsed_s": llm["elapsed_s"], "llm_startup_s": llm.get("startup_s"),
-                   "kept": stats["kept"], "dropped": stats["dropped"], "errored": stats["errored"],
-                   "retries": llm["retries"]}
-            print(f"{label}: generate stage {rps:.1f} req/s, ratio {rps / base_rps:.3f} (stage {secs:.1f}s, "
-                  f"of which LLM run {llm['elapsed_s']:.1f}s incl. startup {llm.get('startup_s')}); kept "
-                  f"{stats['kept']}, dropped {stats['dropped']}, errored {stats['errored']}, retries {llm['retries']}",
-                  flush=True)
-            rows.append(row)
+                                seed=1, **faults) as srv:
+            base = None
+            for w in args.workers:
+                with tempfile.TemporaryDirectory() as d:
+                    sets = [f"run.out={d}/run", "run.stages=[generate]", f"generate.n={args.n}",
+                            f"llm.base_url={srv.base_url}", "llm.model=test-model",
+                            f"llm.concurrency={args.concurrency}", f"llm.workers={w}", f"llm.ledger={d}/ledger.sqlite",
+                            "llm.api_key_env=BENCH_NO_KEY", "llm.max_tokens=400", "llm.backoff_base_s=0.1"]
+                    cfg = load_config(None, sets)
+                    if base is None:  # the same rendered prompts, sent by the plain loop once per case
+                        p = plan(cfg, [])
+                        msgs = [list(r.messages) for r in p.requests]
+                        base_s, base_failed = asyncio.run(plain_loop(srv.base_url, msgs, cfg.llm.sampling_params(),
+                                                                     args.concurrency))
+                        base = args.n / base_s
+                        print(f"{label}: plain AsyncOpenAI+Semaphore {base:.1f} req/s ({base / ideal:.2f} of ideal "
+                              f"{ideal:.1f}), failed {base_failed}", flush=True)
+                    t0 = time.perf_counter()
+                    stats = run_one(cfg, "generate", log=lambda m: None)
+                    secs = time.perf_counter() - t0
+                rps = args.n / secs
+                llm = stats["llm"]
+                row = {"case": label, "workers": w, "n": args.n, "concurrency": args.concurrency,
+                       "ideal_rps": round(ideal, 1), "plain_rps": round(base, 1), "plain_failed": base_failed,
+                       "stage_rps": round(rps, 1), "ratio": round(rps / base, 3), "stage_seconds": round(secs, 2),
+                       "llm_elapsed_s": llm["elapsed_s"], "llm_startup_s": llm.get("startup_s"),
+                       "kept": stats["kept"], "dropped": stats["dropped"], "errored": stats["errored"],
+                       "retries": llm["retries"]}
+                print(f"{label}: generate stage workers={w}: {rps:.1f} req/s, ratio {rps / base:.3f} (stage "
+                      f"{secs:.1f}s, of which LLM run {llm['elapsed_s']:.1f}s incl. startup {llm.get('startup_s')}); "
+                      f"kept {stats['kept']}, dropped {stats['dropped']}, errored {stats['errored']}, "
+                      f"retries {llm['retries']}", flush=True)
+                rows.append(row)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     ray.shutdown()

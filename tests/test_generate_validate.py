@@ -41,7 +41,13 @@ def test_length_finish_can_be_kept_and_whitespace_counter(validator):
     v = Validator(GenerateSection(drop_length_finish=False, token_counter="whitespace", min_tokens=20), None)
     verdict = v.check(ENGLISH, "length")
     assert verdict.reason is None and verdict.tokens == int(len(ENGLISH.split()) * 1.3)
-    assert validator.check(ENGLISH, "stop").tokens > 150  # the run's tokenizer counts real tokens
+    # the run's tokenizer counts real tokens when the word count alone cannot settle the length check
+    short_words = " ".join(ENGLISH.split()[:120])
+    assert validator.check(short_words, "stop").tokens > 120
+    assert validator.check(short_words + " end", "stop").reason is None
+    long_text = ENGLISH * 2
+    verdict = validator.check(long_text, "stop")
+    assert verdict.reason is None and verdict.tokens is None and verdict.words == len(long_text.split())
 
 
 def test_language_check_ignores_code_blocks_and_can_be_turned_off():

@@ -61,8 +61,6 @@ def build_request(cfg: RunConfig, spec: PromptSpec, fmt: Format, sample_index: i
 
 def plan(cfg: RunConfig, inputs: list[Path], n: int | None = None, on_error: Any = None) -> Plan:
     """Everything decided before the first call: the specs, their requests, the grid."""
-    from pipeline.generate.diversity import DiversityGuard  # noqa: F401  (fail early if datasketch is missing)
-
     g = cfg.generate
     taxonomy = load_taxonomy(g.taxonomy)
     if g.subjects:
@@ -129,7 +127,7 @@ class Judge:
         self.removed_dir = ctx_removed
         self.kept_dir = ctx_kept
         self.kept_specs: list[PromptSpec] = []
-        self.tokens_kept = 0
+        self.words_kept = 0
         self.completion_tokens = 0
         self.prompt_tokens = 0
         self.cached = 0
@@ -190,7 +188,9 @@ class Judge:
             return
         text = result.text or ""
         verdict = self.validator.check(text, result.finish_reason)
-        extra: dict[str, Any] = {"tokens": verdict.tokens}
+        extra: dict[str, Any] = {"words": verdict.words}
+        if verdict.tokens is not None:
+            extra["tokens"] = verdict.tokens
         if verdict.language is not None:
             extra.update(language=verdict.language, language_score=round(verdict.language_score or 0, 3))
         if text.strip():
@@ -203,7 +203,7 @@ class Judge:
             return
         self.stats.keep()
         self.states["ok"] += 1
-        self.tokens_kept += verdict.tokens
+        self.words_kept += verdict.words
         self.kept_specs.append(spec)
         self.kept_rows.append((spec.index, int(result.tag.get("sample_index", 0)), doc))
 
@@ -285,7 +285,7 @@ def run_stage(ctx: Any) -> StageStats:
     stats.set("states", dict(judge.states))
     stats.set("llm", summary.as_dict())
     stats.set("tokens", {"prompt": judge.prompt_tokens, "completion": judge.completion_tokens,
-                         "kept_documents": judge.tokens_kept, "spent_this_run_prompt": summary.prompt_tokens,
+                         "kept_documents_words": judge.words_kept, "spent_this_run_prompt": summary.prompt_tokens,
                          "spent_this_run_completion": summary.completion_tokens})
     stats.set("cost_usd", round(summary.cost_usd, 6))
     stats.set("latency_s", summary.latency_s)
