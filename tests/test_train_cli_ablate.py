@@ -58,8 +58,8 @@ def test_ablate_two_arms_two_seeds(shards, shared_data, tmp_path):
     web_shards = write_shards(tmp_path / "web", [{"text": t, "source": "web"} for t in web[:200]],
                               [{"text": t, "source": "web"} for t in web[200:210]])
     heldout = write_shards(tmp_path / "heldout", [{"text": t, "source": "web"} for t in web[210:215]],
-                           [{"text": t, "source": "book"} for t in book[-10:]]
-                           + [{"text": t, "source": "web"} for t in web[250:260]])
+                           [{"text": t, "source": "web"} for t in web[250:256]]
+                           + [{"text": t, "source": "book"} for t in book[-10:]])
     cfg = {
         "name": "book-vs-web", "out": str(tmp_path / "abl"), "tokens": 2048, "seeds": [0, 1],
         "pretrain": {"preset": "tiny", "model": {"max_seq_len": 64},
