@@ -147,7 +147,9 @@ class WebReader(PipelineStep):
         with open(unit.path, "rb") as f:
             records = ArchiveIterator(f, arc2warc=True)
             for record in records:
-                if record.rec_type not in ("response", "conversion", "resource"):
+                uri = record.rec_headers.get_header("WARC-Target-URI") or ""
+                # crawler logs stored as resource records (wget's metadata://...) are not web pages
+                if record.rec_type not in ("response", "conversion", "resource") or uri.startswith("metadata:"):
                     self.non_documents[f"{unit.label}:{record.rec_type}"] += 1
                     continue
                 try:

@@ -156,6 +156,8 @@ def _warm_imports(section: Any) -> None:
     import trafilatura  # noqa: F401
 
     f = section.filters
+    if f.url.enabled:  # the block lists (~10 s to load) land in a module cache the forked workers share
+        _url_filter(f.url).download_data()
     if f.gopher_quality.enabled or f.gopher_repetition.enabled or f.c4_quality.enabled or f.fineweb_quality.enabled:
         import spacy  # noqa: F401
 
