@@ -37,12 +37,15 @@ class StageSpec:
     depends_on: tuple[str, ...] = ()
     produces_documents: bool = True
     help: str = ""
+    # "module:function(section) -> list[Path]": files read besides `inputs` (hashed for resume)
+    input_files: str | None = None
 
 
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in [
         StageSpec("web", "pipeline.web:run_stage", depends_on=("classifier",),
+                  input_files="pipeline.web.units:input_files",
                   help="read, extract, filter and score web pages (datatrove)"),
         StageSpec("generate", "pipeline.generate.stage:run_stage", upstream=(("web",),),
                   depends_on=("llm",), help="synthetic textbooks from a topic taxonomy through an LLM"),
@@ -132,7 +135,8 @@ def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str],
     section = getattr(cfg, name, None)
     explicit = list(getattr(section, "inputs", []) or [])
     if explicit:
-        return list_document_files(explicit), []
+        # A stage that reads raw inputs itself (web: WARC, HTML folders, hub names) lists them via input_files.
+        return ([] if spec.input_files else list_document_files(explicit)), []
     if not spec.upstream:
         return [], []
     for group in spec.upstream:
@@ -164,7 +168,12 @@ def stage_hash(cfg: RunConfig, name: str, inputs: list[Path], upstream: list[str
         "upstream": {u: completed_hash(run_dir, u) for u in upstream},
     }
     if not upstream:
-        parts["input_files"] = _hash_files(inputs)
+        files = list(inputs)
+        if spec.input_files:
+            module_name, fn_name = spec.input_files.split(":")
+            fn = getattr(importlib.import_module(module_name), fn_name)
+            files = sorted(set(files) | set(fn(getattr(cfg, name))))
+        parts["input_files"] = _hash_files(files)
     return config_hash(parts)
 
 

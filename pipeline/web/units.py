@@ -129,3 +129,9 @@ def fingerprint(units: list[Unit], section: Any, extra: Any = None) -> str:
             st = p.stat()
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def input_files(section: Any) -> list[Path]:
+    """Every local file the stage reads (for run.py's completion hash); hub datasets are named in the config."""
+    units, _ = plan_units(section, tasks=1)
+    return [Path(u.path) for u in units if u.kind != "hf"]
