@@ -32,7 +32,7 @@ _OPENAI_DEFAULT = "https://api.openai.com/v1"
 def open_endpoint(llm: LLMSection) -> Iterator[LLMSection]:
     """Yield an `llm` section pointing at a live endpoint: for `provider: local` without a base_url, start
     `transformers serve` for the duration. Wrap a whole stage in it to reuse one server across calls."""
-    if llm.provider == "local" and not llm.base_url:
+    if llm.provider == "local" and not llm.resolved_base_url():  # OPENAI_BASE_URL set: use that endpoint
         from pipeline.llm.server import LocalServer
 
         with LocalServer(llm.model, port=llm.local_port, device=llm.local_device,

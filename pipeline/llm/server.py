@@ -76,7 +76,35 @@ class LocalServer:
         except (urllib.error.URLError, OSError, TimeoutError):
             return False
 
+    def _ensure_model(self) -> None:
+        """Fail early, in one line, when the model is neither a local directory nor cached nor downloadable:
+        `transformers serve` loads models lazily, so otherwise every request would fail instead."""
+        if Path(self.model).is_dir():
+            return
+        if Path(self.model).exists() or self.model.startswith((".", "/")):
+            raise ResourceUnavailable(f"llm.model {self.model}: not a model directory")
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:  # pragma: no cover - transformers depends on it
+            return
+        try:
+            snapshot_download(self.model, local_files_only=True)
+            return
+        except Exception:  # noqa: BLE001 - not cached: try the hub below
+            pass
+        how = ("set TEXTBOOK_LLM_MODEL (llm.model) to a local Hugging Face model directory, or point "
+               "OPENAI_BASE_URL (llm.base_url) at an OpenAI-compatible server")
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ResourceUnavailable(f"LLM {self.model}: not in the Hugging Face cache and HF_HUB_OFFLINE=1; {how}")
+        try:
+            snapshot_download(self.model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                          "*.jinja", "*.py"], etag_timeout=10)
+        except Exception as e:  # noqa: BLE001 - any failure: the model cannot be had, say so in one line
+            raise ResourceUnavailable(f"LLM {self.model}: not cached and not downloadable "
+                                      f"({type(e).__name__}); {how}") from None
+
     def __enter__(self) -> LocalServer:
+        self._ensure_model()
         # `/v1/models` fails until the Hugging Face cache directory exists, even for a local model directory
         _hf_cache_dir().mkdir(parents=True, exist_ok=True)
         if self.port is None:
