@@ -56,7 +56,7 @@ def trainer_tokens_per_s(preset: str, shards: Path, steps: int, out: Path) -> fl
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][2:]  # skip the warm-up steps
     waits = [r["data_wait"] for r in recs if "data_wait" in r][2:]
-    print(f"    data wait share {statistics.fmean(waits):.1%}")
+    print(f"    data wait share {statistics.fmean(waits):.1%}", flush=True)
     return statistics.median(rates)
 
 
@@ -95,11 +95,11 @@ def main() -> None:
             steps = args.steps if preset == "tiny" else max(args.steps // 4, 4)
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                print(f"{preset}, {threads} thread(s), {steps} steps")
+                print(f"{preset}, {threads} thread(s), {steps} steps", flush=True)
                 ours = trainer_tokens_per_s(preset, shards, steps, Path(tmp) / f"run-{preset}-{threads}")
                 bare = bare_tokens_per_s(preset, steps)
                 rows.append((preset, threads, SHAPES[preset], ours, bare))
-                print(f"    trainer {ours:,.0f} tok/s   bare loop {bare:,.0f} tok/s   ratio {ours / bare:.2f}")
+                print(f"    trainer {ours:,.0f} tok/s   bare loop {bare:,.0f} tok/s   ratio {ours / bare:.2f}", flush=True)
     print("\n| preset | threads | batch x seq | trainer tokens/s | bare loop tokens/s | trainer / bare |")
     print("|---|---:|---|---:|---:|---:|")
     for preset, threads, shape, ours, bare in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -75,7 +76,8 @@ def pretrain(
 
     summary = train(section, out_dir, resume="force" if force else resume,
                     log=lambda m: console.print(m, highlight=False))
-    _print_summary(summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
+        _print_summary(summary)
 
 
 def _print_summary(s: dict) -> None:

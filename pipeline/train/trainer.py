@@ -229,7 +229,8 @@ class Trainer:
                  on_step: Callable[[int, dict[str, Any]], None] | None = None, progress: bool = True) -> None:
         self.cfg = resolve_pretrain(cfg) if cfg.preset else cfg
         self.out = Path(out)
-        self.log, self.on_step, self.progress = log, on_step, progress
+        self.on_step, self.progress = on_step, progress
+        self.log = log if int(os.environ.get("RANK", "0")) == 0 else (lambda _m: None)  # one voice under torchrun
         t = self.cfg.train
         self.seq_len = t.seq_len or self.cfg.model.max_seq_len
         if self.seq_len > self.cfg.model.max_seq_len:
@@ -422,6 +423,9 @@ class Trainer:
         summary = self._summary(raw, step, tokens_seen, last, last_eval, loader_state)
         if dist.main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if dist.ddp:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         return summary
 
     # -- pieces ------------------------------------------------------------------------------------------------
