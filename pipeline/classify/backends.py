@@ -79,7 +79,11 @@ class FastTextBackend(Backend):
         self._label_values: list[int] = []
 
     def fit(self, texts: list[str], labels: list[int]) -> None:
-        import fasttext
+        import json
+        import subprocess
+        import sys
+
+        from fasttext.FastText import _FastText
 
         p = self.params
         with tempfile.TemporaryDirectory(prefix="textbook-ft-") as tmp:
@@ -87,24 +91,21 @@ class FastTextBackend(Backend):
             with open(path, "w", encoding="utf-8") as f:
                 for text, label in zip(texts, labels, strict=True):
                     f.write(f"__label__{int(label)} {text}\n")
-            train_args = {k: p[k] for k in ("lr", "epoch", "wordNgrams", "dim", "minCount", "bucket", "loss",
-                                            "thread", "seed")}
-            # fastText sometimes diverges ("Encountered NaN"), depending on lr and dim: retry with a smaller
-            # learning rate a few times and record the rate that worked.
-            for attempt in range(4):
-                try:
-                    self.model = fasttext.train_supervised(input=path, verbose=0, **train_args)
+            job = {"input": path, "out": os.path.join(tmp, "model.bin"),
+                   "train_args": {k: p[k] for k in ("lr", "epoch", "wordNgrams", "dim", "minCount", "bucket",
+                                                    "loss", "thread", "seed")},
+                   "quantize": {"qnorm": bool(p["qnorm"]), "cutoff": int(p["cutoff"])} if p.get("quantize") else None}
+            # a fresh interpreter per attempt: see _ft_train.py for the fastText NaN bug this avoids
+            for attempt in range(1, 5):
+                proc = subprocess.run([sys.executable, "-m", "pipeline.classify._ft_train", json.dumps(job)],
+                                      capture_output=True, text=True)
+                if proc.returncode == 0:
                     break
-                except RuntimeError as e:
-                    if "NaN" not in str(e) or attempt == 3:
-                        raise TextbookError(f"fastText training failed ({e}); lower params.lr "
-                                            f"(tried down to {train_args['lr']})") from None
-                    train_args["lr"] = train_args["lr"] / 2
-            self.params["lr_used"] = train_args["lr"]
-            if p.get("quantize"):
-                # product quantization + vocabulary cut-off: a few MB instead of tens
-                self.model.quantize(input=path, qnorm=bool(p["qnorm"]), retrain=True,
-                                    cutoff=int(p["cutoff"]), thread=int(p["thread"]), verbose=0)
+                if proc.returncode != 3 or attempt == 4:
+                    raise TextbookError(f"fastText training failed: {proc.stderr.strip()[-300:] or proc.returncode}")
+                job["train_args"]["seed"] = int(job["train_args"]["seed"]) + 1
+            self.params["seed_used"] = job["train_args"]["seed"]
+            self.model = _FastText(job["out"])
         self._index_labels()
 
     def _index_labels(self) -> None:
