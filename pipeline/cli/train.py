@@ -63,6 +63,8 @@ def pretrain(
     extra += [f"grow.init_from={json.dumps(init_from)}"] if init_from else []
     extra += [f"grow.depth={grow_depth}"] if grow_depth else []
     path = Path(config)
+    if not path.is_file() and (path.suffix in (".yaml", ".yml") or os.sep in config):
+        raise TextbookError(f"{config}: config file not found")
     if path.is_file() and _is_run_config(path):
         from pipeline.cli.common import run_stage_command
 
