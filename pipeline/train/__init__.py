@@ -1,0 +1,1 @@
+"""Pretraining runner: model, streaming shard loader, trainer, growth, HF export, ablations (see README.md)."""
