@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.generate.stage import plan
+from pipeline.llm.runner import run_requests
 from pipeline.llm.testserver import FaultyOpenAIServer
 from pipeline.run import run_one
 
@@ -56,6 +57,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 0],
                     help="LLM worker actors per run (0: the in-process thread worker, no Ray)")
     ap.add_argument("--words", type=int, default=200, help="words per answer from the test server")
+    ap.add_argument("--llm-only", action="store_true",
+                    help="also time run_requests alone on the same requests (the LLM layer without the stage)")
+    ap.add_argument("--no-429", action="store_true", help="only the fault-free case")
     ap.add_argument("--out", type=str, default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -64,7 +68,8 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the pipeline starts Ray once per run
     ideal = args.concurrency / (0.5 * math.exp(0.5**2 / 2))
     rows = []
-    for label, faults in (("no faults", {}), ("10% 429", {"rate_429": 0.10, "retry_after_s": 0.5})):
+    cases = [("no faults", {}), ("10% 429", {"rate_429": 0.10, "retry_after_s": 0.5})]
+    for label, faults in cases[:1] if args.no_429 else cases:
         with FaultyOpenAIServer(mode="process", latency="lognormal", latency_s=0.5, sigma=0.5, words=args.words,
                                 seed=1, **faults) as srv:
             base = None
@@ -83,6 +88,14 @@ def main() -> None:
                         base = args.n / base_s
                         print(f"{label}: plain AsyncOpenAI+Semaphore {base:.1f} req/s ({base / ideal:.2f} of ideal "
                               f"{ideal:.1f}), failed {base_failed}", flush=True)
+                    llm_only = None
+                    if args.llm_only:
+                        reqs = plan(cfg, []).requests
+                        t0 = time.perf_counter()
+                        run_requests(reqs, cfg.llm, cfg.budget, Path(d) / "llm-only.sqlite", progress=False)
+                        llm_only = args.n / (time.perf_counter() - t0)
+                        print(f"{label}: run_requests alone workers={w}: {llm_only:.1f} req/s, ratio "
+                              f"{llm_only / base:.3f}", flush=True)
                     t0 = time.perf_counter()
                     stats = run_one(cfg, "generate", log=lambda m: None)
                     secs = time.perf_counter() - t0
@@ -93,7 +106,8 @@ def main() -> None:
                        "stage_rps": round(rps, 1), "ratio": round(rps / base, 3), "stage_seconds": round(secs, 2),
                        "llm_elapsed_s": llm["elapsed_s"], "llm_startup_s": llm.get("startup_s"),
                        "kept": stats["kept"], "dropped": stats["dropped"], "errored": stats["errored"],
-                       "retries": llm["retries"]}
+                       "retries": llm["retries"],
+                       "llm_only_rps": round(llm_only, 1) if llm_only else None}
                 print(f"{label}: generate stage workers={w}: {rps:.1f} req/s, ratio {rps / base:.3f} (stage "
                       f"{secs:.1f}s, of which LLM run {llm['elapsed_s']:.1f}s incl. startup {llm.get('startup_s')}); "
                       f"kept {stats['kept']}, dropped {stats['dropped']}, errored {stats['errored']}, "

@@ -13,6 +13,7 @@ re-run after a crash hits the ledger for everything that was already answered.
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,10 +274,15 @@ def run_stage(ctx: Any) -> StageStats:
     def should_send(request: LLMRequest) -> str | None:
         return guard.should_send(request.tag["cell"])
 
+    # The judging thread holds the GIL in bursts; a short switch interval lets the driver loop (which keeps
+    # requests in flight) take it back quickly instead of waiting up to the default 5 ms each time.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
     try:
         summary = run_requests(requests, cfg.llm, cfg.budget, cfg.llm.ledger_path(), should_send=should_send,
                                on_result=pump.put, progress=True)
     finally:
+        sys.setswitchinterval(interval)
         pump.close()
     judge.close()
     _account_missing(stats, len(requests))
