@@ -155,7 +155,7 @@ def run_stage(ctx: Any) -> StageStats:
     doc_val: list[bool] = []
     doc_tokens: list[int] = []
     doc_bytes: list[int] = []
-    doc_ids: list[str] = []  # only for sampling decisions; freed before the shuffle
+    doc_u: list[float] = []  # uniform in [0, 1) from (seed, id): decides fractional copies
     dropped_examples: dict[str, list[str]] = {}
 
     def unreadable(reason: str, where: str) -> None:
@@ -182,7 +182,7 @@ def run_stage(ctx: Any) -> StageStats:
             doc_val.append(is_validation(r["id"], section.validation_fraction))
             doc_tokens.append(len(x))
             doc_bytes.append(len(r["text"].encode("utf-8", "replace")) + 4 * len(x))
-            doc_ids.append(r["id"])
+            doc_u.append(id_hash(r["id"], f"sample-{seed}") / _U64)
 
     batch: list[dict[str, Any]] = []
     batch_chars = 0
@@ -221,10 +221,11 @@ def run_stage(ctx: Any) -> StageStats:
         if planned <= 0:
             raise TextbookError("shard.target_tokens: the train split has no tokens to scale (all weights are 0?)")
         scale = section.target_tokens / planned
-    copies = np.zeros(n, dtype=np.int64)
-    for i in range(n):
-        copies[i] = 1 if val[i] else copies_for(weights[i] * scale, doc_ids[i], seed)
-    doc_ids.clear()  # not needed past this point
+    eff = weights * scale
+    whole = np.floor(eff)
+    frac = eff - whole
+    # the same rule as copies_for(), vectorised
+    copies = np.where(val, 1, whole.astype(np.int64) + ((frac > 0) & (np.asarray(doc_u) < frac))).astype(np.int64)
     sampled_out = int((copies == 0).sum())
     if sampled_out:
         stats.drop("sampled_out", sampled_out)
@@ -298,7 +299,7 @@ def run_stage(ctx: Any) -> StageStats:
                     writer.add(split, docs)
                     bar.update(len(docs))
         stats.set("seconds_tokenize", round(seconds_tokenize, 3))
-        stats.set("accounting", accounting(run_stats, stats))
+        stats.set("accounting", accounting(run_stats, stats, list(ctx.upstream)))
         manifest = writer.finalize(stage_stats={**run_stats, ctx.name: stats.as_dict()}, config=cfg.resolved(),
                                    config_hash=config_hash(cfg.resolved()),
                                    description=_description(figures, stats))
@@ -318,13 +319,21 @@ def run_stage(ctx: Any) -> StageStats:
 DOC_STAGES = ("web", "generate", "dedup", "decontaminate", "shard")
 
 
-def accounting(run_stats: dict[str, Any], shard: StageStats) -> dict[str, Any]:
+def accounting(run_stats: dict[str, Any], shard: StageStats, upstream: list[str]) -> dict[str, Any]:
     """Every document that entered the chain dedup -> decontaminate -> shard ends in exactly one bucket.
 
     `input` is what the first of these stages read; each later stage must read what the one before kept.
+    `upstream`: the stages this shard stage read from (empty when it read shard.inputs).
     """
-    chain = [(name, run_stats[name]) for name in ("dedup", "decontaminate") if name in run_stats
-             and not run_stats[name].get("skipped")]
+    def present(name: str) -> bool:
+        return name in run_stats and not run_stats[name].get("skipped")
+
+    names: list[str] = []
+    if "decontaminate" in upstream:
+        names = (["dedup"] if present("dedup") else []) + ["decontaminate"]
+    elif "dedup" in upstream:
+        names = ["dedup"]
+    chain = [(name, run_stats[name]) for name in names if present(name)]
     chain.append(("shard", shard.as_dict()))
     out: dict[str, Any] = {"input": chain[0][1]["read"], "kept": chain[-1][1]["kept"], "duplicate": 0,
                            "contaminated": 0, "failed": 0, "removed_other": {}, "chain": [n for n, _ in chain]}
