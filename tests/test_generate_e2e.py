@@ -262,3 +262,18 @@ Minerals: quartz; feldspar; mica
                                           str(tmp_path / "x.yaml")])
         assert result.exit_code == 1 and "no usable subtopics" in result.output
         assert not (tmp_path / "x.yaml").exists()
+
+
+def test_completions_api_and_samples_per_prompt(tmp_path):
+    with FaultyOpenAIServer(mode="thread", latency_s=0.01) as srv:
+        cfg = _config(tmp_path, srv.base_url, llm={"api": "completions", "n": 2},
+                      generate={"n": 3, "subjects": ["Good Subject"]})
+        _invoke("generate", str(cfg))
+        stats = _stats(tmp_path)
+        served = srv.stats()
+    assert stats["prompt_specs"] == 3 and stats["requests"] == stats["read"] == stats["kept"] == 6
+    kept = _rows(_stage(tmp_path) / "kept")
+    metas = [json.loads(r["meta"]) for r in kept]
+    assert sorted((m["spec_index"], m["sample_index"]) for m in metas) == [(i, s) for i in range(3) for s in (0, 1)]
+    assert {m["params"]["seed"] for m in metas} == {0, 1}  # each sample is sent its own seed
+    assert len({r["text"] for r in kept}) == 6 and served["distinct_answered"] == 6
