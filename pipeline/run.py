@@ -39,15 +39,18 @@ class StageSpec:
     help: str = ""
     # "module:function(section) -> list[Path]": files read besides `inputs` (hashed for resume)
     input_files: str | None = None
+    # the stage reads its `inputs` itself (raw WARC/HTML/hub names), not as document files
+    raw_inputs: bool = False
 
 
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in [
         StageSpec("web", "pipeline.web:run_stage", depends_on=("classifier",),
-                  input_files="pipeline.web.units:input_files",
+                  input_files="pipeline.web.units:input_files", raw_inputs=True,
                   help="read, extract, filter and score web pages (datatrove)"),
         StageSpec("generate", "pipeline.generate.stage:run_stage", upstream=(("web",),),
+                  input_files="pipeline.generate.stage:input_files",
                   depends_on=("llm",), help="synthetic textbooks from a topic taxonomy through an LLM"),
         StageSpec("dedup", "pipeline.dedup:run_stage", upstream=(("generate", "web"),),
                   help="exact and MinHash near-duplicate removal across sources"),
@@ -136,7 +139,7 @@ def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str],
     explicit = list(getattr(section, "inputs", []) or [])
     if explicit:
         # A stage that reads raw inputs itself (web: WARC, HTML folders, hub names) lists them via input_files.
-        return ([] if spec.input_files else list_document_files(explicit)), []
+        return ([] if spec.raw_inputs else list_document_files(explicit)), []
     if not spec.upstream:
         return [], []
     for group in spec.upstream:
@@ -167,12 +170,12 @@ def stage_hash(cfg: RunConfig, name: str, inputs: list[Path], upstream: list[str
         "seed": cfg.run.seed,
         "upstream": {u: completed_hash(run_dir, u) for u in upstream},
     }
-    if not upstream:
-        files = list(inputs)
-        if spec.input_files:
-            module_name, fn_name = spec.input_files.split(":")
-            fn = getattr(importlib.import_module(module_name), fn_name)
-            files = sorted(set(files) | set(fn(getattr(cfg, name))))
+    files = [] if upstream else list(inputs)
+    if spec.input_files:
+        module_name, fn_name = spec.input_files.split(":")
+        fn = getattr(importlib.import_module(module_name), fn_name)
+        files = sorted(set(files) | set(fn(getattr(cfg, name))))
+    if files:
         parts["input_files"] = _hash_files(files)
     return config_hash(parts)
 

@@ -314,3 +314,17 @@ def _account_missing(stats: StageStats, n_requests: int) -> None:
     if missing > 0:
         stats.read(missing)
         stats.error("no_result_from_llm_layer", missing)
+
+
+def input_files(section: Any) -> list[Path]:
+    """Taxonomy files and format templates: editing them changes the stage's output (run.py hashes them)."""
+    from pipeline.generate.taxonomy import resolve_path
+
+    files: list[Path] = []
+    for p in [*section.taxonomy, section.formats_dir, *section.seed_inputs]:
+        path = resolve_path(p)
+        if path.is_dir():
+            files.extend(sorted(f for f in path.rglob("*") if f.is_file()))
+        elif path.is_file():
+            files.append(path)
+    return files
