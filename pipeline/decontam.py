@@ -29,6 +29,15 @@ from pipeline.errors import ResourceUnavailable, TextbookError
 from pipeline.minhash import NORMALIZATION_VERSION, batch_ngram_hashes, ngram_hashes, word_hashes, words
 from pipeline.stats import StageStats
 
+# Rows a DocumentWriter buffers before writing a part: bounds the stage's memory (~25 MB of text per writer).
+ROWS_PER_FILE = 10_000
+
+
+def _removed_writer(ctx: Any, reason: str) -> Any:
+    from pipeline.documents import DocumentWriter
+
+    return DocumentWriter(ctx.removed_dir, prefix=reason, rows_per_file=ROWS_PER_FILE)
+
 INDEX_FORMAT = "textbook-decontam-index"
 
 
@@ -318,17 +327,17 @@ def run_stage(ctx: Any) -> StageStats:
                 stats.keep()
                 flagged += 1
             else:
-                removed.setdefault("contaminated", DocumentWriter(ctx.removed_dir, prefix="contaminated")).write(
+                removed.setdefault("contaminated", _removed_writer(ctx, "contaminated")).write(
                     {**doc, "meta": meta, "reason": "contaminated"})
                 stats.drop("contaminated")
 
-    with DocumentWriter(ctx.kept_dir) as kept:
+    with DocumentWriter(ctx.kept_dir, rows_per_file=ROWS_PER_FILE) as kept:
         batch: list[dict[str, Any]] = []
         for doc in tqdm(iter_documents(ctx.inputs, on_error=unreadable), desc="decontaminate", unit="doc",
                         mininterval=1.0, file=sys.stderr):
             stats.read()
             if not doc["text"].strip():
-                removed.setdefault("empty_text", DocumentWriter(ctx.removed_dir, prefix="empty_text")).write(
+                removed.setdefault("empty_text", _removed_writer(ctx, "empty_text")).write(
                     {**doc, "reason": "empty_text"})
                 stats.drop("empty_text")
                 continue

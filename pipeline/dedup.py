@@ -15,8 +15,9 @@ Steps (datatrove style, each with its own figures in the stats):
 6. filter    stream the documents again: survivors to kept/, the others to removed/ with reason
              exact_duplicate or near_duplicate and meta.kept_id (+ meta.similarity).
 
-Memory: ~40 MB per million documents during clustering (see `minhash.memory_per_million`) plus the
-duplicate pairs; scratch on disk: 4*num_perm + 8*bands + 16 bytes per document.
+Memory: ~70 MB per million documents during clustering (see `minhash.memory_per_million`) plus 16 bytes
+per duplicate pair; signatures stay on disk (memory-mapped): 4*num_perm + 8*bands + 16 bytes per document
+of scratch (~770 MB per million with the defaults).
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ from pipeline.minhash import (
     words,
 )
 from pipeline.stats import StageStats
+
+# Rows a DocumentWriter buffers before writing a part: bounds the stage's memory (~25 MB of text per writer).
+ROWS_PER_FILE = 10_000
+
+
+def _removed_writer(ctx: Any, reason: str) -> Any:
+    from pipeline.documents import DocumentWriter
+
+    return DocumentWriter(ctx.removed_dir, prefix=reason, rows_per_file=ROWS_PER_FILE)
 
 INDEX_FORMAT = "textbook-dedup-index"
 KEEP, EXACT, NEAR = 0, 1, 2
@@ -565,11 +575,11 @@ def _write_outputs(ctx: Any, result: Clustering, n_prior: int, kept_ids: dict[in
     pairs: list[dict[str, Any]] = []
     writers: dict[str, DocumentWriter] = {}
     i = n_prior
-    kept = DocumentWriter(ctx.kept_dir)
+    kept = DocumentWriter(ctx.kept_dir, rows_per_file=ROWS_PER_FILE)
     with _progress("dedup: writing", len(result.survivor) - n_prior) as bar:
         for doc in iter_documents(ctx.inputs, on_error=lambda r, w: None):
             if not _usable(doc):
-                writers.setdefault("empty_text", DocumentWriter(ctx.removed_dir, prefix="empty_text")).write(
+                writers.setdefault("empty_text", _removed_writer(ctx, "empty_text")).write(
                     {**doc, "reason": "empty_text"})
                 continue
             code = int(result.reason[i])
@@ -583,7 +593,7 @@ def _write_outputs(ctx: Any, result: Clustering, n_prior: int, kept_ids: dict[in
                 meta = dict(doc.get("meta") or {})
                 meta.update({"kept_id": kept_ids[s], "similarity": sim,
                              "kept_from_earlier_run": s < n_prior})
-                writers.setdefault(why, DocumentWriter(ctx.removed_dir, prefix=why)).write(
+                writers.setdefault(why, _removed_writer(ctx, why)).write(
                     {**doc, "meta": meta, "reason": why})
                 stats.drop(why)
                 removed_per_source[doc.get("source") or "unknown"][why] += 1

@@ -204,7 +204,9 @@ def true_jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 def memory_per_million(num_perm: int, bands: int) -> dict[str, float]:
     """What the dedup stage needs per million documents (MB): RAM during clustering and scratch on disk."""
-    ram = 8 * 3 + 8 + 4 + 2  # one band column + argsort + sorted copy, union-find parent, score, priority
+    # band step: column of representatives + argsort + sorted copy + index arrays (~48 B); per-document
+    # score/priority (8 B); survivor/reason/similarity results (13 B). Duplicate pairs come on top (16 B each).
+    ram = 48 + 8 + 13
     disk = 4 * num_perm + 8 * bands + 16
     return {"ram_mb": round(ram * 1e6 / 2**20, 1), "disk_mb": round(disk * 1e6 / 2**20, 1)}
 
