@@ -53,7 +53,7 @@ def run_config(tmp: Path, base_url: str, web_dir: Path, shared: Path, stages: li
                 "edu": {"enabled": True, "filter": False}},
         "llm": {"base_url": base_url, "model": "test-model", "workers": 0, "concurrency": 4, "max_retries": 10,
                 "backoff_base_s": 0.01, "backoff_max_s": 0.05, "cooldown_s": 0.01, "timeout_s": 2, "max_tokens": 400},
-        "generate": {"n": 12, "subjects": ["Physics", "Python Programming"], "formats": ["textbook_section"],
+        "generate": {"n": 12, "subjects": ["Physics", "Algorithms in Python"], "formats": ["textbook_section"],
                      "audiences": ["high school", "college"], "min_tokens": 100},
         "decontaminate": {"local_dir": str(shared / "benchmarks"), "benchmarks": ["gsm8k", "humaneval"]},
         "shard": {"validation_fraction": 0.1, "weights": {"synthetic": 2.0, "web": 1.0}},
