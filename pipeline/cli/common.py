@@ -95,7 +95,7 @@ def print_run_summary(cfg: Any, results: dict[str, dict[str, Any]]) -> None:
     for col in ("stage", "read", "kept", "dropped", "errored", "seconds", "note"):
         table.add_column(col, justify="left" if col in ("stage", "note") else "right")
     for stage, s in results.items():
-        note = f"[yellow]SKIPPED[/]: {s['skipped']}" if s.get("skipped") else ""
+        note = "[yellow]SKIPPED[/] (reason below)" if s.get("skipped") else ""
         table.add_row(stage, f"{s.get('read', 0):,}", f"{s.get('kept', 0):,}",
                       f"{sum(s.get('dropped', {}).values()):,}", f"{sum(s.get('errored', {}).values()):,}",
                       str(s.get("seconds", "")), note)
@@ -112,5 +112,7 @@ def print_run_summary(cfg: Any, results: dict[str, dict[str, Any]]) -> None:
     if (out / "report" / "index.html").is_file():
         console.print(f"report: {out / 'report' / 'index.html'}")
     skipped = [k for k, v in results.items() if v.get("skipped")]
+    for k in skipped:
+        console.print(f"[yellow]skipped[/] {k}: {results[k]['skipped']}", highlight=False, markup=False)
     if skipped:
-        console.print(f"[yellow]skipped stages[/]: {', '.join(skipped)} (see the reasons above; re-run to retry them)")
+        console.print("re-run the same command once the missing pieces are there: completed stages are not redone")
