@@ -113,6 +113,8 @@ def print_run_summary(cfg: Any, results: dict[str, dict[str, Any]]) -> None:
         console.print(f"report: {out / 'report' / 'index.html'}")
     skipped = [k for k, v in results.items() if v.get("skipped")]
     for k in skipped:
-        console.print(f"[yellow]skipped[/] {k}: {results[k]['skipped']}", highlight=False, markup=False)
+        from rich.text import Text
+
+        console.print(Text.assemble(("skipped ", "yellow"), f"{k}: {results[k]['skipped']}"))
     if skipped:
         console.print("re-run the same command once the missing pieces are there: completed stages are not redone")
