@@ -149,7 +149,8 @@ class ShardSetWriter:
         return n
 
     def _add_batch(self, split: str, docs: list[dict[str, Any]]) -> int:
-        rows = [to_row(d) for d in docs]
+        # input_ids is a shard column, not provenance: keep it out of `meta` (to_row folds unknown keys there)
+        rows = [to_row({k: v for k, v in d.items() if k != "input_ids"}) for d in docs]
         missing = [i for i, d in enumerate(docs) if d.get("input_ids") is None]
         ids: list[Any] = [d.get("input_ids") for d in docs]
         if missing:

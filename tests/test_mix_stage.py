@@ -56,7 +56,7 @@ def test_mix_weights_split_and_manifest(shared_data, tmp_path):
     assert kept_web == [i for i in web_train if copies_for(0.5, i, 0)]  # deterministic by id
     assert stats["dropped"]["sampled_out"] == len(web_train) - len(kept_web)
     # repeats carry their epoch; token ids decode back to the text
-    assert sum('"copy": 1' in (x or "") for x in train.meta) == len(syn)
+    assert sum(isinstance(x, str) and '"copy": 1' in x for x in train.meta) == len(syn)
     row = shards.iter_documents(split="validation").__next__()
     assert shards.decode(row["input_ids"]) == row["text"]
     # manifest: totals and accounting
@@ -113,3 +113,9 @@ def test_full_chain_accounting_and_errors(shared_data, tmp_path):
     with pytest.raises(TextbookError, match="no documents"):
         runmod.run_pipeline(cfg, log=lambda m: None)
     assert not (tmp_path / "run3/manifest.json").exists() and not list((tmp_path / "run3").glob("data/*"))
+
+
+def test_meta_carries_provenance_not_token_ids(shared_data, tmp_path):
+    _, out = run_shard(tmp_path, make_docs(shared_data, 10, 5), name="m")
+    metas = [json.loads(m) for m in open_shards(out).to_pandas(columns=["meta"]).meta if isinstance(m, str)]
+    assert metas and not any("input_ids" in m for m in metas) and all(m.get("copy") == 1 for m in metas)
