@@ -74,10 +74,15 @@ def pretrain(
     section = load_pretrain_config(path if path.is_file() else preset_path(config), [*set_, *extra])
     name = path.stem if path.is_file() else config
     out_dir = Path(out or section.out or f"runs/pretrain/{name}")
-    from pipeline.train.trainer import train
+    from pipeline.train.trainer import list_checkpoints, train
 
-    summary = train(section, out_dir, resume="force" if force else resume,
-                    log=lambda m: console.print(m, highlight=False))
+    try:
+        summary = train(section, out_dir, resume="force" if force else resume,
+                        log=lambda m: console.print(m, highlight=False))
+    except KeyboardInterrupt:
+        ckpts = list_checkpoints(out_dir)
+        raise TextbookError(f"interrupted; newest checkpoint {ckpts[-1]}: continue with the same command and --resume"
+                            if ckpts else f"interrupted before the first checkpoint in {out_dir}: run again") from None
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
         _print_summary(summary)
 
