@@ -92,6 +92,9 @@ class GenerateSection(StageSection):
                                                "stage's kept output when it ran)")
     web_seed_fraction: float = Field(default=0.0, ge=0, le=1,
                                      description="share of the n specs seeded by a web page (when pages exist)")
+    decontaminate_seeds: bool = Field(default=False, description="check web seed extracts against the "
+                                      "decontaminate section's benchmark index and drop overlapping ones before "
+                                      "generating (always on when the run's stages include decontaminate)")
     seed_format: str = Field(default="web_seeded_section", description="template used for web-seeded specs")
     seed_min_score: float = Field(default=3.0, description="edu_score a page needs to seed a prompt")
     seed_extract_chars: int = Field(default=1500, ge=200, description="length of the extract put in the prompt")

@@ -86,6 +86,9 @@ def plan(cfg: RunConfig, inputs: list[Path], n: int | None = None, on_error: Any
             seeds, skipped = load_seeds(list_document_files(seed_paths), g.seed_min_score, g.seed_extract_chars,
                                         on_error=on_error)
             seeds_info.update(pages_available=len(seeds), pages_skipped=skipped)
+            if seeds and (g.decontaminate_seeds or "decontaminate" in cfg.run.stages):
+                seeds, contaminated = drop_contaminated_seeds(cfg, seeds)
+                seeds_info.update(pages_available=len(seeds), pages_contaminated=contaminated)
         else:
             seeds_info["note"] = "no web pages (web stage not run and generate.seed_inputs empty)"
         formats = {**formats, seed_format.name: seed_format}
@@ -99,6 +102,22 @@ def plan(cfg: RunConfig, inputs: list[Path], n: int | None = None, on_error: Any
     requests = [build_request(cfg, s, formats[s.format], i, " × ".join(s.field(f) for f in cell_by))
                 for s in specs for i in range(cfg.llm.n)]
     return Plan(specs, requests, formats, taxonomy, sampler.grid_cells, seeds_info)
+
+
+def drop_contaminated_seeds(cfg: RunConfig, seeds: list) -> tuple[list, list[dict[str, Any]]]:
+    """Seed extracts that overlap a benchmark item are dropped before any money is spent on them."""
+    from pipeline.decontam import check_texts, index_for_section
+    from pipeline.errors import ResourceUnavailable
+    from pipeline.paths import cache_dir
+
+    try:
+        index = index_for_section(cfg.decontaminate, cache_dir() / "decontam")
+    except ResourceUnavailable as e:
+        print(f"generate: seed decontamination skipped: {e}", file=sys.stderr)
+        return seeds, []
+    matches = check_texts(index, [s.extract for s in seeds], cfg.decontaminate.min_matches)
+    dropped = [{"id": s.id, "url": s.url, **m.as_meta()} for s, m in zip(seeds, matches, strict=True) if m is not None]
+    return [s for s, m in zip(seeds, matches, strict=True) if m is None], dropped
 
 
 def _slug(text: str, limit: int = 48) -> str:
