@@ -157,6 +157,9 @@ def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str],
             return files, present
     if name in OPTIONAL_UPSTREAM:
         return [], []
+    upstream_skipped = [s for g in spec.upstream for s in g if s in skipped]
+    if upstream_skipped:
+        raise ResourceUnavailable(f"no input, because {', '.join(upstream_skipped)} could not run (see above)")
     wanted = " or ".join("+".join(g) for g in spec.upstream)
     raise TextbookError(f"stage {name}: no input: run {wanted} first in {run_dir}, or set {name}.inputs")
 

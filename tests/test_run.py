@@ -118,3 +118,17 @@ def test_unavailable_resource_skips_stage_and_the_run_goes_on(tmp_path, registry
     assert results["dedup"]["read"] == 2  # the web stage's kept documents only
     skipped_stats = json.loads((tmp_path / "out/stages/generate/stats.json").read_text())
     assert skipped_stats["skipped"].startswith("LLM endpoint unreachable")
+
+
+def test_stage_whose_inputs_were_all_skipped_is_skipped_too(tmp_path, monkeypatch):
+    from pipeline.errors import ResourceUnavailable
+
+    def offline(ctx):
+        raise ResourceUnavailable("hub unreachable: set TEXTBOOK_WEB to a local folder")
+
+    monkeypatch.setattr(runmod, "load_stage_fn", lambda name: offline)
+    src = make_inputs(tmp_path)
+    cfg = load_config(None, [f"run.out={tmp_path / 'out'}", "run.stages=[web, dedup]", f"web.inputs=[{src}]"])
+    results = runmod.run_pipeline(cfg, log=lambda m: None)
+    assert "TEXTBOOK_WEB" in results["web"]["skipped"]
+    assert results["dedup"]["skipped"] == "no input, because web could not run (see above)"
