@@ -106,9 +106,18 @@ class LLMClient:
         self.llm = llm
         self.secret = api_key
         self.limiter = limiter
+        self._headers: Any = {}
+
+        async def keep_headers(response: Any) -> None:
+            # rate-limit headers describe the server's state, not one request: the latest response's are enough,
+            # and reading them here avoids the SDK's slower raw-response wrapper on every call
+            if response.status_code < 400:
+                self._headers = response.headers
+
         http = DefaultAsyncHttpxClient(
             limits=httpx.Limits(max_connections=max_connections + 8, max_keepalive_connections=max_connections + 8),
             timeout=httpx.Timeout(llm.timeout_s, connect=min(30.0, llm.timeout_s)),
+            event_hooks={"response": [keep_headers]},
         )
         self.client = AsyncOpenAI(api_key=api_key.get() or "EMPTY", base_url=base_url, max_retries=0,
                                   timeout=llm.timeout_s, http_client=http)
@@ -130,12 +139,11 @@ class LLMClient:
         if extra:
             kwargs["extra_body"] = extra
         if req.messages is not None:
-            raw = await self.client.chat.completions.with_raw_response.create(
+            completion = await self.client.chat.completions.create(
                 model=self.llm.model, messages=list(req.messages), **kwargs)
         else:
-            raw = await self.client.completions.with_raw_response.create(
-                model=self.llm.model, prompt=req.prompt, **kwargs)
-        return raw.headers, raw.parse()
+            completion = await self.client.completions.create(model=self.llm.model, prompt=req.prompt, **kwargs)
+        return self._headers, completion
 
     @staticmethod
     def _extract(req: LLMRequest, completion: Any) -> tuple[str, str | None, Any]:
