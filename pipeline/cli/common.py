@@ -117,4 +117,5 @@ def print_run_summary(cfg: Any, results: dict[str, dict[str, Any]]) -> None:
 
         console.print(Text.assemble(("skipped ", "yellow"), f"{k}: {results[k]['skipped']}"))
     if skipped:
-        console.print("re-run the same command once the missing pieces are there: completed stages are not redone")
+        console.print("re-run the same command once the missing pieces are there: completed stages are not redone "
+                      "(README, 'Offline use': local web data, a local model directory or endpoint, local benchmarks)")
