@@ -78,6 +78,10 @@ class Ledger:
                          completion_tokens=c_tok, latency_s=latency, attempts=attempts, error=None, model=model,
                          cached=True)
 
+    def ok_keys(self) -> set[str]:
+        """Keys with a successful result (about 100 bytes each in memory)."""
+        return {k for (k,) in self.db.execute("SELECT key FROM results WHERE ok = 1")}
+
     def put_many(self, items: Iterable[tuple[LLMResult, LLMRequest]]) -> None:
         """Record results in one transaction (one commit per batch of arrivals keeps up with hundreds/s)."""
         now = time.time()

@@ -243,6 +243,8 @@ class _Driver:
         total = len(requests) if hasattr(requests, "__len__") else None  # type: ignore[arg-type]
         self.requests = iter(requests)
         self.ledger = Ledger(ledger_path)
+        # one query up front instead of one per request: most requests of a run are not in the ledger yet
+        self.ok_keys = self.ledger.ok_keys()
         self.budget = _Budget(budget, llm)
         self.s = RunSummary(total=0, model=llm.model, ledger=str(ledger_path))
         self.progress = _Progress(progress, total)
@@ -289,7 +291,7 @@ class _Driver:
                 self._skip(key, req, "duplicate")
                 continue
             self.seen.add(key)
-            hit = self.ledger.get_ok(key)
+            hit = self.ledger.get_ok(key) if key in self.ok_keys else None
             if hit is not None:
                 hit.tag = req.tag
                 self._emit(hit)
