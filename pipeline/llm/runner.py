@@ -370,7 +370,7 @@ class _Driver:
 
     def _loop(self, handles: list[Any], first: list[tuple[str, LLMRequest]]) -> None:
         slots = _slots(self.llm)
-        caps = [s + max(2, s // 8) for s in slots]  # small prefetch: a freed slot never waits on the driver
+        caps = [s + max(2, s // 2) for s in slots]  # prefetch: a freed slot never waits on the driver
         outstanding = [0] * len(handles)
         retries = [0] * len(handles)
         handles[0].submit(first)
