@@ -6,9 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from train_helpers import BOOK, WEB, book_shards, train_losses, write_shards
+from train_helpers import (
+    BOOK,
+    WEB,
+    book_shards,
+    one_thread,  # noqa: F401 - autouse fixture: one torch thread
+    train_losses,
+    write_shards,
+)
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -16,13 +22,6 @@ from pipeline.cli import app
 TINY = ["--set", "model.max_seq_len=64", "--set", "train.batch_size=2", "--set", "eval.tokens=1024",
         "--set", "train.log_every=1", "--set", "data.prefetch=0"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

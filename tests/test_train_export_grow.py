@@ -6,21 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import book_shards, book_texts, tiny_cfg, train_losses
+from train_helpers import (
+    book_shards,
+    book_texts,
+    one_thread,  # noqa: F401 - autouse fixture: one torch thread
+    tiny_cfg,
+    train_losses,
+)
 
 from pipeline.config.pretrain import PretrainSection
 from pipeline.errors import TextbookError
 from pipeline.train.grow import grow_state_dict
 from pipeline.train.model import ModelArgs, Transformer
 from pipeline.train.trainer import load_checkpoint, model_from_checkpoint, train
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

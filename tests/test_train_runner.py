@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import book_shards, read_log, tiny_cfg, train_losses, write_shards
+from train_helpers import (
+    book_shards,
+    one_thread,  # noqa: F401 - autouse fixture: one torch thread
+    read_log,
+    tiny_cfg,
+    train_losses,
+    write_shards,
+)
 
 from pipeline.config.pretrain import PretrainSection, load_pretrain_config, resolve_pretrain
 from pipeline.errors import ConfigError, TextbookError
@@ -24,14 +31,6 @@ from pipeline.train.trainer import Trainer, lr_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two torch threads on a shared 2-core machine spin against each other (10x slower): use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

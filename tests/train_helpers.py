@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.config.pretrain import PretrainSection
 from pipeline.shards import ShardSetWriter
 from pipeline.tokenizer import load_tokenizer
@@ -48,3 +50,15 @@ def read_log(out: Path) -> list[dict]:
 
 def train_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two torch threads on a shared 2-core machine spin against each other (10x slower): use one.
+    Import it into a test module to apply it there."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
