@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import TextbookError
+from pipeline.shards import token_id_array
 from pipeline.stats import StageStats
 
 _U64 = float(2**64)
@@ -66,14 +67,6 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def shuffle_keys(doc_hash: np.ndarray, copy: np.ndarray, seed: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         return _mix64(doc_hash ^ _mix64(copy.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)))
-
-
-def _ids_array(ids: list[Any]) -> pa.Array:
-    arrays = [np.asarray(x, dtype=np.uint32) for x in ids]
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.empty(0, np.uint32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.uint32()))
 
 
 class _Store:
@@ -172,7 +165,7 @@ def run_stage(ctx: Any) -> StageStats:
         rows = [to_row(d) for d in batch]
         ids = tokenizer.encode_batch([r["text"] for r in rows])
         cols: dict[str, Any] = {c: [r[c] for r in rows] for c in SHARD_COLUMNS if c not in ("input_ids", "num_tokens")}
-        cols["input_ids"] = _ids_array(ids)
+        cols["input_ids"] = token_id_array(ids)
         cols["num_tokens"] = pa.array([len(x) for x in ids], pa.int32())
         store.add(pa.table({c: cols[c] for c in SHARD_COLUMNS}, schema=SHARD_SCHEMA))
         for r, x in zip(rows, ids, strict=True):

@@ -49,3 +49,19 @@ def build_tiny_llama(directory: str | Path, vocab_size: int = 384, seed: int = 0
     model.generation_config.do_sample = True
     model.save_pretrained(out)
     return out
+
+
+def ledger_ok_rows(ledger: Path) -> int:
+    """Successful rows in a request ledger (0 while it does not exist yet or is being created)."""
+    import sqlite3
+
+    if not ledger.exists():
+        return 0
+    try:
+        db = sqlite3.connect(ledger, timeout=5)
+        try:
+            return db.execute("SELECT COUNT(*) FROM results WHERE ok = 1").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.OperationalError:
+        return 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from llm_fixtures import ledger_ok_rows
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -180,17 +180,6 @@ def test_dry_run_prints_plan_and_estimate_and_sends_nothing(tmp_path):
         assert not (_stage(tmp_path) / "stats.json").exists()
 
 
-def _ok_rows(ledger: Path) -> int:
-    if not ledger.exists():
-        return 0
-    try:
-        db = sqlite3.connect(ledger, timeout=5)
-        try:
-            return db.execute("SELECT COUNT(*) FROM results WHERE ok = 1").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.OperationalError:
-        return 0
 
 
 def test_sigkill_mid_generate_then_rerun_finishes_without_repaying(tmp_path):
@@ -203,14 +192,14 @@ def test_sigkill_mid_generate_then_rerun_finishes_without_repaying(tmp_path):
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
         deadline = time.monotonic() + 120
-        while _ok_rows(ledger) < 10:
+        while ledger_ok_rows(ledger) < 10:
             assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
             assert time.monotonic() < deadline, "generate made no progress"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         time.sleep(0.3)  # requests on the wire at the kill still land on the server's counters
-        recorded = _ok_rows(ledger)
+        recorded = ledger_ok_rows(ledger)
         assert 10 <= recorded < n
         assert not (_stage(tmp_path) / "_SUCCESS.json").exists()
         rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from llm_fixtures import ledger_ok_rows
 
 from pipeline.config.llm import BudgetSection, LLMSection
 from pipeline.llm.ledger import Ledger
@@ -179,17 +179,6 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _ok_rows(ledger: Path) -> int:
-    if not ledger.exists():
-        return 0
-    try:
-        db = sqlite3.connect(ledger, timeout=5)
-        try:
-            return db.execute("SELECT COUNT(*) FROM results WHERE ok = 1").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.OperationalError:
-        return 0
 
 
 def _run_child(srv: FaultyOpenAIServer, ledger: Path, n: int, workers: int, ray_address: str = "",
@@ -202,7 +191,7 @@ def _run_child(srv: FaultyOpenAIServer, ledger: Path, n: int, workers: int, ray_
         assert proc.returncode == 0, err[-2000:]
         return out
     deadline = time.monotonic() + 240
-    while _ok_rows(ledger) < kill_after_rows:
+    while ledger_ok_rows(ledger) < kill_after_rows:
         assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
         assert time.monotonic() < deadline, "child made no progress"
         time.sleep(0.05)
@@ -224,13 +213,13 @@ def test_sigkill_midway_then_rerun_loses_nothing_and_repays_nothing(tmp_path, wo
                             rate_drop=0.03) as srv:
         _run_child(srv, ledger, n, workers, ray_address, kill_after_rows=60)
         time.sleep(0.5)  # let requests still on the wire at the kill land on the server's counters
-        recorded = _ok_rows(ledger)
+        recorded = ledger_ok_rows(ledger)
         assert 60 <= recorded < n, "the kill must land mid-way"
         out = _run_child(srv, ledger, n, workers, ray_address)
         stats = srv.stats()
     done, ok, cached, sent = out.split()
     assert (int(ok), int(cached), int(sent)) == (n, recorded, n - recorded)
-    assert _ok_rows(ledger) == n and stats["distinct_answered"] == n
+    assert ledger_ok_rows(ledger) == n and stats["distinct_answered"] == n
     # answered more than once only if it was in flight (or queued in a worker) at the kill: 8 slots + prefetch 2
     assert stats["answered_total"] - n <= 8 + 2
     # the final set is the uninterrupted run's: one distinct answer per request (answers are a function of it)
