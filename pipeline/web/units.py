@@ -94,11 +94,41 @@ def _hf_units(spec: dict[str, Any], keys: dict[str, str], tasks: int) -> list[Un
     path = spec["path"]
     local = Path(path).exists()
     if not local:
+        cached = _hub_sample_cache(spec)
+        if cached.is_file():  # fetched on an earlier run: no network needed
+            return [Unit(kind="jsonl", path=str(cached), label=str(cached), **keys)]
         _check_hub_reachable(path, spec.get("name"), spec.get("split") or "train")
+        if spec.get("limit"):
+            _fetch_hub_sample(spec, cached)
+            return [Unit(kind="jsonl", path=str(cached), label=str(cached), **keys)]
     label = f"hf:{path}" + (f"[{spec['name']}]" if spec.get("name") else "") + f"/{spec.get('split') or 'train'}"
     return [Unit(kind="hf", path=path, label=f"{label}#{k}", hf_name=spec.get("name"),
                  hf_split=spec.get("split") or "train", hf_streaming=bool(spec.get("streaming", True)),
                  hf_limit=spec.get("limit"), shard=k, num_shards=tasks, **keys) for k in range(tasks)]
+
+
+def _hub_sample_cache(spec: dict[str, Any]) -> Path:
+    from pipeline.paths import cache_dir
+
+    slug = "_".join(str(x).replace("/", "__") for x in (spec["path"], spec.get("name") or "default",
+                                                          spec.get("split") or "train", spec.get("limit")))
+    return cache_dir() / "web" / f"{slug}.jsonl"
+
+
+def _fetch_hub_sample(spec: dict[str, Any], out: Path) -> None:
+    """The first `limit` records of a hub dataset, streamed once and cached as jsonl (a sample, e.g. the
+    quickstart's): later runs read the cached file, offline too."""
+    import datasets
+    from tqdm import tqdm
+
+    from pipeline.io import atomic_path
+
+    ds = datasets.load_dataset(spec["path"], spec.get("name"), split=spec.get("split") or "train", streaming=True)
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for i, rec in enumerate(tqdm(ds, total=spec["limit"], desc=f"fetching {spec['path']}", unit="doc")):
+            if i >= spec["limit"]:
+                break
+            f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
 
 
 def _check_hub_reachable(name: str, config: str | None, split: str) -> None:
