@@ -20,34 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_llm_throughput import plain_loop
+
 from pipeline.config import load_config
 from pipeline.generate.stage import plan
 from pipeline.llm.runner import run_requests
 from pipeline.llm.testserver import FaultyOpenAIServer
 from pipeline.run import run_one
-
-
-async def plain_loop(base_url: str, messages: list[list[dict]], params: dict, concurrency: int) -> tuple[float, int]:
-    """The baseline a user would write: one client, a semaphore, gather. Built-in retries honour Retry-After."""
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(api_key="EMPTY", base_url=base_url, max_retries=6, timeout=60)
-    sem = asyncio.Semaphore(concurrency)
-    failed = 0
-
-    async def one(msgs: list[dict]) -> None:
-        nonlocal failed
-        async with sem:
-            try:
-                await client.chat.completions.create(model="test-model", messages=msgs, **params)
-            except Exception:  # noqa: BLE001
-                failed += 1
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(m) for m in messages))
-    elapsed = time.perf_counter() - t0
-    await client.close()
-    return elapsed, failed
 
 
 def main() -> None:

@@ -29,25 +29,25 @@ def prompts(n: int, salt: str) -> list[str]:
     return [f"[{salt}] Write a textbook section about topic number {i} for high school students." for i in range(n)]
 
 
-async def plain_loop(base_url: str, texts: list[str], concurrency: int, max_tokens: int) -> tuple[float, int]:
-    """The baseline a user would write: one client, a semaphore, gather. Built-in retries honour Retry-After."""
+async def plain_loop(base_url: str, messages: list[list[dict]], params: dict, concurrency: int) -> tuple[float, int]:
+    """The baseline a user would write: one client, a semaphore, gather. Built-in retries honour Retry-After.
+    (bench_generate.py uses it too, over the stage's rendered prompts.)"""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(api_key="EMPTY", base_url=base_url, max_retries=6, timeout=60)
     sem = asyncio.Semaphore(concurrency)
     failed = 0
 
-    async def one(text: str) -> None:
+    async def one(msgs: list[dict]) -> None:
         nonlocal failed
         async with sem:
             try:
-                await client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": text}],
-                                                     max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=0)
+                await client.chat.completions.create(model="test-model", messages=msgs, **params)
             except Exception:  # noqa: BLE001
                 failed += 1
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(t) for t in texts))
+    await asyncio.gather(*(one(m) for m in messages))
     elapsed = time.perf_counter() - t0
     await client.close()
     return elapsed, failed
@@ -84,7 +84,9 @@ def main() -> None:
         with FaultyOpenAIServer(mode="process", latency="lognormal", latency_s=0.5, sigma=0.5, words=args.max_tokens,
                                 seed=1, **faults) as srv:
             texts = prompts(args.n, label)
-            base_s, base_failed = asyncio.run(plain_loop(srv.base_url, texts, args.concurrency, args.max_tokens))
+            base_s, base_failed = asyncio.run(plain_loop(
+                srv.base_url, [[{"role": "user", "content": t}] for t in texts],
+                {"max_tokens": args.max_tokens, "temperature": 0.8, "top_p": 0.95, "seed": 0}, args.concurrency))
             base_rps = args.n / base_s
             row = {"case": label, "n": args.n, "concurrency": args.concurrency, "ideal_rps": round(ideal, 1),
                    "plain_rps": round(base_rps, 1), "plain_failed": base_failed, "ours": {}}

@@ -85,14 +85,6 @@ def to_row(doc: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def from_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of to_row for readers: `meta` parsed back to a dict (empty when null)."""
-    out = dict(row)
-    meta = out.get("meta")
-    out["meta"] = json.loads(meta) if isinstance(meta, str) and meta else (meta or {})
-    return out
-
-
 class DocumentWriter:
     """Writes documents as parquet parts `<prefix>-00000.parquet`, ... Never writes an empty file.
 

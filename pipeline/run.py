@@ -35,7 +35,6 @@ class StageSpec:
     upstream: tuple[tuple[str, ...], ...] = ()
     # Config sections (besides its own) whose values change this stage's output.
     depends_on: tuple[str, ...] = ()
-    produces_documents: bool = True
     help: str = ""
     # "module:function(section) -> list[Path]": files read besides `inputs` (hashed for resume)
     input_files: str | None = None
@@ -60,9 +59,8 @@ STAGES: dict[str, StageSpec] = {
                   upstream=(("decontaminate",), ("dedup",), ("generate", "web")), depends_on=("tokenizer",),
                   help="mix, tokenize and write the final parquet shards"),
         StageSpec("pretrain", "pipeline.train.stage:run_stage", upstream=(("shard",),),
-                  produces_documents=False, help="short pretraining run on the shards"),
-        StageSpec("report", "pipeline.report:run_stage", produces_documents=False,
-                  help="static HTML report of the run"),
+                  help="short pretraining run on the shards"),
+        StageSpec("report", "pipeline.report:run_stage", help="static HTML report of the run"),
     ]
 }
 # The generate stage only uses the web stage's output for web-seeded prompts; it is optional.

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import __version__
@@ -91,7 +92,7 @@ class _SplitWriter:
         self._writer.write_table(table, row_group_size=len(table))
         self._shard_bytes += table.nbytes
         self._docs += len(table)
-        self._tokens += int(pa.compute.sum(table["num_tokens"]).as_py() or 0)
+        self._tokens += int(pc.sum(table["num_tokens"]).as_py() or 0)
         if self._shard_bytes >= self.shard_bytes:
             self._close_shard()
 
@@ -338,7 +339,8 @@ class ShardSet:
         for s in ([split] if split else self.splits):
             for f in self.files(s):
                 df = pq.read_table(f, columns=columns).to_pandas()
-                df.insert(0, "split", s) if "split" not in df.columns else None
+                if "split" not in df.columns:
+                    df.insert(0, "split", s)
                 frames.append(df)
         return pd.concat(frames, ignore_index=True)
 

@@ -102,7 +102,9 @@ def load_tokenizer(spec: str | os.PathLike[str] | None = None, workers: int | No
         return t
     if spec is None:
         raise TextbookError(f"{path}: default tokenizer missing (run `textbook tokenizer train`)")
-    if str(spec).endswith(".json") or os.sep in str(spec) and not str(spec).count("/") == 1:
+    text = str(spec)
+    # "org/name" is a hub name; a .json file, an absolute or ./ path, or deeper nesting is a missing file
+    if text.endswith(".json") or text.startswith((".", os.sep)) or text.count("/") != 1:
         raise TextbookError(f"{spec}: tokenizer file not found")
     return _from_hub(str(spec))
 
