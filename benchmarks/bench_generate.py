@@ -4,7 +4,7 @@ plain `AsyncOpenAI` + `asyncio.Semaphore` loop over the same rendered prompts, i
 the FaultyOpenAIServer (separate process) with lognormal latency (median 0.5 s, sigma 0.5).
 
     .venv/bin/python benchmarks/bench_generate.py              # 3,000 requests, concurrency 128
-    .venv/bin/python benchmarks/bench_generate.py --n 600      # quicker
+    .venv/bin/python benchmarks/bench_generate.py --n 600 --rounds 1 --workers 2   # quicker
 
 Goal: ratio (stage req/s / plain req/s) >= 0.95, without and with 10 % 429 responses.
 The stage's time is its whole wall time (planning, Ray start, validation, writing); the plain loop only sends.
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +30,42 @@ from pipeline.llm.testserver import FaultyOpenAIServer
 from pipeline.run import run_one
 
 
+def stage_run(srv: FaultyOpenAIServer, args: argparse.Namespace, workers: int, llm_only: bool) -> dict:
+    """One timed `generate` stage (fresh output dir and ledger), optionally preceded by run_requests alone."""
+    with tempfile.TemporaryDirectory() as d:
+        cfg = load_config(None, settings(srv, args, workers, d))
+        only = None
+        if llm_only:
+            reqs = plan(cfg, []).requests
+            t0 = time.perf_counter()
+            run_requests(reqs, cfg.llm, cfg.budget, Path(d) / "llm-only.sqlite", progress=False)
+            only = args.n / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        stats = run_one(cfg, "generate", log=lambda m: None)
+        secs = time.perf_counter() - t0
+    llm = stats["llm"]
+    return {"workers": workers, "stage_rps": round(args.n / secs, 1), "stage_seconds": round(secs, 2),
+            "llm_elapsed_s": llm["elapsed_s"], "llm_startup_s": llm.get("startup_s"), "kept": stats["kept"],
+            "dropped": stats["dropped"], "errored": stats["errored"], "retries": llm["retries"],
+            "llm_only_rps": round(only, 1) if only else None}
+
+
+def settings(srv: FaultyOpenAIServer, args: argparse.Namespace, workers: int, d: str) -> list[str]:
+    return [f"run.out={d}/run", "run.stages=[generate]", f"generate.n={args.n}", f"llm.base_url={srv.base_url}",
+            "llm.model=test-model", f"llm.concurrency={args.concurrency}", f"llm.workers={workers}",
+            f"llm.ledger={d}/ledger.sqlite", "llm.api_key_env=BENCH_NO_KEY", "llm.max_tokens=400",
+            "llm.backoff_base_s=0.1"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=128)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 0],
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 0],
                     help="LLM worker actors per run (0: the in-process thread worker, no Ray)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds per case; each round times the plain loop, then the stage once per --workers "
+                         "value, and ratios are taken within a round (the VM's speed drifts between minutes)")
     ap.add_argument("--words", type=int, default=200, help="words per answer from the test server")
     ap.add_argument("--llm-only", action="store_true",
                     help="also time run_requests alone on the same requests (the LLM layer without the stage)")
@@ -51,47 +82,32 @@ def main() -> None:
     for label, faults in cases[:1] if args.no_429 else cases:
         with FaultyOpenAIServer(mode="process", latency="lognormal", latency_s=0.5, sigma=0.5, words=args.words,
                                 seed=1, **faults) as srv:
-            base = None
-            for w in args.workers:
-                with tempfile.TemporaryDirectory() as d:
-                    sets = [f"run.out={d}/run", "run.stages=[generate]", f"generate.n={args.n}",
-                            f"llm.base_url={srv.base_url}", "llm.model=test-model",
-                            f"llm.concurrency={args.concurrency}", f"llm.workers={w}", f"llm.ledger={d}/ledger.sqlite",
-                            "llm.api_key_env=BENCH_NO_KEY", "llm.max_tokens=400", "llm.backoff_base_s=0.1"]
-                    cfg = load_config(None, sets)
-                    if base is None:  # the same rendered prompts, sent by the plain loop once per case
-                        p = plan(cfg, [])
-                        msgs = [list(r.messages) for r in p.requests]
-                        base_s, base_failed = asyncio.run(plain_loop(srv.base_url, msgs, cfg.llm.sampling_params(),
-                                                                     args.concurrency))
-                        base = args.n / base_s
-                        print(f"{label}: plain AsyncOpenAI+Semaphore {base:.1f} req/s ({base / ideal:.2f} of ideal "
-                              f"{ideal:.1f}), failed {base_failed}", flush=True)
-                    llm_only = None
-                    if args.llm_only:
-                        reqs = plan(cfg, []).requests
-                        t0 = time.perf_counter()
-                        run_requests(reqs, cfg.llm, cfg.budget, Path(d) / "llm-only.sqlite", progress=False)
-                        llm_only = args.n / (time.perf_counter() - t0)
-                        print(f"{label}: run_requests alone workers={w}: {llm_only:.1f} req/s, ratio "
-                              f"{llm_only / base:.3f}", flush=True)
-                    t0 = time.perf_counter()
-                    stats = run_one(cfg, "generate", log=lambda m: None)
-                    secs = time.perf_counter() - t0
-                rps = args.n / secs
-                llm = stats["llm"]
-                row = {"case": label, "workers": w, "n": args.n, "concurrency": args.concurrency,
-                       "ideal_rps": round(ideal, 1), "plain_rps": round(base, 1), "plain_failed": base_failed,
-                       "stage_rps": round(rps, 1), "ratio": round(rps / base, 3), "stage_seconds": round(secs, 2),
-                       "llm_elapsed_s": llm["elapsed_s"], "llm_startup_s": llm.get("startup_s"),
-                       "kept": stats["kept"], "dropped": stats["dropped"], "errored": stats["errored"],
-                       "retries": llm["retries"],
-                       "llm_only_rps": round(llm_only, 1) if llm_only else None}
-                print(f"{label}: generate stage workers={w}: {rps:.1f} req/s, ratio {rps / base:.3f} (stage "
-                      f"{secs:.1f}s, of which LLM run {llm['elapsed_s']:.1f}s incl. startup {llm.get('startup_s')}); "
-                      f"kept {stats['kept']}, dropped {stats['dropped']}, errored {stats['errored']}, "
-                      f"retries {llm['retries']}", flush=True)
-                rows.append(row)
+            with tempfile.TemporaryDirectory() as d:  # the same rendered prompts the stage sends
+                p = plan(load_config(None, settings(srv, args, 0, d)), [])
+                msgs = [list(r.messages) for r in p.requests]
+                params = load_config(None, settings(srv, args, 0, d)).llm.sampling_params()
+            for rnd in range(1, args.rounds + 1):
+                base_s, base_failed = asyncio.run(plain_loop(srv.base_url, msgs, params, args.concurrency))
+                base = args.n / base_s
+                print(f"{label} round {rnd}: plain AsyncOpenAI+Semaphore {base:.1f} req/s ({base / ideal:.2f} of "
+                      f"ideal {ideal:.1f}), failed {base_failed}", flush=True)
+                for w in args.workers:
+                    row = {"case": label, "round": rnd, "n": args.n, "concurrency": args.concurrency,
+                           "ideal_rps": round(ideal, 1), "plain_rps": round(base, 1), "plain_failed": base_failed,
+                           **stage_run(srv, args, w, args.llm_only)}
+                    row["ratio"] = round(row["stage_rps"] / base, 3)
+                    only = f", run_requests alone {row['llm_only_rps']} req/s" if row["llm_only_rps"] else ""
+                    print(f"{label} round {rnd}: generate stage workers={w}: {row['stage_rps']} req/s, ratio "
+                          f"{row['ratio']:.3f} (stage {row['stage_seconds']}s, LLM run {row['llm_elapsed_s']}s incl. "
+                          f"startup {row['llm_startup_s']}s){only}; kept {row['kept']}, dropped {row['dropped']}, "
+                          f"errored {row['errored']}, retries {row['retries']}", flush=True)
+                    rows.append(row)
+    print("\nmedian ratio over rounds (stage req/s / plain req/s of the same round):")
+    for label in dict.fromkeys(r["case"] for r in rows):
+        for w in args.workers:
+            ratios = sorted(r["ratio"] for r in rows if r["case"] == label and r["workers"] == w)
+            print(f"  {label:10s} workers={w}: median {statistics.median(ratios):.3f}  (rounds: "
+                  f"{', '.join(f'{x:.3f}' for x in ratios)})")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     ray.shutdown()

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import TextbookError
+from pipeline.io import YAML_LOADER
 from pipeline.paths import repo_path
 
 
@@ -111,7 +112,7 @@ def _name(value: Any, where: str) -> str:
 
 def parse_file(path: Path) -> list[Subject]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=YAML_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""

@@ -26,6 +26,7 @@ import yaml
 
 from pipeline.errors import TextbookError
 from pipeline.generate.taxonomy import resolve_path
+from pipeline.io import YAML_LOADER
 
 AUDIENCE_GUIDANCE = {
     "young children": "children aged 5 to 8: very short sentences, everyday words, concrete examples from home, "
@@ -83,7 +84,7 @@ def parse_template(path: Path) -> Format:
     if not m:
         raise TextbookError(f"{path}: a format template must start with a '{{#---' ... '---#}}' YAML header")
     try:
-        meta = yaml.safe_load(m.group(1)) or {}
+        meta = yaml.load(m.group(1), Loader=YAML_LOADER) or {}
     except yaml.YAMLError as e:
         raise TextbookError(f"{path}: header: invalid YAML: {e}") from None
     unknown = set(meta) - _HEADER_KEYS

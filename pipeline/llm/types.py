@@ -41,6 +41,9 @@ class LLMRequest:
 
     def key(self, model: str) -> str:
         """Content address: same model + rendered prompt + params + sample + template -> same key."""
+        cached = self.__dict__.get("_key")
+        if cached is not None and cached[0] == model:  # the stage and the driver both ask, once per request each
+            return cached[1]
         body = {
             "model": model,
             "api": self.api,
@@ -50,7 +53,9 @@ class LLMRequest:
             "sample_index": self.sample_index,
             "template_version": self.template_version,
         }
-        return hashlib.sha256(_canonical(body).encode()).hexdigest()
+        key = hashlib.sha256(_canonical(body).encode()).hexdigest()
+        object.__setattr__(self, "_key", (model, key))
+        return key
 
     def sent_params(self) -> dict:
         """Parameters as sent on the wire: the seed is offset by the sample index so samples differ."""

@@ -1,0 +1,292 @@
+"""Judging LLM results: every result ends as exactly one counted state, and a document (kept or removed).
+
+`Judge` validates one answer (`validate.Validator`: empty, length, refusal, too short, language) and indexes it
+in the diversity guard; it owns the stage's output files. `JudgeProcess` runs a `Judge` in a child process:
+judging costs about 1.4 ms of CPU per answer (language id, MinHash, parquet rows), and in the driver process
+that CPU competed for the GIL with the event loop that keeps `concurrency` requests in flight, which cut the
+stage's request rate by a third. The driver only forwards results (batched, on a sender thread) and learns of
+stopped grid cells from the child, so `should_send` stays a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.documents import DocumentWriter, doc_id
+from pipeline.errors import TextbookError
+from pipeline.generate.diversity import DiversityGuard
+from pipeline.generate.sampler import PromptSpec
+from pipeline.llm.types import LLMResult
+from pipeline.stats import StageStats
+
+SOURCE = "synthetic"
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "unknown"
+
+
+def failure_reason(error: str | None) -> str:
+    """`failed_<kind>` from the LLM layer's error ('after 7 attempt(s): InternalServerError 500: ...' →
+    failed_internalservererror_500): few, stable reason names for the stats."""
+    text = re.sub(r"^(after \d+ attempt\(s\):\s*|worker error:\s*)+", "", error or "unknown")
+    return f"failed_{_slug(text.split(':', 1)[0], 40)}"
+
+
+def skip_reason(skipped: str) -> str:
+    return f"skipped_{_slug(skipped.split(':', 1)[0], 40)}"
+
+
+@dataclass
+class JudgeSetup:
+    """Everything a judge needs, picklable (it crosses into the child process)."""
+
+    cfg: RunConfig
+    kept_dir: Path
+    removed_dir: Path
+    specs: list[PromptSpec]
+    prompt_ids: dict[str, str]  # format name → prompt_id
+
+
+class Judge:
+    def __init__(self, setup: JudgeSetup) -> None:
+        self.setup, self.cfg = setup, setup.cfg
+        self.stats = StageStats("generate")
+        self.guard = DiversityGuard(self.cfg.generate.diversity)
+        self._validator: Any = None
+        self.kept_rows: list[tuple[int, int, dict[str, Any]]] = []
+        self.removed: dict[str, DocumentWriter] = {}
+        self.kept_spec_indices: list[int] = []
+        self.words_kept = self.completion_tokens = self.prompt_tokens = self.cached = 0
+        self.states: Counter[str] = Counter()
+
+    @property
+    def validator(self) -> Any:
+        if self._validator is None:
+            from pipeline.generate.validate import Validator
+
+            self._validator = Validator(self.cfg.generate, self.cfg.tokenizer.path)
+        return self._validator
+
+    def _doc(self, spec: PromptSpec, result: LLMResult, params: dict | None, text: str,
+             extra: dict[str, Any]) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "request_key": result.key, "spec_index": spec.index, "sample_index": result.tag.get("sample_index"),
+            "params": params,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            "finish_reason": result.finish_reason, "latency_s": round(result.latency_s, 3),
+            "attempts": result.attempts, "cached": result.cached,
+        }
+        if spec.leaf is not None:
+            meta.update(subject=spec.leaf.subject, subtopic=spec.leaf.subtopic, concept=spec.leaf.concept)
+        if spec.seed is not None:
+            meta.update(seed_id=spec.seed.id, seed_edu_score=spec.seed.edu_score)
+        meta.update(extra)
+        return {"id": doc_id(text) if text else result.key[:32], "text": text, "source": SOURCE,
+                "topic": spec.topic, "audience": spec.audience, "format": spec.format,
+                "prompt_id": self.setup.prompt_ids[spec.format], "model": result.model or self.cfg.llm.model,
+                "url": spec.seed.url if spec.seed is not None else None, "meta": meta}
+
+    def _remove(self, reason: str, doc: dict[str, Any]) -> None:
+        writer = self.removed.get(reason)
+        if writer is None:
+            writer = self.removed[reason] = DocumentWriter(self.setup.removed_dir, prefix=reason)
+        writer.write({**doc, "reason": reason})
+
+    def __call__(self, result: LLMResult, params: dict | None = None) -> None:
+        spec = self.setup.specs[result.tag["spec"]]
+        self.stats.read()
+        if result.skipped:
+            reason = skip_reason(result.skipped)
+            self.stats.drop(reason)
+            self._remove(reason, self._doc(spec, result, params, "", {"skipped": result.skipped}))
+            self.states["skipped"] += 1
+            return
+        self.prompt_tokens += result.prompt_tokens
+        self.completion_tokens += result.completion_tokens
+        self.cached += result.cached
+        if not result.ok:
+            self.stats.error(failure_reason(result.error))
+            self._remove("failed", self._doc(spec, result, params, "", {"error": result.error}))
+            self.states["failed"] += 1
+            return
+        text = result.text or ""
+        verdict = self.validator.check(text, result.finish_reason)
+        extra: dict[str, Any] = {"words": verdict.words}
+        if verdict.tokens is not None:
+            extra["tokens"] = verdict.tokens
+        if verdict.language is not None:
+            extra.update(language=verdict.language, language_score=round(verdict.language_score or 0, 3))
+        if text.strip():
+            extra.update(self.guard.observe(result.key, result.tag["cell"], text))
+        doc = self._doc(spec, result, params, text, extra)
+        if verdict.reason is not None:
+            self.stats.drop(verdict.reason)
+            self._remove(verdict.reason, doc)
+            self.states["filtered"] += 1
+            return
+        self.stats.keep()
+        self.states["ok"] += 1
+        self.words_kept += verdict.words
+        self.kept_spec_indices.append(spec.index)
+        self.kept_rows.append((spec.index, int(result.tag.get("sample_index", 0)), doc))
+
+    def close(self) -> dict[str, Any]:
+        """Write the kept documents (in spec order: the same config gives the same files whatever order answers
+        came in) and return the judge's accounting for the stage stats."""
+        with DocumentWriter(self.setup.kept_dir) as w:
+            for _, _, doc in sorted(self.kept_rows, key=lambda r: (r[0], r[1])):
+                w.write(doc)
+        for writer in self.removed.values():
+            writer.close()
+        return {"stats": self.stats.as_dict(), "states": dict(self.states), "kept_spec_indices":
+                self.kept_spec_indices, "words_kept": self.words_kept, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "cached": self.cached, "diversity": self.guard.stats()}
+
+
+# ------------------------------------------------------------------------------------------ child process
+def child_main(inbox_fd: int, outbox_fd: int) -> None:
+    """Child: receive the setup, judge batches of (result, params) until None, report stopped cells as they
+    happen, then write the outputs and send the accounting."""
+    from multiprocessing.connection import Connection
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops this process
+    inbox, outbox = Connection(inbox_fd, writable=False), Connection(outbox_fd, readable=False)
+    try:
+        judge = Judge(inbox.recv())
+        judge.validator  # noqa: B018 - load tokenizer + language id before the first answer
+        outbox.send(("ready",))
+        reported: set[str] = set()
+        while (batch := inbox.recv()) is not None:
+            for result, params in batch:
+                judge(result, params)
+            for cell, info in judge.guard.stopped.items():
+                if cell not in reported:
+                    reported.add(cell)
+                    outbox.send(("stop", cell, info))
+        outbox.send(("done", judge.close()))
+    except EOFError:  # the driver is gone (killed): nothing to report to
+        return
+    except BaseException as e:  # noqa: BLE001 - handed to the driver, which raises it
+        outbox.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+class JudgeProcess:
+    """Parent side: `put(result, params)` never blocks the caller; `stopped` holds the cells the child's
+    diversity guard stopped; `close()` returns the child's accounting (or raises its error).
+
+    The child is a fresh interpreter (`python -c ...`), not a fork: the driver may hold Ray's threads, and a
+    multiprocessing spawn would re-import the caller's `__main__` script."""
+
+    def __init__(self) -> None:
+        """Start the child interpreter now: its imports overlap with the driver's planning."""
+        from multiprocessing.connection import Connection
+
+        child_in, parent_out = os.pipe()
+        parent_in, child_out = os.pipe()
+        code = f"from pipeline.generate.judge import child_main; child_main({child_in}, {child_out})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child_in, child_out),
+                                     stdin=subprocess.DEVNULL)
+        os.close(child_in)
+        os.close(child_out)
+        self._to_child = Connection(parent_out, readable=False)
+        self._from_child = Connection(parent_in, writable=False)
+        self.stopped: dict[str, dict[str, Any]] = {}
+        self.not_sent: Counter[str] = Counter()
+        self.error: str | None = None
+        self.final: dict[str, Any] | None = None
+        self._ready = threading.Event()
+        self._queue: queue.SimpleQueue[tuple[LLMResult, dict | None] | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="judge-sender", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="judge-reader", daemon=True)
+        self._reader.start()
+
+    def start(self, setup: JudgeSetup) -> None:
+        """Hand the child its setup and wait until it can judge (tokenizer and language id loaded), so the
+        diversity guard sees the first answers as they arrive and a broken setup fails before any request."""
+        self._to_child.send(setup)
+        self._sender.start()
+        self._ready.wait()
+        if self.error is not None:
+            raise TextbookError(f"generate: judging failed: {self.error}")
+
+    def _send_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < 256:  # one pickle + one write for everything that arrived meanwhile
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            done = batch[-1] is None
+            items = [b for b in batch if b is not None]
+            try:
+                if items:
+                    self._to_child.send(items)
+                if done:
+                    self._to_child.send(None)
+            except OSError:  # child died: the reader reports it
+                return
+            if done:
+                return
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                msg = self._from_child.recv()
+            except (EOFError, OSError):
+                if self.final is None and self.error is None:
+                    code = self.proc.wait(timeout=30)
+                    self.error = f"the judging process exited unexpectedly (exit code {code})"
+                self._ready.set()
+                return
+            if msg[0] == "ready":
+                self._ready.set()
+            elif msg[0] == "stop":
+                self.stopped[msg[1]] = msg[2]
+            elif msg[0] == "done":
+                self.final = msg[1]
+                return
+            else:
+                self.error = msg[1]
+                self._ready.set()
+                return
+
+    def should_send(self, cell: str) -> str | None:
+        if cell in self.stopped:
+            self.not_sent[cell] += 1
+            return f"diversity_guard: cell '{cell}' repeats itself"
+        return None
+
+    def put(self, result: LLMResult, params: dict | None) -> None:
+        if self.error is not None:
+            raise TextbookError(f"generate: judging failed: {self.error}")
+        self._queue.put((result, params))
+
+    def close(self) -> dict[str, Any]:
+        self._queue.put(None)
+        self._sender.join()
+        self._reader.join()
+        self.proc.wait()
+        if self.error is not None or self.final is None:
+            raise TextbookError(f"generate: judging failed: {self.error or 'no result from the judging process'}")
+        self.final["diversity"]["requests_not_sent_per_cell"] = dict(self.not_sent)
+        return self.final
+
+    def abort(self) -> None:
+        """After a failure in the driver: stop the child without waiting for it to write anything."""
+        self.proc.kill()
+        self.proc.wait()
+        self._queue.put(None)  # lets the sender thread end, if it started
