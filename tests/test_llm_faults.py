@@ -134,6 +134,30 @@ def test_ray_workers_share_the_load_through_faults(tmp_path, ray_session):
     assert stats["distinct_answered"] == n and stats["answered_total"] == n
 
 
+def test_prestarted_pool_serves_one_run(tmp_path, ray_session, monkeypatch):
+    from pipeline.errors import TextbookError
+    from pipeline.llm.runner import prestart_workers
+
+    with FaultyOpenAIServer(mode="thread", rate_500=0.1) as srv:
+        llm = _llm(srv, workers=1, concurrency=8)
+        pool = prestart_workers(llm)
+        assert pool is not None and len(pool.handles) == 1
+        with pytest.raises(TextbookError, match="another llm section"):
+            run_requests(_requests(llm, 1), llm.model_copy(update={"concurrency": 4}), BudgetSection(),
+                         tmp_path / "x.sqlite", progress=False, pool=pool)
+        summary = run_requests(_requests(llm, 20), llm, BudgetSection(), tmp_path / "a.sqlite", progress=False,
+                               pool=pool)
+        assert summary.ok == 20 and summary.reconciled and srv.stats()["distinct_answered"] == 20
+        # the run closed the pool: reusing it could hand this run's results to the last run's pending poll
+        assert pool.handles == []
+        with pytest.raises(TextbookError, match="serves one run"):
+            run_requests(_requests(llm, 20), llm, BudgetSection(), tmp_path / "b.sqlite", progress=False, pool=pool)
+    # nothing to prestart: the in-process worker, or no key for OpenAI's endpoint (run_requests says what is missing)
+    assert prestart_workers(llm.model_copy(update={"workers": 0})) is None
+    monkeypatch.delenv("TEXTBOOK_TEST_NO_KEY", raising=False)
+    assert prestart_workers(LLMSection(model="m", api_key_env="TEXTBOOK_TEST_NO_KEY", workers=1)) is None
+
+
 def test_api_key_is_sent_but_never_written_or_logged(tmp_path, monkeypatch, capfd):
     secret = "sk-test-" + "9f3c1e7a5b" * 3
     monkeypatch.setenv("TEXTBOOK_TEST_KEY", secret)

@@ -119,11 +119,12 @@ def drop_contaminated_seeds(cfg: RunConfig, seeds: list) -> tuple[list, list[dic
 
 def run_stage(ctx: Any) -> StageStats:
     from pipeline.generate.judge import JudgeProcess, JudgeSetup
-    from pipeline.llm.runner import run_requests
+    from pipeline.llm.runner import prestart_workers, run_requests
 
     cfg: RunConfig = ctx.cfg
     input_errors: Counter[str] = Counter()
-    judge = JudgeProcess()
+    judge = JudgeProcess()  # the judging interpreter and the Ray workers start while we plan
+    pool = prestart_workers(cfg.llm)
     try:
         the_plan = plan(cfg, list(ctx.inputs), on_error=lambda reason, where: input_errors.update([reason]))
         requests = the_plan.requests
@@ -132,11 +133,15 @@ def run_stage(ctx: Any) -> StageStats:
                                the_plan.specs, {k: f.prompt_id for k, f in the_plan.formats.items()}))
         summary = run_requests(requests, cfg.llm, cfg.budget, cfg.llm.ledger_path(),
                                should_send=lambda req: judge.should_send(req.tag["cell"]),
-                               on_result=lambda result: judge.put(result, params.get(result.key)), progress=True)
+                               on_result=lambda result: judge.put(result, params.get(result.key)), progress=True,
+                               pool=pool)
         judged = judge.close()
     except BaseException:
         judge.abort()
         raise
+    finally:
+        if pool is not None:
+            pool.close()  # run_requests closes it too; this covers a failure before the run
     stats = StageStats.from_dict(judged["stats"])
     _account_missing(stats, len(requests))
     stats.set("prompt_specs", len(the_plan.specs))

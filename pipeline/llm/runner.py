@@ -101,29 +101,70 @@ def _slots(llm: LLMSection) -> list[int]:
     return [llm.concurrency // n + (1 if i < llm.concurrency % n else 0) for i in range(n)]
 
 
-def _start_workers(llm: LLMSection, secret: Secret) -> list[Any]:
-    base_url = llm.resolved_base_url()
-    if llm.workers == 0:
-        from pipeline.llm.worker import ThreadWorker
+class WorkerPool:
+    """The LLM workers, being started. A Ray actor takes 1-2 s to come up (a process that imports openai), and
+    creating one does not block: a caller that builds the pool before its own planning (`prestart_workers`)
+    overlaps the two. `ready()` waits for the start; `close()` stops the workers. A pool serves one run: a
+    worker may still hold the last run's unanswered poll, which would swallow the next run's results."""
 
-        return [_ThreadHandle(ThreadWorker(llm, base_url, secret, llm.concurrency))]
-    import ray
+    def __init__(self, llm: LLMSection, secret: Secret) -> None:
+        self.llm = llm
+        self.handles: list[Any] = []
+        self._pending: list[Any] = []
+        self.used = False
+        base_url = llm.resolved_base_url()
+        if llm.workers == 0:
+            from pipeline.llm.worker import ThreadWorker
 
-    from pipeline.llm.limiter import LimiterActor
-    from pipeline.llm.worker import RayWorker
+            self.handles = [_ThreadHandle(ThreadWorker(llm, base_url, secret, llm.concurrency))]
+            return
+        import ray
 
-    if not ray.is_initialized():
-        ray.init(address=llm.resolved_ray_address(), include_dashboard=False, ignore_reinit_error=True,
-                 log_to_driver=False)
-    limiter = None
-    if llm.requests_per_minute or llm.tokens_per_minute:
-        limiter = ray.remote(num_cpus=0)(LimiterActor).remote(llm.requests_per_minute, llm.tokens_per_minute)
-    actor_cls = ray.remote(num_cpus=0, max_concurrency=16)(RayWorker)
-    strategy = "SPREAD" if llm.workers > 1 else "DEFAULT"
-    handles = [_RayHandle(actor_cls.options(scheduling_strategy=strategy).remote(llm, base_url, secret, s, limiter))
-               for s in _slots(llm)]
-    ray.get([h.actor.ping.remote() for h in handles], timeout=300)
-    return handles
+        from pipeline.llm.limiter import LimiterActor
+        from pipeline.llm.worker import RayWorker
+
+        if not ray.is_initialized():
+            ray.init(address=llm.resolved_ray_address(), include_dashboard=False, ignore_reinit_error=True,
+                     log_to_driver=False)
+        limiter = None
+        if llm.requests_per_minute or llm.tokens_per_minute:
+            limiter = ray.remote(num_cpus=0)(LimiterActor).remote(llm.requests_per_minute, llm.tokens_per_minute)
+        actor_cls = ray.remote(num_cpus=0, max_concurrency=16)(RayWorker)
+        strategy = "SPREAD" if llm.workers > 1 else "DEFAULT"
+        self.handles = [_RayHandle(actor_cls.options(scheduling_strategy=strategy).remote(llm, base_url, secret, s,
+                                                                                           limiter))
+                        for s in _slots(llm)]
+        self._pending = [h.actor.ping.remote() for h in self.handles]  # builds each client (imports openai)
+
+    def ready(self) -> list[Any]:
+        if self.used:
+            raise TextbookError("a worker pool serves one run: start another with prestart_workers()")
+        self.used = True
+        if self._pending:
+            import ray
+
+            ray.get(self._pending, timeout=300)
+            self._pending = []
+        return self.handles
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.close()
+        self.handles = []
+        self.used = True
+
+
+def prestart_workers(llm: LLMSection) -> WorkerPool | None:
+    """Start Ray worker actors now, for a `run_requests(..., pool=...)` that follows the caller's planning.
+    None where there is nothing to gain or it cannot start yet: the thread worker (starts instantly), a local
+    server not started yet, or no API key (run_requests then reports what is missing)."""
+    if llm.workers == 0 or (llm.provider == "local" and not llm.resolved_base_url()):
+        return None
+    try:
+        secret = api_key(llm)
+    except ResourceUnavailable:
+        return None
+    return WorkerPool(llm, secret)
 
 
 # --------------------------------------------------------------------------------------------- budget
@@ -223,6 +264,7 @@ def run_requests(
     should_send: Callable[[LLMRequest], str | None] | None = None,
     on_result: Callable[[LLMResult], None] | None = None,
     progress: bool = True,
+    pool: WorkerPool | None = None,
 ) -> RunSummary:
     """Run every request; `on_result` is called in this thread exactly once per request (ok, failed or skipped).
 
@@ -230,16 +272,19 @@ def run_requests(
     generator works; `should_send(req)` may return a reason to skip it, checked just before dispatch.
     On the budget cap the run stops dispatching, lets requests in flight finish (they are recorded), reports
     the rest as skipped `budget`, and sets `summary.stopped_reason`. Ctrl-C / kill loses nothing recorded.
+    `pool` (from `prestart_workers(llm)`, same `llm`) is used instead of starting workers, and closed at the end.
     """
+    if pool is not None and pool.llm != llm:
+        raise TextbookError("run_requests: the worker pool was started for another llm section")
     with open_endpoint(llm) as live:
-        return _Driver(requests, live, budget, Path(ledger_path), should_send, on_result, progress).run()
+        return _Driver(requests, live, budget, Path(ledger_path), should_send, on_result, progress, pool).run()
 
 
 class _Driver:
     def __init__(self, requests: Iterable[LLMRequest], llm: LLMSection, budget: BudgetSection, ledger_path: Path,
                  should_send: Callable[[LLMRequest], str | None] | None,
-                 on_result: Callable[[LLMResult], None] | None, progress: bool) -> None:
-        self.llm, self.should_send, self.on_result = llm, should_send, on_result
+                 on_result: Callable[[LLMResult], None] | None, progress: bool, pool: WorkerPool | None) -> None:
+        self.llm, self.should_send, self.on_result, self.pool = llm, should_send, on_result, pool
         total = len(requests) if hasattr(requests, "__len__") else None  # type: ignore[arg-type]
         self.requests = iter(requests)
         self.ledger = Ledger(ledger_path)
@@ -351,19 +396,21 @@ class _Driver:
             self._emit(r)
 
     def run(self) -> RunSummary:
-        handles: list[Any] = []
+        pool = self.pool
         try:
             first = self._fill(1)
             if first:
-                secret = api_key(self.llm)
                 t_start = time.monotonic()
-                handles = _start_workers(self.llm, secret)
+                if pool is None:
+                    pool = WorkerPool(self.llm, api_key(self.llm))
+                handles = pool.ready()
+                # with a prestarted pool: only the part of the start-up that planning did not hide
                 self.s.startup_s = round(time.monotonic() - t_start, 3)
                 self._loop(handles, first)
             self.progress.update(self.s, self.budget.spent_usd, self.t0, force=True)
         finally:
-            for h in handles:
-                h.close()
+            if pool is not None:
+                pool.close()
             self.progress.close()
             self.ledger.close()
         return self._summary()
