@@ -108,3 +108,62 @@ def test_near_duplicates_are_found_and_counted():
     off.observe("b", "c", base)
     assert off.should_send("c") is None  # measured, never enforced
     assert off.stats()["near_duplicate_rate"] == 0.5
+
+
+# ------------------------------------------------------------------ the judging process
+def _judge_setup(tmp_path, *sets: str):
+    from pipeline.config import load_config
+    from pipeline.generate.judge import JudgeSetup
+    from pipeline.generate.sampler import PromptSpec
+    from pipeline.generate.taxonomy import Leaf
+
+    cfg = load_config(None, list(sets))
+    specs = [PromptSpec(i, "college", "textbook_section", leaf=Leaf("biology", "cells", f"concept {i}"))
+             for i in range(3)]
+    return JudgeSetup(cfg, tmp_path / "kept", tmp_path / "removed", specs, {"textbook_section": "ts@1"})
+
+
+def _result(i, text, cell="college × textbook_section"):
+    from pipeline.llm.types import LLMResult
+
+    return LLMResult(key=f"k{i}", ok=True, text=text, finish_reason="stop", prompt_tokens=10,
+                     completion_tokens=200, latency_s=0.1, attempts=1, error=None, model="m",
+                     tag={"spec": i, "cell": cell, "sample_index": 0})
+
+
+def test_judge_process_judges_writes_and_accounts(tmp_path):
+    from pipeline.documents import iter_documents, list_document_files
+    from pipeline.generate.judge import JudgeProcess
+
+    judge = JudgeProcess()
+    judge.start(_judge_setup(tmp_path))
+    for i, text in enumerate([ENGLISH, GERMAN, "too short."]):
+        judge.put(_result(i, text), {"seed": i})
+    out = judge.close()
+    assert out["stats"]["read"] == 3 and out["stats"]["kept"] == 1 and out["stats"]["reconciled"]
+    assert out["stats"]["dropped"] == {"not_english": 1, "too_short": 1}
+    kept = list(iter_documents(list_document_files([tmp_path / "kept"])))
+    assert [d["meta"]["spec_index"] for d in kept] == [0] and kept[0]["prompt_id"] == "ts@1"
+    assert kept[0]["meta"]["params"] == {"seed": 0}
+    assert out["kept_spec_indices"] == [0] and out["diversity"]["outputs_indexed"] == 3
+
+
+def test_judge_process_failures_are_raised_not_lost(tmp_path):
+    from pipeline.errors import TextbookError
+    from pipeline.generate.judge import JudgeProcess
+
+    # a broken setup fails at start, before any request would be sent
+    broken = JudgeProcess()
+    with pytest.raises(TextbookError, match="judging failed: .*no-such-tokenizer"):
+        broken.start(_judge_setup(tmp_path, "generate.token_counter=tokenizer",
+                                  f"tokenizer.path={tmp_path / 'no-such-tokenizer'}"))
+    broken.abort()
+    # the child killed mid-run: the driver is told, in one line with the exit code
+    judge = JudgeProcess()
+    judge.start(_judge_setup(tmp_path))
+    judge.proc.kill()
+    with pytest.raises(TextbookError, match="exited unexpectedly"):
+        for i in range(10_000):
+            judge.put(_result(i % 3, ENGLISH), None)
+        judge.close()
+    judge.abort()

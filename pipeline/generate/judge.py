@@ -197,8 +197,10 @@ class JudgeProcess:
         child_in, parent_out = os.pipe()
         parent_in, child_out = os.pipe()
         code = f"from pipeline.generate.judge import child_main; child_main({child_in}, {child_out})"
+        # the driver's import path (a notebook may have extended sys.path), as multiprocessing's spawn passes it
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child_in, child_out),
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, env=env)
         os.close(child_in)
         os.close(child_out)
         self._to_child = Connection(parent_out, readable=False)
