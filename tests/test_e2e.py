@@ -104,7 +104,8 @@ def full_run(tmp_path_factory, shared_data_module):
     """One complete run of every stage against the faulty server (shared by several assertions below)."""
     tmp = tmp_path_factory.mktemp("full")
     web = web_inputs(shared_data_module, tmp / "web", bad=True)
-    with FaultyOpenAIServer(mode="thread", seed=1, **FAULTS) as srv:
+    # fail_first: 12 requests at a 19 % fault rate draw no fault at all about 7 % of the time
+    with FaultyOpenAIServer(mode="thread", seed=1, fail_first=2, **FAULTS) as srv:
         cfg = run_config(tmp, srv.base_url, web, shared_data_module,
                          ["web", "generate", "dedup", "decontaminate", "shard", "pretrain", "report"])
         proc = run_textbook(["run", str(cfg)], tmp)
@@ -134,7 +135,7 @@ def test_whole_pipeline_completes_and_every_document_is_accounted_for(full_run):
     assert g["read"] == 12 and g["kept"] + sum(g["dropped"].values()) + sum(g["errored"].values()) == 12
     assert all(r.startswith("failed_") for r in g["errored"])
     # the LLM server answered each kept document's request once (faults were injected and retried)
-    assert sum(full_run["server"]["faults"].values()) > 0
+    assert sum(full_run["server"]["faults"].values()) >= 2
     assert full_run["server"]["answered_total"] == full_run["server"]["distinct_answered"]
     # bad inputs mixed into the real ones are counted with their reasons, never a crash
     w = stats["web"]

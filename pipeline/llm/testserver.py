@@ -44,6 +44,7 @@ class FaultConfig:
     rate_hang: float = 0.0
     hang_s: float = 30.0
     rate_malformed: float = 0.0
+    fail_first: int = 0  # the first N requests received answer 500 whatever the rates: a test's faults are certain
     words: int = 200  # completion length (capped by max_tokens; then finish_reason "length")
     seed: int = 0
     model: str = "test-model"
@@ -152,13 +153,15 @@ class _App:
             await self._send(writer, 404, b'{"error": {"message": "not found"}}')
             return True
         self.received += 1
+        arrival = self.received
         try:
             body = json.loads(raw)
         except json.JSONDecodeError:
             await self._send(writer, 400, b'{"error": {"message": "invalid JSON body"}}')
             return True
         await asyncio.sleep(self._latency())
-        fault = "500" if b"FAIL_ALWAYS" in raw else self._fault()
+        forced = b"FAIL_ALWAYS" in raw or arrival <= self.cfg.fail_first
+        fault = "500" if forced else self._fault()
         if fault is not None:
             self.faults[fault] += 1
         if fault == "429":
