@@ -152,8 +152,9 @@ def test_budget_cap_stops_cleanly_with_every_spec_accounted(tmp_path):
 def test_short_outputs_and_a_repetitive_cell_are_dropped_with_reasons(tmp_path):
     # 60-word answers: too short for min_tokens 150. The test server draws every answer from one ~70-word
     # vocabulary, so on single-word shingles each answer is a near duplicate of the others: the diversity guard
-    # sees each cell repeat itself and stops paying for it.
-    with FaultyOpenAIServer(mode="thread", words=60) as srv:
+    # sees each cell repeat itself and stops paying for it. 50 ms per answer: the guard's verdict comes back from
+    # the judging process in about a millisecond, well before the cell's next request is due.
+    with FaultyOpenAIServer(mode="thread", words=60, latency_s=0.05) as srv:
         cfg = _config(tmp_path, srv.base_url, llm={"concurrency": 1},
                       generate={"subjects": ["Good Subject"],
                                 "diversity": {"shingle_words": 1, "near_dup_threshold": 0.2, "min_docs": 3,
