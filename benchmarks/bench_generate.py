@@ -83,9 +83,9 @@ def main() -> None:
         with FaultyOpenAIServer(mode="process", latency="lognormal", latency_s=0.5, sigma=0.5, words=args.words,
                                 seed=1, **faults) as srv:
             with tempfile.TemporaryDirectory() as d:  # the same rendered prompts the stage sends
-                p = plan(load_config(None, settings(srv, args, 0, d)), [])
-                msgs = [list(r.messages) for r in p.requests]
-                params = load_config(None, settings(srv, args, 0, d)).llm.sampling_params()
+                cfg = load_config(None, settings(srv, args, 0, d))
+                msgs = [list(r.messages) for r in plan(cfg, []).requests]
+                params = cfg.llm.sampling_params()
             for rnd in range(1, args.rounds + 1):
                 base_s, base_failed = asyncio.run(plain_loop(srv.base_url, msgs, params, args.concurrency))
                 base = args.n / base_s

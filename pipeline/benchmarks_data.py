@@ -17,10 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.documents import iter_json_lines
 from pipeline.errors import ResourceUnavailable, TextbookError
 
 Item = tuple[str, list[str]]
 OnError = Callable[[str, str], None]
+
+
+class HubUnreachable(ResourceUnavailable):
+    """No local copy, and the Hugging Face hub failed or is off limits: the caller stops asking it."""
+
 
 BBH_TASKS = [
     "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
@@ -157,7 +163,7 @@ def _records_from_file(path: Path, on_error: OnError) -> Iterator[dict[str, Any]
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             yield from csv.DictReader(f)
         return
-    if name == "hellaswag_val_full.txt.bz2" or name.endswith(".txt.bz2"):
+    if name.endswith(".txt.bz2"):
         yield from _hellaswag_txt(path, on_error)
         return
     opener = gzip.open if name.endswith(".gz") else (bz2.open if name.endswith(".bz2") else open)
@@ -168,18 +174,8 @@ def _records_from_file(path: Path, on_error: OnError) -> Iterator[dict[str, Any]
             data = json.load(f)
             yield from _json_records(data)
             return
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                on_error("malformed_line", f"{path}:{lineno}")
-                continue
-            if isinstance(rec, dict):
-                yield rec
-            else:
-                on_error("malformed_line", f"{path}:{lineno}")
+        for _, rec in iter_json_lines(f, path, on_error, "malformed_line"):
+            yield rec
 
 
 def _json_records(data: Any) -> Iterator[dict[str, Any]]:
@@ -244,7 +240,7 @@ def iter_items(name: str, *, local_dir: str | Path | None = None, path: str | Pa
     if adapter is None or adapter.hf is None:
         raise ResourceUnavailable(f"benchmark {name!r}: no local copy and no hub dataset")
     if not allow_hub:
-        raise ResourceUnavailable(f"benchmark {name!r}: no local copy{' in ' + str(local_dir) if local_dir else ''} "
+        raise HubUnreachable(f"benchmark {name!r}: no local copy{' in ' + str(local_dir) if local_dir else ''} "
                                   "and the Hugging Face hub is unreachable")
     return f"hf:{adapter.hf[0]}", _items_from_hub(adapter, texts_of, id_field)
 
@@ -282,7 +278,7 @@ def _items_from_hub(adapter: Adapter, texts_of: Callable[[dict], list[str]], id_
         try:
             loaded.append((cfg, load_dataset(dataset, cfg, split=split)))
         except Exception as e:  # noqa: BLE001 - offline, gated, renamed: all mean "cannot be reached"
-            raise ResourceUnavailable(
+            raise HubUnreachable(
                 f"benchmark {adapter.name}: cannot load {dataset}{'/' + cfg if cfg else ''} from the Hugging Face "
                 f"hub ({type(e).__name__}); set decontaminate.local_dir (e.g. TEXTBOOK_BENCHMARKS=../shared/data/"
                 "benchmarks) to a folder with local copies") from None

@@ -29,15 +29,6 @@ from pipeline.errors import ResourceUnavailable, TextbookError
 from pipeline.minhash import NORMALIZATION_VERSION, batch_ngram_hashes, ngram_hashes, word_hashes, words
 from pipeline.stats import StageStats
 
-# Rows a DocumentWriter buffers before writing a part: bounds the stage's memory (~25 MB of text per writer).
-ROWS_PER_FILE = 10_000
-
-
-def _removed_writer(ctx: Any, reason: str) -> Any:
-    from pipeline.documents import DocumentWriter
-
-    return DocumentWriter(ctx.removed_dir, prefix=reason, rows_per_file=ROWS_PER_FILE)
-
 INDEX_FORMAT = "textbook-decontam-index"
 
 
@@ -220,7 +211,7 @@ def build_index(benchmarks: list[str], local_dir: str | None = None, files: list
                 ngram: int = 13, min_words: int = 8, max_items_per_ngram: int = 10, require_all: bool = False,
                 log: Any = None) -> DecontamIndex:
     """Index the named benchmarks (local copies first, then the HF hub) and any extra files."""
-    from pipeline.benchmarks_data import iter_items
+    from pipeline.benchmarks_data import HubUnreachable, iter_items
 
     say = log or (lambda m: print(m, file=sys.stderr))
     errors: dict[str, Counter[str]] = defaultdict(Counter)
@@ -243,7 +234,7 @@ def build_index(benchmarks: list[str], local_dir: str | None = None, files: list
         except ResourceUnavailable as e:
             if require_all:
                 raise
-            hub_ok = hub_ok and "unreachable" not in str(e) and "cannot load" not in str(e)
+            hub_ok = hub_ok and not isinstance(e, HubUnreachable)
             unavailable[name] = str(e)
             say(f"decontaminate: skipping {name}: {e}")
             continue
@@ -291,7 +282,7 @@ def index_for_section(section: Any, cache_dir: Path) -> DecontamIndex:
 def run_stage(ctx: Any) -> StageStats:
     from tqdm import tqdm
 
-    from pipeline.documents import DocumentWriter, iter_documents
+    from pipeline.documents import STREAM_ROWS_PER_FILE, DocumentWriter, RemovedWriters, iter_documents
 
     section = ctx.section
     stats = StageStats(ctx.name)
@@ -307,7 +298,7 @@ def run_stage(ctx: Any) -> StageStats:
         stats.read()
         stats.error(reason)
 
-    removed: dict[str, DocumentWriter] = {}
+    removed = RemovedWriters(ctx.removed_dir, rows_per_file=STREAM_ROWS_PER_FILE)
 
     def route(batch: list[dict[str, Any]], kept: DocumentWriter) -> None:
         nonlocal flagged
@@ -327,28 +318,28 @@ def run_stage(ctx: Any) -> StageStats:
                 stats.keep()
                 flagged += 1
             else:
-                removed.setdefault("contaminated", _removed_writer(ctx, "contaminated")).write(
-                    {**doc, "meta": meta, "reason": "contaminated"})
+                removed.write({**doc, "meta": meta}, "contaminated")
                 stats.drop("contaminated")
 
-    with DocumentWriter(ctx.kept_dir, rows_per_file=ROWS_PER_FILE) as kept:
+    with DocumentWriter(ctx.kept_dir, rows_per_file=STREAM_ROWS_PER_FILE) as kept:
         batch: list[dict[str, Any]] = []
+        batch_chars = 0
         for doc in tqdm(iter_documents(ctx.inputs, on_error=unreadable), desc="decontaminate", unit="doc",
                         mininterval=1.0, file=sys.stderr):
             stats.read()
             if not doc["text"].strip():
-                removed.setdefault("empty_text", _removed_writer(ctx, "empty_text")).write(
-                    {**doc, "reason": "empty_text"})
+                removed.write(doc, "empty_text")
                 stats.drop("empty_text")
                 continue
             batch.append(doc)
-            if len(batch) >= 256 or sum(len(d["text"]) for d in batch[-1:]) > 4_000_000:
+            batch_chars += len(doc["text"])
+            # bounded by characters too: a batch's n-gram arrays grow with its total text
+            if len(batch) >= 256 or batch_chars > 4_000_000:
                 route(batch, kept)
-                batch = []
+                batch, batch_chars = [], 0
         if batch:
             route(batch, kept)
-    for w in removed.values():
-        w.close()
+    removed.close()
     stats.set("mode", section.mode)
     stats.set("flagged", flagged)
     stats.set("ngram", index.ngram)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datatrove.utils.batching import batched
 
 from pipeline.errors import TextbookError
 from pipeline.minhash import (
@@ -45,6 +46,7 @@ from pipeline.minhash import (
     MinHasher,
     band_hashes,
     batch_ngram_hashes,
+    exact_hash,
     format_curve,
     memory_per_million,
     ngram_hashes,
@@ -53,15 +55,6 @@ from pipeline.minhash import (
     words,
 )
 from pipeline.stats import StageStats
-
-# Rows a DocumentWriter buffers before writing a part: bounds the stage's memory (~25 MB of text per writer).
-ROWS_PER_FILE = 10_000
-
-
-def _removed_writer(ctx: Any, reason: str) -> Any:
-    from pipeline.documents import DocumentWriter
-
-    return DocumentWriter(ctx.removed_dir, prefix=reason, rows_per_file=ROWS_PER_FILE)
 
 INDEX_FORMAT = "textbook-dedup-index"
 KEEP, EXACT, NEAR = 0, 1, 2
@@ -101,15 +94,12 @@ def hash_batch(texts: list[str], p: DedupParams) -> tuple[np.ndarray, np.ndarray
     Shingles of the whole batch are hashed and min-reduced in one vectorised pass (batch_ngram_hashes +
     reduceat); a text shorter than the shingle size is one shingle of all its words.
     """
-    import hashlib
-
     mh = _hasher(p.num_perm, p.seed)
     exact = np.empty((len(texts), 2), dtype=np.uint64)
     whs: list[np.ndarray] = []
     for i, text in enumerate(texts):
         ws = words(text)
-        digest = hashlib.blake2b(" ".join(ws).encode("utf-8", "replace"), digest_size=16).digest()
-        exact[i] = np.frombuffer(digest, dtype=np.uint64)
+        exact[i] = np.frombuffer(exact_hash(ws), dtype=np.uint64)
         whs.append(word_hashes(ws))
     x, owner, _ = batch_ngram_hashes(whs, p.shingle_size)
     short = [i for i, w in enumerate(whs) if 0 < len(w) < p.shingle_size]
@@ -270,7 +260,7 @@ def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.nd
     rep = np.ones(n, dtype=bool)
     t0 = time.time()
     if p.exact and n:
-        ex = np.concatenate([s["exact"] for s in rows.segments]) if rows.segments else np.empty((0, 2), np.uint64)
+        ex = np.concatenate([s["exact"] for s in rows.segments])
         order = np.lexsort((ex[:, 1], ex[:, 0]))
         sv = ex[order]
         same = np.concatenate([[False], (sv[1:] == sv[:-1]).all(axis=1)])
@@ -409,17 +399,6 @@ def _usable(doc: dict[str, Any]) -> bool:
     return _HAS_WORD.search(doc["text"]) is not None
 
 
-def _batches(it: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for doc in it:
-        batch.append(doc)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _hash_inputs(ctx: Any, p: DedupParams, work: Path, stats: StageStats, section: Any
                  ) -> tuple[np.ndarray, np.ndarray, Counter[str]]:
     """Step 1: one pass over the inputs, writing signatures/bands/exact hashes and ids to `work`."""
@@ -464,7 +443,7 @@ def _hash_inputs(ctx: Any, p: DedupParams, work: Path, stats: StageStats, sectio
                 yield doc
 
         with _progress("dedup: hashing", _count_inputs(ctx.inputs)) as bar:
-            for docs, (sig, band, exact) in hashed(_batches(usable_docs(), section.batch_size)):
+            for docs, (sig, band, exact) in hashed(batched(usable_docs(), section.batch_size)):
                 files["sig.u32"].write(sig.tobytes())
                 files["band.u64"].write(band.tobytes())
                 files["exact.u64"].write(exact.tobytes())
@@ -569,18 +548,17 @@ def run_stage(ctx: Any) -> StageStats:
 def _write_outputs(ctx: Any, result: Clustering, n_prior: int, kept_ids: dict[int, str], stats: StageStats,
                    section: Any) -> tuple[dict[str, dict[str, int]], list[dict[str, Any]]]:
     """Step 6: stream the inputs again (same order, same filter) and route each document."""
-    from pipeline.documents import DocumentWriter, iter_documents
+    from pipeline.documents import STREAM_ROWS_PER_FILE, DocumentWriter, RemovedWriters, iter_documents
 
     removed_per_source: dict[str, Counter[str]] = defaultdict(Counter)
     pairs: list[dict[str, Any]] = []
-    writers: dict[str, DocumentWriter] = {}
+    removed = RemovedWriters(ctx.removed_dir, rows_per_file=STREAM_ROWS_PER_FILE)
     i = n_prior
-    kept = DocumentWriter(ctx.kept_dir, rows_per_file=ROWS_PER_FILE)
+    kept = DocumentWriter(ctx.kept_dir, rows_per_file=STREAM_ROWS_PER_FILE)
     with _progress("dedup: writing", len(result.survivor) - n_prior) as bar:
         for doc in iter_documents(ctx.inputs, on_error=lambda r, w: None):
             if not _usable(doc):
-                writers.setdefault("empty_text", _removed_writer(ctx, "empty_text")).write(
-                    {**doc, "reason": "empty_text"})
+                removed.write(doc, "empty_text")
                 continue
             code = int(result.reason[i])
             if code == KEEP:
@@ -593,8 +571,7 @@ def _write_outputs(ctx: Any, result: Clustering, n_prior: int, kept_ids: dict[in
                 meta = dict(doc.get("meta") or {})
                 meta.update({"kept_id": kept_ids[s], "similarity": sim,
                              "kept_from_earlier_run": s < n_prior})
-                writers.setdefault(why, _removed_writer(ctx, why)).write(
-                    {**doc, "meta": meta, "reason": why})
+                removed.write({**doc, "meta": meta}, why)
                 stats.drop(why)
                 removed_per_source[doc.get("source") or "unknown"][why] += 1
                 if len(pairs) < section.sample_pairs:
@@ -603,8 +580,7 @@ def _write_outputs(ctx: Any, result: Clustering, n_prior: int, kept_ids: dict[in
             i += 1
             bar.update(1)
     kept.close()
-    for w in writers.values():
-        w.close()
+    removed.close()
     if i != len(result.survivor):
         raise TextbookError(f"dedup: the inputs changed while the stage ran ({i - n_prior} documents on the second "
                             f"pass, {len(result.survivor) - n_prior} on the first); run it again")

@@ -14,7 +14,7 @@ import io
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ DOC_SCHEMA = pa.schema(
     ]
 )
 DOC_COLUMNS = tuple(DOC_SCHEMA.names)
+# Rows a writer buffers per part in a stage that streams a whole corpus: bounds memory (~25 MB of text per writer).
+STREAM_ROWS_PER_FILE = 10_000
 
 def normalize_for_id(text: str) -> str:
     """NFC + collapsed whitespace + strip: the same text re-wrapped or re-indented keeps its id."""
@@ -135,6 +137,25 @@ class DocumentWriter:
             self.close()
 
 
+class RemovedWriters:
+    """A stage's removed documents: one DocumentWriter per reason (the file prefix), opened on first use."""
+
+    def __init__(self, directory: str | Path, rows_per_file: int = 50_000) -> None:
+        self.directory = Path(directory)
+        self.rows_per_file = rows_per_file
+        self._writers: dict[str, DocumentWriter] = {}
+
+    def write(self, doc: dict[str, Any], reason: str) -> None:
+        w = self._writers.get(reason)
+        if w is None:
+            w = self._writers[reason] = DocumentWriter(self.directory, prefix=reason, rows_per_file=self.rows_per_file)
+        w.write({**doc, "reason": reason})
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+
+
 DOC_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
 
 
@@ -164,7 +185,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", errors="surrogateescape")
 
 
-def _clean(text: Any) -> str | None:
+def clean_text(text: Any) -> str | None:
     """Undecodable bytes (kept as surrogates by the reader) are replaced, so downstream never crashes on them."""
     if not isinstance(text, str):
         return None
@@ -200,7 +221,7 @@ def iter_documents(
 
 
 def _normalise(rec: dict[str, Any], text_field: str, id_field: str) -> dict[str, Any] | None:
-    text = _clean(rec.get(text_field))
+    text = clean_text(rec.get(text_field))
     if text is None:
         return None
     doc = {k: v for k, v in rec.items() if k not in (text_field, id_field)}
@@ -227,19 +248,25 @@ def _iter_parquet(path: Path, text_field: str, id_field: str, report: Any, batch
                 yield doc
 
 
+def iter_json_lines(lines: Iterable[str], where: str | Path, report: Callable[[str, str], None],
+                    reason: str = "malformed_json") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of each JSON-object line; blank lines are skipped, any other is reported as `reason`."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict):
+            yield lineno, rec
+        else:
+            report(reason, f"{where}:{lineno}")
+
+
 def _iter_jsonl(path: Path, text_field: str, id_field: str, report: Any) -> Iterator[dict]:
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                report("malformed_json", f"{path}:{lineno}")
-                continue
-            if not isinstance(rec, dict):
-                report("malformed_json", f"{path}:{lineno}")
-                continue
+        for lineno, rec in iter_json_lines(f, path, report):
             doc = _normalise(rec, text_field, id_field)
             if doc is None:
                 report("missing_text", f"{path}:{lineno}")

@@ -18,7 +18,6 @@ import xxhash
 
 NORMALIZATION_VERSION = 1  # bump when words() changes: stored indexes record it and refuse a mismatch
 _WORD = re.compile(r"\w+")
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # Odd 64-bit multipliers for combining word hashes into an n-gram hash (position-dependent, so order matters).
 _RNG = np.random.default_rng(0x7E87B00C)
 _NGRAM_MULT = (_RNG.integers(1, 2**63 - 1, size=64, dtype=np.int64).astype(np.uint64) << np.uint64(1)) | np.uint64(1)
@@ -29,13 +28,12 @@ def words(text: str) -> list[str]:
     return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
 
 
-def normalized_text(text: str) -> str:
-    return " ".join(words(text))
+def exact_hash(ws: list[str]) -> bytes:
+    """16-byte hash of a text's `words` (exact duplicates after case/punctuation/whitespace folding).
 
-
-def exact_hash(text: str) -> bytes:
-    """16-byte hash of the normalised text (exact duplicates after case/punctuation/whitespace folding)."""
-    return hashlib.blake2b(normalized_text(text).encode("utf-8", "replace"), digest_size=16).digest()
+    Takes the words, not the text, because callers need them for shingling too: the text is split once.
+    """
+    return hashlib.blake2b(" ".join(ws).encode("utf-8", "replace"), digest_size=16).digest()
 
 
 class _WordHashes(dict):
@@ -56,13 +54,14 @@ def word_hashes(ws: list[str]) -> np.ndarray:
     return np.fromiter(map(_word_hashes.__getitem__, ws), dtype=np.uint64, count=len(ws))
 
 
-def _fmix64(h: np.ndarray) -> np.ndarray:
-    """murmur3's finaliser: spreads the polynomial combination over all 64 bits."""
-    h = h ^ (h >> np.uint64(33))
-    h = h * np.uint64(0xFF51AFD7ED558CCD)
-    h = h ^ (h >> np.uint64(33))
-    h = h * np.uint64(0xC4CEB9FE1A85EC53)
-    return h ^ (h >> np.uint64(33))
+def fmix64(h: np.ndarray) -> np.ndarray:
+    """murmur3's finaliser: spreads a (multiply-add) combination over all 64 bits. Overflow wraps by design."""
+    with np.errstate(over="ignore"):
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(0xFF51AFD7ED558CCD)
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(0xC4CEB9FE1A85EC53)
+        return h ^ (h >> np.uint64(33))
 
 
 def ngram_hashes(wh: np.ndarray, n: int) -> np.ndarray:
@@ -74,7 +73,7 @@ def ngram_hashes(wh: np.ndarray, n: int) -> np.ndarray:
         acc = wh[:m] * _NGRAM_MULT[0]
         for k in range(1, n):
             acc = acc + wh[k:k + m] * _NGRAM_MULT[k % len(_NGRAM_MULT)] + np.uint64(k)
-        return _fmix64(acc ^ np.uint64(n))
+        return fmix64(acc ^ np.uint64(n))
 
 
 def batch_ngram_hashes(wh_list: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -119,19 +118,6 @@ class MinHasher:
             | np.uint64(1)
         self.b = rng.integers(0, 2**63 - 1, size=num_perm, dtype=np.int64).astype(np.uint64)
 
-    def signature(self, sh: np.ndarray, chunk: int = 4096) -> np.ndarray:
-        """uint32[num_perm]; all 0xFFFFFFFF for no shingles. Chunked so a 10 MB text needs a few MB."""
-        sig = np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint32)
-        if len(sh) == 0:
-            return sig
-        x = np.unique(sh >> np.uint64(32))  # 32-bit shingle ids, each once
-        with np.errstate(over="ignore"):
-            for start in range(0, len(x), chunk):
-                part = x[start:start + chunk, None]
-                v = ((part * self.a + self.b) >> np.uint64(32)).min(axis=0)
-                np.minimum(sig, v.astype(np.uint32), out=sig)
-        return sig
-
     def signatures_of(self, x: np.ndarray, owner: np.ndarray, count: int, chunk: int = 8192) -> np.ndarray:
         """Signatures of `count` documents at once from 64-bit shingle hashes `x` and their (sorted) owners."""
         sigs = np.full((count, self.num_perm), 0xFFFFFFFF, dtype=np.uint32)
@@ -146,10 +132,6 @@ class MinHasher:
                 sigs[who] = np.minimum(sigs[who], mins)
         return sigs
 
-    def signatures(self, shingle_sets: Iterable[np.ndarray]) -> np.ndarray:
-        return np.stack([self.signature(s) for s in shingle_sets]) if shingle_sets else np.empty(
-            (0, self.num_perm), np.uint32)
-
 
 def band_hashes(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """uint64[n, bands]: one hash per band of `rows` signature values (LSH buckets)."""
@@ -161,7 +143,7 @@ def band_hashes(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
             acc = acc * np.uint64(0x100000001B3) + s[:, :, r] + np.uint64(r + 1)
         # The band number is mixed in so equal values in different bands never collide across bands.
         acc = acc + np.arange(bands, dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
-        return _fmix64(acc)
+        return fmix64(acc)
 
 
 def collision_probability(jaccard: float, bands: int, rows: int) -> float:
@@ -190,18 +172,6 @@ def format_curve(bands: int, rows: int, verify: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
-    """Fraction of equal signature values: an unbiased estimate of the Jaccard similarity (rows of pairs)."""
-    return (sig_a == sig_b).mean(axis=-1)
-
-
-def true_jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    sa, sb = set(a.tolist()), set(b.tolist())
-    if not sa and not sb:
-        return 1.0
-    return len(sa & sb) / len(sa | sb)
-
-
 def memory_per_million(num_perm: int, bands: int) -> dict[str, float]:
     """What the dedup stage needs per million documents (MB): RAM during clustering and scratch on disk."""
     # band step: column of representatives + argsort + sorted copy + index arrays (~48 B); per-document
@@ -211,18 +181,8 @@ def memory_per_million(num_perm: int, bands: int) -> dict[str, float]:
     return {"ram_mb": round(ram * 1e6 / 2**20, 1), "disk_mb": round(disk * 1e6 / 2**20, 1)}
 
 
-def bands_rows_for(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) with bands*rows <= num_perm whose implied threshold is closest to `threshold`."""
-    best = (1, num_perm)
-    for r in range(1, num_perm + 1):
-        b = num_perm // r
-        if b and abs(implied_threshold(b, r) - threshold) < abs(implied_threshold(*best) - threshold):
-            best = (b, r)
-    return best
-
-
 __all__ = [
-    "NORMALIZATION_VERSION", "words", "normalized_text", "exact_hash", "word_hashes", "ngram_hashes", "batch_ngram_hashes",
+    "NORMALIZATION_VERSION", "words", "exact_hash", "word_hashes", "fmix64", "ngram_hashes", "batch_ngram_hashes",
     "shingles", "MinHasher", "band_hashes", "collision_probability", "implied_threshold", "threshold_curve",
-    "format_curve", "estimated_jaccard", "true_jaccard", "memory_per_million", "bands_rows_for",
+    "format_curve", "memory_per_million",
 ]

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import TextbookError
+from pipeline.minhash import fmix64
 from pipeline.shards import token_id_array
 from pipeline.stats import StageStats
 
@@ -55,18 +56,9 @@ def copies_for(weight: float, doc_id: str, seed: int) -> int:
     return whole + (1 if frac > 0 and id_hash(doc_id, f"sample-{seed}") / _U64 < frac else 0)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> np.uint64(33))
-        x = x * np.uint64(0xFF51AFD7ED558CCD)
-        x = x ^ (x >> np.uint64(33))
-        x = x * np.uint64(0xC4CEB9FE1A85EC53)
-        return x ^ (x >> np.uint64(33))
-
-
 def shuffle_keys(doc_hash: np.ndarray, copy: np.ndarray, seed: int) -> np.ndarray:
     with np.errstate(over="ignore"):
-        return _mix64(doc_hash ^ _mix64(copy.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)))
+        return fmix64(doc_hash ^ fmix64(copy.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)))
 
 
 class _Store:
@@ -244,12 +236,13 @@ def run_stage(ctx: Any) -> StageStats:
             sel = order[lo:hi]
             if not len(sel):
                 continue
-            local = entry_doc[sel] - first
-            for (is_val, b) in {(bool(v), int(k)) for v, k in zip(entry_val[sel], entry_bucket[sel], strict=True)}:
-                m = (entry_val[sel] == is_val) & (entry_bucket[sel] == b)
+            local, sel_val, sel_bucket = entry_doc[sel] - first, entry_val[sel], entry_bucket[sel]
+            sel_key, sel_copy = entry_key[sel], entry_copy[sel].astype(np.int32)
+            for (is_val, b) in {(bool(v), int(k)) for v, k in zip(sel_val, sel_bucket, strict=True)}:
+                m = (sel_val == is_val) & (sel_bucket == b)
                 part = table.take(pa.array(local[m])).append_column(
-                    "_key", pa.array(entry_key[sel][m], pa.uint64())).append_column(
-                    "_copy", pa.array(entry_copy[sel][m].astype(np.int32), pa.int32()))
+                    "_key", pa.array(sel_key[m], pa.uint64())).append_column(
+                    "_copy", pa.array(sel_copy[m], pa.int32()))
                 w = writers.get((is_val, b))
                 if w is None:
                     w = writers[(is_val, b)] = pa.ipc.new_file(
@@ -307,9 +300,6 @@ def run_stage(ctx: Any) -> StageStats:
     elapsed = time.time() - t0
     stats.set("tokens_per_second", round(manifest["totals"]["tokens"] / elapsed, 1) if elapsed > 0 else None)
     return stats
-
-
-DOC_STAGES = ("web", "generate", "dedup", "decontaminate", "shard")
 
 
 def accounting(run_stats: dict[str, Any], shard: StageStats, upstream: list[str]) -> dict[str, Any]:

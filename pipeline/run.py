@@ -173,24 +173,27 @@ def stage_hash(cfg: RunConfig, name: str, inputs: list[Path], upstream: list[str
     }
     files = [] if upstream else list(inputs)
     if spec.input_files:
-        module_name, fn_name = spec.input_files.split(":")
-        fn = getattr(importlib.import_module(module_name), fn_name)
-        files = sorted(set(files) | set(fn(getattr(cfg, name))))
+        files = sorted(set(files) | set(_import_target(spec.input_files)(getattr(cfg, name))))
     if files:
         parts["input_files"] = _hash_files(files)
     return config_hash(parts)
 
 
+def _import_target(target: str) -> Any:
+    """The function a "module:function" string names."""
+    module_name, fn_name = target.split(":")
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
 def load_stage_fn(name: str) -> Callable[[StageContext], StageStats]:
     target = STAGES[name].target
-    module_name, fn_name = target.split(":")
     try:
-        module = importlib.import_module(module_name)
+        return _import_target(target)
     except ModuleNotFoundError as e:
+        module_name = target.split(":")[0]
         if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
             raise TextbookError(f"stage '{name}' is not built yet ({module_name} is missing)") from None
         raise
-    return getattr(module, fn_name)
 
 
 def write_resolved_config(cfg: RunConfig, run_dir: Path) -> None:

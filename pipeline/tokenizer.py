@@ -103,10 +103,10 @@ def load_tokenizer(spec: str | os.PathLike[str] | None = None, workers: int | No
     if spec is None:
         raise TextbookError(f"{path}: default tokenizer missing (run `textbook tokenizer train`)")
     text = str(spec)
-    # "org/name" is a hub name; a .json file, an absolute or ./ path, or deeper nesting is a missing file
-    if text.endswith(".json") or text.startswith((".", os.sep)) or text.count("/") != 1:
+    # "name" and "org/name" are hub names; a .json file, an absolute or ./ path, or deeper nesting is a missing file
+    if text.endswith(".json") or text.startswith((".", os.sep)) or text.count("/") > 1:
         raise TextbookError(f"{spec}: tokenizer file not found")
-    return _from_hub(str(spec))
+    return _from_hub(text)
 
 
 def _guess_eos(tok: object, path: Path) -> str:

@@ -165,6 +165,9 @@ def test_short_outputs_and_a_repetitive_cell_are_dropped_with_reasons(tmp_path):
         assert stats["dropped"]["too_short"] > 0 and stats["dropped"].get("skipped_diversity_guard", 0) > 0
         assert set(stats["dropped"]) <= {"too_short", "skipped_diversity_guard"}
         assert stats["diversity"]["cells_stopped"]
+        not_sent = stats["diversity"]["requests_not_sent_per_cell"]
+        assert set(not_sent) <= set(stats["diversity"]["cells_stopped"])
+        assert sum(not_sent.values()) == stats["dropped"]["skipped_diversity_guard"]
         assert srv.stats()["answered_total"] == stats["dropped"]["too_short"]
         assert stats["diversity"]["near_duplicate_rate"] > 0.5
         names = {p.name.split("-")[0] for p in (_stage(tmp_path) / "removed").glob("*.parquet")}

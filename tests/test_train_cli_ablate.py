@@ -51,6 +51,22 @@ def test_pretrain_cli_refuses_overwrite_then_resumes(shards, tmp_path):
     assert r.exit_code == 1 and "unknown preset 'enormous'" in r.output
 
 
+def test_ablation_config_overrides_and_errors(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.train.ablate import load_ablation_config
+
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump({"tokens": 100, "arms": [{"name": "x", "shards": ["s1"]},
+                                                            {"name": "y", "shards": ["s2"]}],
+                                    "eval_sets": [{"name": "e", "path": "s3"}]}))
+    cfg = load_ablation_config(path, ["tokens=500", "pretrain.train.lr=0.01"])
+    assert (cfg.tokens, cfg.pretrain.train.lr) == (500, 0.01)
+    with pytest.raises(ConfigError, match=r"a\.yaml: unknown key 'pretrain\.train\.lrr'"):
+        load_ablation_config(path, ["pretrain.train.lrr=0.01"])
+    with pytest.raises(ConfigError, match=r"a\.yaml: arms: names must be unique"):
+        load_ablation_config(path, ["arms=[{name: x, shards: [s1]}, {name: x, shards: [s2]}]"])
+
+
 def test_ablate_two_arms_two_seeds(shards, shared_data, tmp_path):
     book = [json.loads(line)["text"] for line in (shared_data / BOOK).read_text().splitlines()]
     web = _web_texts(shared_data)

@@ -98,12 +98,9 @@ def build_requests(cfg: RunConfig, docs: list[dict[str, Any]], template: str, ru
     for doc in docs:
         content = render(template, doc["text"], a.max_chars)
         for i in range(a.repeats):
-            if cfg.llm.api == "chat":
-                reqs.append(LLMRequest(messages=({"role": "user", "content": content},), params=params,
-                                       sample_index=i, template_version=rubric_id, tag={"id": doc["id"]}))
-            else:
-                reqs.append(LLMRequest(prompt=content, params=params, sample_index=i,
-                                       template_version=rubric_id, tag={"id": doc["id"]}))
+            # the result carries the tag back, not the request: what the rows need from it travels there
+            reqs.append(LLMRequest.for_api(cfg.llm.api, content, params=params, sample_index=i,
+                                           template_version=rubric_id, tag={"id": doc["id"], "sample_index": i}))
     return reqs
 
 
@@ -133,7 +130,7 @@ def annotate(cfg: RunConfig, *, dry_run: bool = False, progress: bool = True,
 
     def on_result(res: Any) -> None:
         doc_id = res.tag["id"]
-        row = {"id": doc_id, "text": text_of[doc_id], "score": None, "sample_index": None,
+        row = {"id": doc_id, "text": text_of[doc_id], "score": None, "sample_index": res.tag["sample_index"],
                "rubric_id": rubric_id, "model": res.model or cfg.llm.model, "raw_response": res.text,
                "error": None, "finish_reason": res.finish_reason, "request_key": res.key}
         if not res.ok:
@@ -150,11 +147,7 @@ def annotate(cfg: RunConfig, *, dry_run: bool = False, progress: bool = True,
             row["score"] = score
             ok_rows.append(row)
 
-    # sample_index is not on the result; recover it from the request key
-    index_of = {r.key(cfg.llm.model): r.sample_index for r in requests}
     summary = run_requests(requests, cfg.llm, cfg.budget, ledger, on_result=on_result, progress=progress)
-    for row in ok_rows + failed_rows:
-        row["sample_index"] = index_of.get(row["request_key"], 0)
     out = Path(a.out)
     _write(out, ok_rows)
     failed_path = out.with_name(out.stem + ".failed.parquet")

@@ -30,6 +30,7 @@ MODES = ("expected", "binary", "regression")
 
 class Backend:
     name = "base"
+    defaults: dict[str, Any] = {}  # hyperparameters a config may leave out
 
     def __init__(self, mode: str, classes: Sequence[int], score_max: float, params: dict[str, Any]) -> None:
         if mode not in MODES:
@@ -37,7 +38,7 @@ class Backend:
         self.mode = mode
         self.classes = [int(c) for c in classes]
         self.score_max = float(score_max)
-        self.params = dict(params)
+        self.params = {**self.defaults, **params}
 
     def fit(self, texts: list[str], labels: list[int]) -> None:
         raise NotImplementedError
@@ -71,10 +72,10 @@ class FastTextBackend(Backend):
     """fastText supervised classifier (`__label__<k> text` lines). thread=1 keeps training deterministic."""
 
     name = "fasttext"
+    defaults = FASTTEXT_DEFAULTS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.params = {**FASTTEXT_DEFAULTS, **self.params}
         self.model: Any = None
         self._label_values: list[int] = []
 
@@ -150,10 +151,10 @@ class SklearnBackend(Backend):
     """TF-IDF (or hashing) word n-grams + logistic regression (classes) or ridge regression (scores)."""
 
     name = "sklearn"
+    defaults = SKLEARN_DEFAULTS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.params = {**SKLEARN_DEFAULTS, **self.params}
         self.pipeline: Any = None
         if self.params["head"] == "ridge" and self.mode != "regression":
             self.mode = "regression"

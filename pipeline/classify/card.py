@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], train: TrainSectio
         lines.append(f"| {src} | {b['n']} | {b['mean_label']:.2f} | {b['mean_score']:.2f} | "
                      f"{b['label_positive_rate']:.0%} | {b['keep_rate_at_threshold']:.0%} |")
     lines += ["", "## Training", "", f"Backend `{meta['backend']}`, hyperparameters:", "", "```json",
-              __import__("json").dumps(meta["params"], indent=1, sort_keys=True, default=str), "```", "",
+              json.dumps(meta["params"], indent=1, sort_keys=True, default=str), "```", "",
               f"Fit time {metrics['timing']['fit_s']} s; scoring {metrics['timing']['scoring_docs_per_s']} docs/s "
               "(one process, 2-core x86-64 CPU).", "",
               "## Metrics", "",

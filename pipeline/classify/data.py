@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.classifier import LabelSource
-from pipeline.documents import doc_id
+from pipeline.documents import clean_text, doc_id
 from pipeline.errors import ResourceUnavailable, TextbookError
 
 SPLITS = ("train", "validation", "test")
@@ -75,15 +75,10 @@ def _fmt(path: Path, fmt: str) -> str:
 
 
 def _open(path: Path) -> Any:
+    # newline="": the csv module does its own line splitting (quoted fields may hold newlines)
     if path.name.endswith(".gz"):
-        return open_text_gz(path)
+        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
     return open(path, encoding="utf-8", errors="surrogateescape", newline="")
-
-
-def open_text_gz(path: Path) -> Any:
-    import io
-
-    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape", newline="")
 
 
 def _rows(src: LabelSource) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -207,14 +202,6 @@ def _to_float(value: Any, label_map: dict[str, float] | None) -> float | None:
     return None
 
 
-def _clean_text(text: str) -> tuple[str, bool]:
-    try:
-        text.encode("utf-8")
-        return text, False
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), True
-
-
 def load_source(src: LabelSource, score_min: float, score_max: float, report: LoadReport,
                 strict: bool = False) -> list[Example]:
     """Rows of one source as (unmerged) examples; problems counted in `report`."""
@@ -238,8 +225,9 @@ def load_source(src: LabelSource, score_min: float, score_max: float, report: Lo
         if not isinstance(text, str) or not text.strip():
             bad("empty_text", where)
             continue
-        text, replaced = _clean_text(text)
-        if replaced:
+        cleaned = clean_text(text)
+        if cleaned is not text:
+            text = cleaned
             report.problem("invalid_utf8_replaced", where)  # kept: the replaced text is still usable
         if src.label is not None:
             score: float | None = float(src.label)

@@ -18,6 +18,8 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.batching import batched
 
+from pipeline.errors import TextbookError
+
 SCORE_KEY = "edu_score"
 MODEL_KEY = "edu_model"
 
@@ -96,15 +98,12 @@ class EduScoreFilter(BaseFilter):
     @staticmethod
     def _cutoff(threshold: float | None, keep_top: float | None, model_dir: str | None) -> tuple[float, str]:
         if threshold is not None and keep_top is not None:
-            from pipeline.errors import TextbookError
-
             raise TextbookError("EduScoreFilter: give threshold or keep_top, not both")
         if model_dir is None:
             if keep_top is not None:
-                from pipeline.errors import TextbookError
-
                 raise TextbookError("EduScoreFilter: keep_top needs model_dir (the cut-off is calibrated per model)")
-            return (3.0 if threshold is None else float(threshold)), f"threshold {threshold or 3.0}"
+            cutoff = 3.0 if threshold is None else float(threshold)
+            return cutoff, f"threshold {cutoff}"
         from pipeline.classify.model import load_classifier
 
         return load_classifier(model_dir).selection_cutoff(threshold, keep_top)

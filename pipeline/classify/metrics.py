@@ -17,14 +17,21 @@ def to_int(scores: Any, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.floor(np.asarray(scores, dtype=np.float64) + 0.5), lo, hi).astype(int)
 
 
+def _prf(t: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
+    """(precision, recall, F1) of boolean predictions `p` against boolean truth `t`; 0.0 where undefined."""
+    tp = int(np.sum(t & p))
+    n_pred, n_true = int(p.sum()), int(t.sum())
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_true if n_true else 0.0
+    return precision, recall, 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
 def binary(y_true: Any, y_pred: Any, threshold: float) -> dict[str, Any]:
     t = np.asarray(y_true, dtype=np.float64) >= threshold
     p = np.asarray(y_pred, dtype=np.float64) >= threshold
     tp, fp, fn = int(np.sum(t & p)), int(np.sum(~t & p)), int(np.sum(t & ~p))
     tn = int(len(t) - tp - fp - fn)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    precision, recall, f1 = _prf(t, p)
     return {"threshold": threshold, "precision": precision, "recall": recall, "f1": f1,
             "accuracy": (tp + tn) / len(t) if len(t) else 0.0, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
             "positives": int(t.sum()), "predicted_positive_rate": float(p.mean()) if len(p) else 0.0}
@@ -44,12 +51,8 @@ def macro_f1(true_int: np.ndarray, pred_int: np.ndarray, labels: Sequence[int]) 
     f1s = []
     for lbl in labels:
         t, p = true_int == lbl, pred_int == lbl
-        if not t.any() and not p.any():
-            continue
-        tp = int(np.sum(t & p))
-        prec = tp / int(p.sum()) if p.any() else 0.0
-        rec = tp / int(t.sum()) if t.any() else 0.0
-        f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+        if t.any() or p.any():
+            f1s.append(_prf(t, p)[2])
     return float(np.mean(f1s)) if f1s else 0.0
 
 
@@ -85,12 +88,9 @@ def threshold_table(y_true: Any, y_pred: Any, threshold: float, lo: float, hi: f
     rows = []
     for cut in np.arange(lo, hi + 1e-9, step):
         p = y_pred >= cut
-        tp = int(np.sum(t & p))
-        prec = tp / int(p.sum()) if p.any() else 0.0
-        rec = tp / int(t.sum()) if t.any() else 0.0
+        prec, rec, f1 = _prf(t, p)
         rows.append({"cutoff": round(float(cut), 3), "keep_rate": float(p.mean()) if len(p) else 0.0,
-                     "precision": prec, "recall": rec,
-                     "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0})
+                     "precision": prec, "recall": rec, "f1": f1})
     return rows
 
 
@@ -117,3 +117,8 @@ def percentiles(scores: Any) -> list[float]:
     """The 0th..100th percentiles (101 values) of a calibration sample's scores."""
     s = np.asarray(scores, dtype=np.float64)
     return [round(float(x), 6) for x in np.percentile(s, np.arange(101))] if len(s) else []
+
+
+def keep_top_cutoff(scores: Any, fraction: float) -> float:
+    """The score at or above which the top `fraction` of `scores` lies."""
+    return float(np.percentile(np.asarray(scores, dtype=np.float64), (1 - fraction) * 100))

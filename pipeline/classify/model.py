@@ -128,14 +128,9 @@ def load_classifier(model_dir: str | Path) -> EduClassifier:
 def score_texts(model: EduClassifier | str | Path, texts: Iterable[str], batch_size: int = 512,
                 max_chars: int | None = None) -> np.ndarray:
     """Scores for any iterable of texts, in batches."""
+    from datatrove.utils.batching import batched
+
     clf = model if isinstance(model, EduClassifier) else load_classifier(model)
-    out: list[np.ndarray] = []
-    batch: list[str] = []
-    for t in texts:
-        batch.append(t if isinstance(t, str) else "")
-        if len(batch) >= batch_size:
-            out.append(clf.score(batch, max_chars))
-            batch = []
-    if batch:
-        out.append(clf.score(batch, max_chars))
+    out = [clf.score(batch, max_chars)
+           for batch in batched((t if isinstance(t, str) else "" for t in texts), batch_size)]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datatrove.utils.batching import batched
 
 from pipeline.classify.model import load_classifier
 from pipeline.documents import DocumentWriter, iter_documents
@@ -28,18 +28,8 @@ def score_files(model_dir: str, inputs: list[str], out_dir: str, text_column: st
         stats.read()
         stats.error(reason)
 
-    def batches() -> Iterator[list[dict[str, Any]]]:
-        batch: list[dict[str, Any]] = []
-        for doc in iter_documents(inputs, text_field=text_column, on_error=on_error):
-            batch.append(doc)
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
     with tqdm(desc="scoring", unit="doc") as bar:
-        for batch in batches():
+        for batch in batched(iter_documents(inputs, text_field=text_column, on_error=on_error), batch_size):
             scores = clf.score([d["text"] for d in batch], max_chars)
             for doc, s in zip(batch, scores, strict=True):
                 stats.read()

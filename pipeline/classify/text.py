@@ -22,6 +22,3 @@ def prepare(text: str, max_chars: int, lowercase: bool = True) -> str:
         text = text[:max_chars]
     return text.lower() if lowercase else text
 
-
-def is_blank(text: object) -> bool:
-    return not isinstance(text, str) or not text.strip()

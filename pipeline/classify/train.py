@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.classify import metrics as M
 from pipeline.classify.backends import make_backend
-from pipeline.classify.data import Example, LoadReport, load_labelled, load_source, merge, split_of
+from pipeline.classify.data import SPLITS, Example, LoadReport, load_labelled, load_source, merge, split_of
 from pipeline.classify.model import FORMAT, META_FILE, EduClassifier, sha256_file
 from pipeline.classify.text import prepare
 from pipeline.config.classifier import TrainSection
@@ -75,7 +75,7 @@ def train_classifier(train: TrainSection, keep_top: float | None = None, out_dir
         raise TextbookError("classifier.train: score_max must be above score_min")
     t0 = time.perf_counter()
     examples, report, repeats = load_labelled(train.sources, train.score_min, train.score_max, train.strict)
-    splits: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
+    splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for ex in examples:
         splits[split_of(ex.id, train.split)].append(ex)
     if len(splits["train"]) < 2 or not splits["test"]:
@@ -162,11 +162,11 @@ def _calibrate(backend: Any, train: TrainSection, splits: dict[str, list[Example
     scores = _score(backend, docs, train)
     pct = M.percentiles(scores)
     out: dict[str, Any] = {"sample": where, "documents": len(docs), "percentiles": pct,
-                           "keep_top_cutoffs": {f"{f:g}": float(np.percentile(scores, (1 - f) * 100))
+                           "keep_top_cutoffs": {f"{f:g}": M.keep_top_cutoff(scores, f)
                                                 for f in (0.01, 0.05, 0.1, 0.2, 0.3, 0.5)}}
     if keep_top is not None:
         out["keep_top"] = keep_top
-        out["keep_top_cutoff"] = float(np.percentile(scores, (1 - keep_top) * 100))
+        out["keep_top_cutoff"] = M.keep_top_cutoff(scores, keep_top)
     return out
 
 
@@ -242,7 +242,7 @@ def record_keep_top(clf: EduClassifier, texts: list[str], keep_top: float, sampl
     scores = clf.score(texts)
     cal = dict(clf.meta.get("calibration", {}))
     cal.update({"sample": sample, "documents": len(texts), "percentiles": M.percentiles(scores),
-                "keep_top": keep_top, "keep_top_cutoff": float(np.percentile(scores, (1 - keep_top) * 100))})
+                "keep_top": keep_top, "keep_top_cutoff": M.keep_top_cutoff(scores, keep_top)})
     clf.meta["calibration"] = cal
     atomic_write_text(clf.model_dir / META_FILE, json.dumps(clf.meta, indent=2) + "\n")
     return cal

@@ -118,13 +118,12 @@ def evaluate_cmd(
 
         texts = [e.text for s in sources for e in load_source(s, clf.score_min, clf.score_max, LoadReport())]
         if record:
-            cal = record_keep_top(clf, texts, frac, sample=", ".join(data))
-            m["keep_top"] = {"fraction": frac, "cutoff": cal["keep_top_cutoff"], "recorded": True}
+            cutoff = record_keep_top(clf, texts, frac, sample=", ".join(data))["keep_top_cutoff"]
         else:
-            import numpy as np
+            from pipeline.classify.metrics import keep_top_cutoff
 
-            m["keep_top"] = {"fraction": frac, "cutoff": float(np.percentile(clf.score(texts), (1 - frac) * 100)),
-                             "recorded": False}
+            cutoff = keep_top_cutoff(clf.score(texts), frac)
+        m["keep_top"] = {"fraction": frac, "cutoff": cutoff, "recorded": record}
         console.print(f"keep top {frac:.1%}: cut-off {m['keep_top']['cutoff']:.3f}"
                       f"{' (recorded in the model)' if record else ''}")
     _print_metrics(m)

@@ -67,7 +67,7 @@ def _dry_run(config: str, sets: list[str], samples: int) -> None:
                   f"{cov['subjects_covered']}/{cov['subjects_total']} subjects, "
                   f"{cov['leaves_covered']:,}/{cov['leaves_total']:,} leaf topics, {cov['web_seeded']} web-seeded")
     for req in p.requests[: max(samples, 0)]:
-        spec = p.spec_of(req)
+        spec = p.specs[req.tag["spec"]]
         body = req.messages[-1]["content"] if req.messages else req.prompt
         console.rule(f"spec {spec.index}: {spec.audience} · {spec.format} · {spec.topic}")
         console.print(body, highlight=False, markup=False)

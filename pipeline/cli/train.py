@@ -12,18 +12,14 @@ from pipeline.cli.common import SET_HELP, console, user_errors
 
 def _is_run_config(path: Path) -> bool:
     """A run config has run-level sections (run:, pretrain:, shard:...); a pretrain YAML has model:, train:..."""
-    import yaml
-
-    from pipeline.config import RunConfig
+    from pipeline.config import RunConfig, read_yaml_mapping
     from pipeline.config.pretrain import PretrainSection
+    from pipeline.errors import ConfigError
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return False  # the pretrain loader reports the error with file and line
-    if not isinstance(data, dict):
-        return False
-    keys = set(data)
+        keys = set(read_yaml_mapping(path, str(path)))
+    except ConfigError:
+        return False  # the pretrain loader reports the same error
     run_only = set(RunConfig.model_fields) - set(PretrainSection.model_fields)
     return bool(keys & run_only) and keys <= set(RunConfig.model_fields)
 
@@ -74,7 +70,7 @@ def pretrain(
     section = load_pretrain_config(path if path.is_file() else preset_path(config), [*set_, *extra])
     name = path.stem if path.is_file() else config
     out_dir = Path(out or section.out or f"runs/pretrain/{name}")
-    from pipeline.train.trainer import list_checkpoints, train
+    from pipeline.train.trainer import is_main_process, list_checkpoints, train
 
     try:
         summary = train(section, out_dir, resume="force" if force else resume,
@@ -83,7 +79,7 @@ def pretrain(
         ckpts = list_checkpoints(out_dir)
         raise TextbookError(f"interrupted; newest checkpoint {ckpts[-1]}: continue with the same command and --resume"
                             if ckpts else f"interrupted before the first checkpoint in {out_dir}: run again") from None
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
+    if is_main_process():  # under torchrun, rank 0 speaks
         _print_summary(summary)
 
 

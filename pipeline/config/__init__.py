@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -25,6 +25,7 @@ from pipeline.config.pretrain import PretrainSection
 from pipeline.config.report import ReportSection
 from pipeline.config.web import WebSection
 from pipeline.errors import ConfigError
+from pipeline.io import YAML_LOADER
 
 __all__ = [
     "RunConfig",
@@ -92,12 +93,13 @@ def _field_model(model: type[BaseModel], key: str) -> type[BaseModel] | None:
     return None
 
 
-def _apply_override(data: dict[str, Any], assignment: str, source: str) -> None:
+def _apply_override(data: dict[str, Any], assignment: str, source: str, root: type[BaseModel]) -> None:
+    """`key.sub=value` into `data`; keys are checked against `root` as they are walked."""
     if "=" not in assignment:
         raise ConfigError(f"{source}: --set expects key=value, got {assignment!r}")
     dotted, raw = assignment.split("=", 1)
     keys = dotted.strip().split(".")
-    model: type[BaseModel] | None = RunConfig
+    model: type[BaseModel] | None = root
     node = data
     for i, key in enumerate(keys):
         if model is not None and key not in model.model_fields:
@@ -105,7 +107,7 @@ def _apply_override(data: dict[str, Any], assignment: str, source: str) -> None:
         last = i == len(keys) - 1
         if last:
             try:
-                node[key] = yaml.safe_load(raw) if raw.strip() else ""
+                node[key] = yaml.load(raw, Loader=YAML_LOADER) if raw.strip() else ""
             except yaml.YAMLError:
                 node[key] = raw
         else:
@@ -129,37 +131,51 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: {key}: {msg}{more}"
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load, substitute `${ENV}`, apply `--set` overrides, validate. Errors name the file and the key."""
+def read_yaml_mapping(path: Path, source: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is {}); errors name the file and the line."""
+    if not path.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    try:
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=YAML_LOADER)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: cannot read config: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}:{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml_model(model: type[M], path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> M:
+    """Load, substitute `${ENV}`, apply `--set` overrides (keys relative to `model`), validate `model`.
+
+    The one loader of the run config, a standalone pretrain YAML and an ablation YAML: errors name the
+    file and the key the same way everywhere.
+    """
     source = str(path) if path is not None else "<defaults>"
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{source}: cannot read config: {e}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{source}:{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        data = loaded
+    data = read_yaml_mapping(Path(path), source) if path is not None else {}
     try:
         data = _expand_env(data)
     except KeyError as e:
         raise ConfigError(f"{source}: environment variable {e.args[0]} is not set (use ${{{e.args[0]}:-default}})") from None
     for assignment in overrides or []:
-        _apply_override(data, assignment, source)
+        _apply_override(data, assignment, source, model)
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load, substitute `${ENV}`, apply `--set` overrides, validate. Errors name the file and the key."""
+    return load_yaml_model(RunConfig, path, overrides)
 
 
 def config_hash(obj: Any) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError
 
 from pipeline.config.core import StrictModel
@@ -144,6 +143,8 @@ def preset_path(preset: str) -> Path:
 
 def resolve_pretrain(section: PretrainSection) -> PretrainSection:
     """The section with its preset chain applied: keys the user set win over the preset's values."""
+    from pipeline.config import _format_error, read_yaml_mapping  # pipeline.config imports this module
+
     data = section.model_dump(mode="json", exclude_unset=True)
     preset, seen = section.preset, set()
     while preset:
@@ -151,26 +152,14 @@ def resolve_pretrain(section: PretrainSection) -> PretrainSection:
         if path.resolve() in seen:
             raise ConfigError(f"{path}: preset cycle")
         seen.add(path.resolve())
-        loaded = _read_yaml(path)
+        loaded = read_yaml_mapping(path, str(path))
         data = _deep_merge(loaded, data)
         preset = loaded.get("preset")
     data["preset"] = None
     try:
         return PretrainSection.model_validate(data)
     except ValidationError as e:
-        from pipeline.config import _format_error
-
         raise ConfigError(_format_error(e, f"pretrain (preset {section.preset})")) from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return loaded
 
 
 def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -> PretrainSection:
@@ -178,20 +167,6 @@ def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -
 
     Overrides are relative to the section: `--set train.max_steps=500 --set model.dim=128`.
     """
-    from pipeline.config import _apply_override, _expand_env, _format_error
+    from pipeline.config import load_yaml_model
 
-    source = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{source}: config file not found")
-    try:
-        data = _expand_env(_read_yaml(p))
-    except KeyError as e:
-        raise ConfigError(f"{source}: environment variable {e.args[0]} is not set") from None
-    wrapped = {"pretrain": data}
-    for assignment in overrides or []:
-        _apply_override(wrapped, "pretrain." + assignment.strip(), source)
-    try:
-        return PretrainSection.model_validate(wrapped["pretrain"])
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+    return load_yaml_model(PretrainSection, path, overrides)

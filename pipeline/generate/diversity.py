@@ -2,12 +2,12 @@
 
 A streaming MinHash LSH index holds every output seen so far; each grid cell counts its outputs that are near
 duplicates of an earlier output, or that open with a first sentence already used in that cell. Once a cell has
-`min_docs` outputs and its repeat rate exceeds `max_repeat_rate`, the cell is stopped: the LLM runner asks
-`should_send` before each request and the cell's remaining requests are skipped (and reported).
+`min_docs` outputs and its repeat rate exceeds `max_repeat_rate`, the cell is stopped: the guard runs in the
+judging process, which reports stopped cells to the driver, and the LLM runner's `should_send`
+(`judge.JudgeProcess`) skips the cell's remaining requests (and counts them).
 Stats: near-duplicate rate, distinct word-3-gram ratio, most common openings, stopped cells.
 
-The MinHash is vectorised numpy over hashed word n-grams (about 0.1 ms per document), so judging outputs in the
-driver never slows the dispatch of requests.
+Words, word n-gram hashes and MinHash signatures are `pipeline.minhash`'s, as in dedup (vectorised numpy).
 """
 
 from __future__ import annotations
@@ -20,13 +20,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.config.generate import DiversitySettings
+from pipeline.minhash import MinHasher, ngram_hashes, word_hashes, words
 
-_WORD = re.compile(r"\w+", re.UNICODE)
 _FIRST_SENTENCE = re.compile(r"^(.*?[.!?])(\s|$)", re.S)
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
 
 
 def opening(text: str, n_words: int) -> str:
@@ -44,29 +40,6 @@ class CellState:
     repeated_openings: int = 0
     repeats: int = 0
     openings: Counter[str] = field(default_factory=Counter)
-
-
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: spreads the bits of a (multiply-add) hash."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def ngram_hashes(word_hashes: np.ndarray, k: int) -> np.ndarray:
-    """Hashes of every run of k consecutive words (one hash if the text is shorter than k)."""
-    n = len(word_hashes)
-    if n <= k:
-        k = n
-    h = word_hashes[: n - k + 1].copy()
-    with np.errstate(over="ignore"):
-        for j in range(1, k):
-            h = h * np.uint64(1_000_003) + word_hashes[j: n - k + 1 + j]
-    return _mix(h)
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
@@ -87,20 +60,19 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
 
 
 class MinHashIndex:
-    """Streaming MinHash LSH: add a signature, ask which earlier ones estimate Jaccard >= threshold."""
+    """Streaming MinHash LSH: add a signature, ask which earlier ones estimate Jaccard >= threshold.
+    Signatures come from dedup's `minhash.MinHasher`; the index is a dict per band, since outputs arrive one by
+    one (dedup's batch LSH clusters a whole corpus at once)."""
 
     def __init__(self, threshold: float, num_perm: int, seed: int = 1) -> None:
-        rng = np.random.default_rng(seed)
-        self.a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
-        self.b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+        self.hasher = MinHasher(num_perm, seed)
         self.threshold = threshold
         self.bands, self.rows = lsh_params(threshold, num_perm)
         self.buckets: list[dict[bytes, list[str]]] = [{} for _ in range(self.bands)]
         self.signatures: dict[str, np.ndarray] = {}
 
     def signature(self, shingles: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            return _mix(shingles[:, None] * self.a[None, :] + self.b[None, :]).min(axis=0)
+        return self.hasher.signatures_of(shingles, np.zeros(len(shingles), dtype=np.int64), 1)[0]
 
     def query(self, sig: np.ndarray) -> list[str]:
         cands: set[str] = set()
@@ -120,7 +92,6 @@ class DiversityGuard:
     def __init__(self, settings: DiversitySettings) -> None:
         self.s = settings
         self.index = MinHashIndex(settings.near_dup_threshold, settings.num_perm)
-        self.word_hash: dict[str, int] = {}
         self.cells: dict[str, CellState] = {}
         self.stopped: dict[str, dict[str, Any]] = {}
         self.openings: Counter[str] = Counter()
@@ -128,22 +99,6 @@ class DiversityGuard:
         self.ngram_total = 0
         self.docs = 0
         self.near_dups = 0
-        self.skipped: Counter[str] = Counter()
-
-    def cell_of(self, spec: Any) -> str:
-        return " × ".join(spec.field(f) for f in self.s.cell_by)
-
-    def _word_hashes(self, tokens: list[str]) -> np.ndarray:
-        import xxhash
-
-        cache = self.word_hash
-        out = []
-        for t in tokens:
-            h = cache.get(t)
-            if h is None:
-                h = cache[t] = xxhash.xxh64_intdigest(t)
-            out.append(h)
-        return np.array(out, dtype=np.uint64)
 
     def observe(self, key: str, cell: str, text: str) -> dict[str, Any]:
         """Index one output; returns whether it repeats an earlier one (for the document's meta)."""
@@ -151,8 +106,9 @@ class DiversityGuard:
         if not tokens:
             return {"near_duplicate_of": None, "opening_seen_before": False}
         self.docs += 1
-        wh = self._word_hashes(tokens)
-        sig = self.index.signature(ngram_hashes(wh, self.s.shingle_words))
+        wh = word_hashes(tokens)
+        # a text shorter than the shingle is one shingle of all its words, so it still has a signature
+        sig = self.index.signature(ngram_hashes(wh, min(self.s.shingle_words, len(wh))))
         near = [k for k in self.index.query(sig) if k != key]
         self.index.add(key, sig)
         if len(tokens) >= 3:
@@ -177,12 +133,6 @@ class DiversityGuard:
                                       "top_opening": state.openings.most_common(1)[0][0]}
         return {"near_duplicate_of": near[0] if near else None, "opening_seen_before": seen_opening}
 
-    def should_send(self, cell: str) -> str | None:
-        if cell in self.stopped:
-            self.skipped[cell] += 1
-            return f"diversity_guard: cell '{cell}' repeats itself"
-        return None
-
     def stats(self, top: int = 10) -> dict[str, Any]:
         return {
             "outputs_indexed": self.docs,
@@ -191,5 +141,4 @@ class DiversityGuard:
             "most_common_openings": [{"opening": o, "count": c} for o, c in self.openings.most_common(top)],
             "cells_observed": len(self.cells),
             "cells_stopped": self.stopped,
-            "requests_not_sent_per_cell": dict(self.skipped),
         }

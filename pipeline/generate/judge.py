@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.documents import DocumentWriter, doc_id
+from pipeline.documents import DocumentWriter, RemovedWriters, doc_id
 from pipeline.errors import TextbookError
 from pipeline.generate.diversity import DiversityGuard
 from pipeline.generate.sampler import PromptSpec
-from pipeline.llm.types import LLMResult
+from pipeline.llm.types import LLMRequest, LLMResult
 from pipeline.stats import StageStats
 
 SOURCE = "synthetic"
@@ -67,9 +67,9 @@ class Judge:
         self.guard = DiversityGuard(self.cfg.generate.diversity)
         self._validator: Any = None
         self.kept_rows: list[tuple[int, int, dict[str, Any]]] = []
-        self.removed: dict[str, DocumentWriter] = {}
-        self.kept_spec_indices: list[int] = []
-        self.words_kept = self.completion_tokens = self.prompt_tokens = self.cached = 0
+        self.removed = RemovedWriters(setup.removed_dir)
+        self.words_kept = self.completion_tokens = self.prompt_tokens = 0
+        self._sent_params: dict[int, dict[str, Any]] = {}
         self.states: Counter[str] = Counter()
 
     @property
@@ -80,11 +80,21 @@ class Judge:
             self._validator = Validator(self.cfg.generate, self.cfg.tokenizer.path)
         return self._validator
 
-    def _doc(self, spec: PromptSpec, result: LLMResult, params: dict | None, text: str,
-             extra: dict[str, Any]) -> dict[str, Any]:
+    def sent_params(self, sample_index: int) -> dict[str, Any]:
+        """The parameters a request was sent with, derived here rather than shipped with every result: all the
+        stage's requests carry the config's sampling parameters (`stage.build_request`), and the seed sent is
+        offset by the sample index (`LLMRequest.sent_params`)."""
+        params = self._sent_params.get(sample_index)
+        if params is None:
+            request = LLMRequest(prompt="", params=self.cfg.llm.sampling_params(), sample_index=sample_index)
+            params = self._sent_params[sample_index] = request.sent_params()
+        return params
+
+    def _doc(self, spec: PromptSpec, result: LLMResult, text: str, extra: dict[str, Any]) -> dict[str, Any]:
+        sample_index = result.tag["sample_index"]
         meta: dict[str, Any] = {
-            "request_key": result.key, "spec_index": spec.index, "sample_index": result.tag.get("sample_index"),
-            "params": params,
+            "request_key": result.key, "spec_index": spec.index, "sample_index": sample_index,
+            "params": self.sent_params(sample_index),
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
             "finish_reason": result.finish_reason, "latency_s": round(result.latency_s, 3),
             "attempts": result.attempts, "cached": result.cached,
@@ -99,27 +109,20 @@ class Judge:
                 "prompt_id": self.setup.prompt_ids[spec.format], "model": result.model or self.cfg.llm.model,
                 "url": spec.seed.url if spec.seed is not None else None, "meta": meta}
 
-    def _remove(self, reason: str, doc: dict[str, Any]) -> None:
-        writer = self.removed.get(reason)
-        if writer is None:
-            writer = self.removed[reason] = DocumentWriter(self.setup.removed_dir, prefix=reason)
-        writer.write({**doc, "reason": reason})
-
-    def __call__(self, result: LLMResult, params: dict | None = None) -> None:
+    def __call__(self, result: LLMResult) -> None:
         spec = self.setup.specs[result.tag["spec"]]
         self.stats.read()
         if result.skipped:
             reason = skip_reason(result.skipped)
             self.stats.drop(reason)
-            self._remove(reason, self._doc(spec, result, params, "", {"skipped": result.skipped}))
+            self.removed.write(self._doc(spec, result, "", {"skipped": result.skipped}), reason)
             self.states["skipped"] += 1
             return
         self.prompt_tokens += result.prompt_tokens
         self.completion_tokens += result.completion_tokens
-        self.cached += result.cached
         if not result.ok:
             self.stats.error(failure_reason(result.error))
-            self._remove("failed", self._doc(spec, result, params, "", {"error": result.error}))
+            self.removed.write(self._doc(spec, result, "", {"error": result.error}), "failed")
             self.states["failed"] += 1
             return
         text = result.text or ""
@@ -131,34 +134,34 @@ class Judge:
             extra.update(language=verdict.language, language_score=round(verdict.language_score or 0, 3))
         if text.strip():
             extra.update(self.guard.observe(result.key, result.tag["cell"], text))
-        doc = self._doc(spec, result, params, text, extra)
+        doc = self._doc(spec, result, text, extra)
         if verdict.reason is not None:
             self.stats.drop(verdict.reason)
-            self._remove(verdict.reason, doc)
+            self.removed.write(doc, verdict.reason)
             self.states["filtered"] += 1
             return
         self.stats.keep()
         self.states["ok"] += 1
         self.words_kept += verdict.words
-        self.kept_spec_indices.append(spec.index)
-        self.kept_rows.append((spec.index, int(result.tag.get("sample_index", 0)), doc))
+        self.kept_rows.append((spec.index, result.tag["sample_index"], doc))
 
     def close(self) -> dict[str, Any]:
         """Write the kept documents (in spec order: the same config gives the same files whatever order answers
         came in) and return the judge's accounting for the stage stats."""
+        rows = sorted(self.kept_rows, key=lambda r: (r[0], r[1]))
         with DocumentWriter(self.setup.kept_dir) as w:
-            for _, _, doc in sorted(self.kept_rows, key=lambda r: (r[0], r[1])):
+            for _, _, doc in rows:
                 w.write(doc)
-        for writer in self.removed.values():
-            writer.close()
-        return {"stats": self.stats.as_dict(), "states": dict(self.states), "kept_spec_indices":
-                self.kept_spec_indices, "words_kept": self.words_kept, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "cached": self.cached, "diversity": self.guard.stats()}
+        self.removed.close()
+        return {"stats": self.stats.as_dict(), "states": dict(self.states),
+                "kept_spec_indices": [spec_index for spec_index, _, _ in rows], "words_kept": self.words_kept,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "diversity": self.guard.stats()}
 
 
 # ------------------------------------------------------------------------------------------ child process
 def child_main(inbox_fd: int, outbox_fd: int) -> None:
-    """Child: receive the setup, judge batches of (result, params) until None, report stopped cells as they
+    """Child: receive the setup, judge batches of results until None, report stopped cells as they
     happen, then write the outputs and send the accounting."""
     from multiprocessing.connection import Connection
 
@@ -170,8 +173,8 @@ def child_main(inbox_fd: int, outbox_fd: int) -> None:
         outbox.send(("ready",))
         reported: set[str] = set()
         while (batch := inbox.recv()) is not None:
-            for result, params in batch:
-                judge(result, params)
+            for result in batch:
+                judge(result)
             for cell, info in judge.guard.stopped.items():
                 if cell not in reported:
                     reported.add(cell)
@@ -184,7 +187,7 @@ def child_main(inbox_fd: int, outbox_fd: int) -> None:
 
 
 class JudgeProcess:
-    """Parent side: `put(result, params)` never blocks the caller; `stopped` holds the cells the child's
+    """Parent side: `put(result)` never blocks the caller; `stopped` holds the cells the child's
     diversity guard stopped; `close()` returns the child's accounting (or raises its error).
 
     The child is a fresh interpreter (`python -c ...`), not a fork: the driver may hold Ray's threads, and a
@@ -210,7 +213,7 @@ class JudgeProcess:
         self.error: str | None = None
         self.final: dict[str, Any] | None = None
         self._ready = threading.Event()
-        self._queue: queue.SimpleQueue[tuple[LLMResult, dict | None] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[LLMResult | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="judge-sender", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="judge-reader", daemon=True)
         self._reader.start()
@@ -272,10 +275,10 @@ class JudgeProcess:
             return f"diversity_guard: cell '{cell}' repeats itself"
         return None
 
-    def put(self, result: LLMResult, params: dict | None) -> None:
+    def put(self, result: LLMResult) -> None:
         if self.error is not None:
             raise TextbookError(f"generate: judging failed: {self.error}")
-        self._queue.put((result, params))
+        self._queue.put(result)
 
     def close(self) -> dict[str, Any]:
         self._queue.put(None)
@@ -284,7 +287,7 @@ class JudgeProcess:
         self.proc.wait()
         if self.error is not None or self.final is None:
             raise TextbookError(f"generate: judging failed: {self.error or 'no result from the judging process'}")
-        self.final["diversity"]["requests_not_sent_per_cell"] = dict(self.not_sent)
+        self.final["diversity"]["requests_not_sent_per_cell"] = dict(self.not_sent)  # the guard never sees them
         return self.final
 
     def abort(self) -> None:

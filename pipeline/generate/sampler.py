@@ -94,7 +94,6 @@ class SpecSampler:
                  audience_weights: dict[str, float] | None = None, format_weights: dict[str, float] | None = None,
                  subject_weights: dict[str, float] | None = None, seeds: list[SeedPage] | None = None,
                  seed_format: Format | None = None, web_seed_fraction: float = 0.0) -> None:
-        self.seed = seed
         aw, fw, sw = audience_weights or {}, format_weights or {}, subject_weights or {}
         for name, weights, known in (("audience", aw, audiences), ("format", fw, list(formats)),
                                      ("subject", sw, list(taxonomy.subjects))):
@@ -135,7 +134,6 @@ class SpecSampler:
         if self.web_fraction:
             suited = [a for a in audiences if seed_format.suits_audience(a)]
             self.seed_audiences = RoundRobin(suited, [aw.get(a, 1.0) for a in suited])
-        self.capacity = sum(len(self.subjects[n].leaves) for names in self.cell_subjects.values() for n in names)
         if not cells and not self.web_fraction:
             raise TextbookError("generate: the grid is empty: no format suits the audiences and subjects chosen")
 

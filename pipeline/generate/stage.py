@@ -3,7 +3,7 @@
     specs    = SpecSampler(taxonomy, formats, audiences, seeds).sample(n)      # coverage-driven, deterministic
     requests = [render(spec) for each sample 0..llm.n-1]                       # content-addressed (ledger key)
     run_requests(requests, should_send=diversity guard, on_result=judge)       # LLM layer: Ray, limits, ledger
-    judge    = ok → Validator → kept | removed/<reason>;  failed → removed/failed;  skipped → removed/skipped
+    judge    = ok → Validator → kept | removed/<reason>;  failed → removed/failed;  skipped → removed/skipped_<why>
            (judge.py: in a child process, so judging never competes with the requests in flight)
 
 Every request ends in exactly one state, counted in the stage stats: kept, dropped:<reason> (filtered output or
@@ -37,25 +37,13 @@ class Plan:
     grid_cells: list[tuple[str, str]]
     seeds_info: dict[str, Any]
 
-    def spec_of(self, request: LLMRequest) -> PromptSpec:
-        return self.specs[request.tag["spec"]]
-
 
 def build_request(cfg: RunConfig, spec: PromptSpec, fmt: Format, sample_index: int, cell: str) -> LLMRequest:
     """Deterministic: the same spec under the same config is the same request (and ledger key)."""
-    text = fmt.render(**spec.variables())
-    system = cfg.generate.system_prompt
-    params = cfg.llm.sampling_params()
     tag = {"spec": spec.index, "cell": cell, "sample_index": sample_index}
-    if cfg.llm.api == "chat":
-        messages = ({"role": "system", "content": system},) if system else ()
-        messages += ({"role": "user", "content": text},)
-        return LLMRequest(messages=messages, params=params, sample_index=sample_index,
-                          template_version=fmt.prompt_id, tag=tag)
-    prompt = f"{system}\n\n{text}" if system else text
-    return LLMRequest(prompt=prompt, params=params, sample_index=sample_index, template_version=fmt.prompt_id,
-                      tag=tag)
-
+    return LLMRequest.for_api(cfg.llm.api, fmt.render(**spec.variables()), system=cfg.generate.system_prompt,
+                              params=cfg.llm.sampling_params(), sample_index=sample_index,
+                              template_version=fmt.prompt_id, tag=tag)
 
 def plan(cfg: RunConfig, inputs: list[Path], n: int | None = None, on_error: Any = None) -> Plan:
     """Everything decided before the first call: the specs, their requests, the grid."""
@@ -128,13 +116,11 @@ def run_stage(ctx: Any) -> StageStats:
     try:
         the_plan = plan(cfg, list(ctx.inputs), on_error=lambda reason, where: input_errors.update([reason]))
         requests = the_plan.requests
-        params = {r.key(cfg.llm.model): r.sent_params() for r in requests}
         judge.start(JudgeSetup(cfg, Path(ctx.kept_dir).resolve(), Path(ctx.removed_dir).resolve(),
                                the_plan.specs, {k: f.prompt_id for k, f in the_plan.formats.items()}))
         summary = run_requests(requests, cfg.llm, cfg.budget, cfg.llm.ledger_path(),
                                should_send=lambda req: judge.should_send(req.tag["cell"]),
-                               on_result=lambda result: judge.put(result, params.get(result.key)), progress=True,
-                               pool=pool)
+                               on_result=judge.put, progress=True, pool=pool)
         judged = judge.close()
     except BaseException:
         judge.abort()

@@ -116,7 +116,7 @@ class LLMClient:
         )
         self.client = AsyncOpenAI(api_key=api_key.get() or "EMPTY", base_url=base_url, max_retries=0,
                                   timeout=llm.timeout_s, http_client=http)
-        self.retries = 0
+        self._response_cls = httpx.Response  # `post` hands back the raw response: we parse the JSON ourselves
         self.recent_429: collections.deque[bool] = collections.deque(maxlen=20)
 
     async def close(self) -> None:
@@ -131,15 +131,13 @@ class LLMClient:
         timeouts, error classes) rather than `chat.completions.create`: `create` first walks the body through
         its TypedDict transform and builds pydantic models of the answer, about a third of the client's CPU per
         request, which at a few hundred requests/s is what limits one worker. Our bodies are plain JSON already."""
-        import httpx
-
         body: dict[str, Any] = {"model": self.llm.model}
         if req.messages is not None:
             path, body["messages"] = "/chat/completions", list(req.messages)
         else:
             path, body["prompt"] = "/completions", req.prompt
         body.update((k, v) for k, v in req.sent_params().items() if v is not None)
-        response = await self.client.post(path, body=body, cast_to=httpx.Response)
+        response = await self.client.post(path, body=body, cast_to=self._response_cls)
         return self._headers, json.loads(response.content)
 
     @staticmethod
@@ -181,7 +179,7 @@ class LLMClient:
 
     async def call(self, req: LLMRequest, key: str) -> LLMResult:
         est_prompt = req.estimated_prompt_tokens()
-        est = est_prompt + int(req.params.get("max_tokens") or self.llm.max_tokens)
+        est = est_prompt + req.max_completion_tokens(self.llm.max_tokens)
         t0 = time.monotonic()
         error = "not attempted"
         attempts = 0
@@ -204,7 +202,6 @@ class LLMClient:
                     self.limiter.pause(wait if wait is not None else self.llm.cooldown_s)
                 if not retryable or attempt == self.llm.max_retries:
                     break
-                self.retries += 1
                 delay = self._backoff(attempt)
                 if wait is not None:
                     delay = max(wait, min(delay, wait + 1.0))

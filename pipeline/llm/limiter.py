@@ -26,10 +26,9 @@ class LocalLimiter:
 
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
-        now = time.monotonic()
-        self._req = self._burst(self.rpm)
-        self._tok = self._burst(self.tpm)
-        self._t = now
+        self._req_cap, self._tok_cap = self._burst(self.rpm), self._burst(self.tpm)
+        self._req, self._tok = self._req_cap, self._tok_cap
+        self._t = time.monotonic()
         self.paused_until = 0.0
 
     @staticmethod
@@ -41,9 +40,9 @@ class LocalLimiter:
         now = time.monotonic()
         dt, self._t = now - self._t, now
         if self.rpm:
-            self._req = min(self._burst(self.rpm), self._req + dt * self.rpm / 60)
+            self._req = min(self._req_cap, self._req + dt * self.rpm / 60)
         if self.tpm:
-            self._tok = min(self._burst(self.tpm), self._tok + dt * self.tpm / 60)
+            self._tok = min(self._tok_cap, self._tok + dt * self.tpm / 60)
 
     def reserve(self, est_tokens: int) -> float:
         """Take a request slot and `est_tokens`; return how long the caller must wait before sending."""
@@ -55,7 +54,7 @@ class LocalLimiter:
                 wait = max(wait, -self._req * 60 / self.rpm)
         if self.tpm:
             # a request larger than the whole bucket must still be able to go eventually
-            self._tok -= min(est_tokens, self._burst(self.tpm))
+            self._tok -= min(est_tokens, self._tok_cap)
             if self._tok < 0:
                 wait = max(wait, -self._tok * 60 / self.tpm)
         return wait
@@ -69,7 +68,7 @@ class LocalLimiter:
 
     def settle(self, est_tokens: int, used_tokens: int) -> None:
         if self.tpm:
-            self._tok = min(self._burst(self.tpm), self._tok + est_tokens - used_tokens)
+            self._tok = min(self._tok_cap, self._tok + est_tokens - used_tokens)
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)

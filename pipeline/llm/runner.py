@@ -28,11 +28,15 @@ _OPENAI_DEFAULT = "https://api.openai.com/v1"
 
 
 # --------------------------------------------------------------------------------------------- endpoint
+def _needs_local_server(llm: LLMSection) -> bool:
+    return llm.provider == "local" and not llm.resolved_base_url()  # OPENAI_BASE_URL set: use that endpoint
+
+
 @contextlib.contextmanager
 def open_endpoint(llm: LLMSection) -> Iterator[LLMSection]:
     """Yield an `llm` section pointing at a live endpoint: for `provider: local` without a base_url, start
     `transformers serve` for the duration. Wrap a whole stage in it to reuse one server across calls."""
-    if llm.provider == "local" and not llm.resolved_base_url():  # OPENAI_BASE_URL set: use that endpoint
+    if _needs_local_server(llm):
         from pipeline.llm.server import LocalServer
 
         with LocalServer(llm.model, port=llm.local_port, device=llm.local_device,
@@ -158,7 +162,7 @@ def prestart_workers(llm: LLMSection) -> WorkerPool | None:
     """Start Ray worker actors now, for a `run_requests(..., pool=...)` that follows the caller's planning.
     None where there is nothing to gain or it cannot start yet: the thread worker (starts instantly), a local
     server not started yet, or no API key (run_requests then reports what is missing)."""
-    if llm.workers == 0 or (llm.provider == "local" and not llm.resolved_base_url()):
+    if llm.workers == 0 or _needs_local_server(llm):
         return None
     try:
         secret = api_key(llm)
@@ -173,27 +177,38 @@ class _Budget:
     worst case (estimated prompt + max_tokens) stays within the cap, so the cap cannot be overshot."""
 
     def __init__(self, budget: BudgetSection, llm: LLMSection) -> None:
-        self.b, self.llm = budget, llm
+        self.b = budget
+        self.default_max_tokens = llm.max_tokens
+        # uncapped (the usual case): nothing to reserve against, so the driver's per-request path only adds spend
+        self.capped = budget.max_usd is not None or budget.max_tokens is not None
         self.spent_usd = self.reserved_usd = 0.0
         self.spent_tok = self.reserved_tok = 0
 
-    def worst(self, req: LLMRequest) -> tuple[int, int]:
-        return req.estimated_prompt_tokens(), int(req.params.get("max_tokens") or self.llm.max_tokens)
+    def _worst(self, req: LLMRequest) -> tuple[float, int]:
+        p, c = req.estimated_prompt_tokens(), req.max_completion_tokens(self.default_max_tokens)
+        return self.b.cost(p, c), p + c
 
-    def fits(self, req: LLMRequest) -> bool:
-        p, c = self.worst(req)
-        if self.b.max_usd is not None and \
-                self.spent_usd + self.reserved_usd + self.b.cost(p, c) > self.b.max_usd:
+    def take(self, req: LLMRequest) -> bool:
+        """Reserve the request's worst case if it fits under the caps; False (nothing reserved) if not."""
+        if not self.capped:
+            return True
+        usd, tok = self._worst(req)
+        if self.b.max_usd is not None and self.spent_usd + self.reserved_usd + usd > self.b.max_usd:
             return False
-        return self.b.max_tokens is None or self.spent_tok + self.reserved_tok + p + c <= self.b.max_tokens
+        if self.b.max_tokens is not None and self.spent_tok + self.reserved_tok + tok > self.b.max_tokens:
+            return False
+        self.reserved_usd += usd
+        self.reserved_tok += tok
+        return True
 
-    def reserve(self, req: LLMRequest, sign: int = 1) -> None:
-        p, c = self.worst(req)
-        self.reserved_usd += sign * self.b.cost(p, c)
-        self.reserved_tok += sign * (p + c)
+    def release(self, req: LLMRequest) -> None:
+        if self.capped:
+            usd, tok = self._worst(req)
+            self.reserved_usd -= usd
+            self.reserved_tok -= tok
 
     def settle(self, req: LLMRequest, result: LLMResult) -> None:
-        self.reserve(req, -1)
+        self.release(req)
         self.spent_usd += self.b.cost(result.prompt_tokens, result.completion_tokens)
         self.spent_tok += result.prompt_tokens + result.completion_tokens
 
@@ -210,8 +225,9 @@ class _Budget:
 # --------------------------------------------------------------------------------------------- progress
 class _Progress:
     def __init__(self, enabled: bool, total: int | None) -> None:
-        self.enabled, self.total = enabled, total
+        self.total = total
         self.bar = None
+        self.t0 = time.monotonic()
         self._last = 0.0
         if enabled:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -221,7 +237,7 @@ class _Progress:
             self.bar.start()
             self.task = self.bar.add_task("llm", total=total, info="")
 
-    def update(self, s: RunSummary, spent: float, t0: float, force: bool = False) -> None:
+    def update(self, s: RunSummary, spent: float, force: bool = False) -> None:
         if self.bar is None:
             return
         now = time.monotonic()
@@ -229,8 +245,8 @@ class _Progress:
             return
         self._last = now
         done = s.ok + s.failed + s.skipped
-        dt = max(now - t0, 1e-6)
-        rate = (s.ok - s.cached + s.failed) / dt
+        dt = max(now - self.t0, 1e-6)
+        rate = s.sent / dt
         eta = ""
         if self.total and rate > 0:
             eta = f" eta {max(0, self.total - done) / rate:,.0f}s"
@@ -357,14 +373,13 @@ class _Driver:
                 if reason:
                     self._skip(key, req, reason)
                     continue
-            if not self.budget.fits(req):
+            if not self.budget.take(req):
                 if self.inflight or batch:
                     self.held = item  # room may free up when in-flight requests report real usage
                 else:
                     self.s.stopped_reason = self.budget.message()
                     self._skip(key, req, "budget")
                 break
-            self.budget.reserve(req)
             self.inflight[key] = req
             batch.append(item)
         return batch
@@ -390,6 +405,7 @@ class _Driver:
             self.budget.settle(req, r)
             self.s.sent += 1
             self.s.attempts += r.attempts
+            self.s.retries += r.attempts - 1
             self.s.prompt_tokens += r.prompt_tokens
             self.s.completion_tokens += r.completion_tokens
             self.latencies.append(r.latency_s)
@@ -407,7 +423,7 @@ class _Driver:
                 # with a prestarted pool: only the part of the start-up that planning did not hide
                 self.s.startup_s = round(time.monotonic() - t_start, 3)
                 self._loop(handles, first)
-            self.progress.update(self.s, self.budget.spent_usd, self.t0, force=True)
+            self.progress.update(self.s, self.budget.spent_usd, force=True)
         finally:
             if pool is not None:
                 pool.close()
@@ -419,7 +435,6 @@ class _Driver:
         slots = _slots(self.llm)
         caps = [s + max(2, s // 2) for s in slots]  # prefetch: a freed slot never waits on the driver
         outstanding = [0] * len(handles)
-        retries = [0] * len(handles)
         handles[0].submit(first)
         outstanding[0] = len(first)
         polls = {h.poll(): i for i, h in enumerate(handles)}
@@ -437,7 +452,7 @@ class _Driver:
                     for key in h.cancel_queued():
                         outstanding[i] -= 1
                         req = self.inflight.pop(key)
-                        self.budget.reserve(req, -1)
+                        self.budget.release(req)
                         self._skip(key, req, "budget")
                 self._drain_unsent()
             if sum(outstanding) == 0 and self.held is None and (self.exhausted or cancelled):
@@ -446,20 +461,18 @@ class _Driver:
             for fut in done:
                 i = polls.pop(fut)
                 try:
-                    results, retries[i] = fut.result()
+                    results = fut.result()
                 except Exception as e:  # worker died: its requests fail (not in the ledger, re-run sends them)
                     raise TextbookError(f"LLM worker {i} died: {type(e).__name__}: {e}") from e
                 outstanding[i] -= len(results)
                 self._record(results)
                 polls[handles[i].poll()] = i
-            self.s.retries = sum(retries)
-            self.progress.update(self.s, self.budget.spent_usd, self.t0)
+            self.progress.update(self.s, self.budget.spent_usd)
 
     def _summary(self) -> RunSummary:
         s = self.s
         s.skipped_reasons = dict(self.skipped)
         s.failed_reasons = dict(self.failed)
-        s.retries = max(s.retries, s.attempts - s.sent)
         s.cost_usd = round(self.budget.spent_usd, 6)
         s.elapsed_s = round(time.monotonic() - self.t0, 3)
         s.requests_per_s = round(s.sent / s.elapsed_s, 3) if s.elapsed_s else 0.0
@@ -478,18 +491,17 @@ def estimate(requests: Iterable[LLMRequest], llm: LLMSection, budget: BudgetSect
     time at the configured concurrency. Requests already answered in the ledger are free and not counted."""
     n = cached = 0
     p_tok = c_tok = 0
-    ledger = Ledger(ledger_path) if ledger_path is not None and Path(ledger_path).exists() else None
-    try:
-        for req in requests:
-            n += 1
-            if ledger is not None and ledger.get_ok(req.key(llm.model)) is not None:
-                cached += 1
-                continue
-            p_tok += req.estimated_prompt_tokens()
-            c_tok += int(req.params.get("max_tokens") or llm.max_tokens)
-    finally:
-        if ledger is not None:
-            ledger.close()
+    ok_keys: set[str] = set()
+    if ledger_path is not None and Path(ledger_path).exists():
+        with Ledger(ledger_path) as ledger:  # one query, not a row (with its whole text) per request
+            ok_keys = ledger.ok_keys()
+    for req in requests:
+        n += 1
+        if req.key(llm.model) in ok_keys:
+            cached += 1
+            continue
+        p_tok += req.estimated_prompt_tokens()
+        c_tok += req.max_completion_tokens(llm.max_tokens)
     to_send = n - cached
     # without a measurement, assume ~50 output tokens/s per stream for the worst-case completion length
     latency = assumed_latency_s if assumed_latency_s is not None else (c_tok / to_send / 50 if to_send else 0.0)

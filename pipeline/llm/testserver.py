@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 _WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not one "
@@ -49,7 +49,6 @@ class FaultConfig:
     seed: int = 0
     model: str = "test-model"
     ratelimit_headers: bool = False  # send x-ratelimit-* headers (remaining never 0)
-    extra: dict = field(default_factory=dict)
 
 
 def _canonical_key(body: dict) -> str:
@@ -91,8 +90,7 @@ class _App:
                 "distinct_answered": len(self.answered), "answered": dict(self.answered),
                 "faults": dict(self.faults), "auth_sha256": dict(self.auth)}
 
-    def completion(self, path: str, body: dict) -> dict:
-        key = _canonical_key(body)
+    def completion(self, key: str, body: dict) -> dict:
         max_tokens = int(body.get("max_tokens") or 10**9)
         n_words = min(self.cfg.words, max_tokens)
         text = _answer_text(key, n_words)
@@ -177,7 +175,8 @@ class _App:
         if fault == "hang":
             await asyncio.sleep(self.cfg.hang_s)
             return False
-        payload = json.dumps(self.completion(path, body)).encode()
+        key = _canonical_key(body)  # once: it names both the answer and the per-body count
+        payload = json.dumps(self.completion(key, body)).encode()
         if fault == "malformed":
             await self._send(writer, 200, payload[: len(payload) // 2])
             return True
@@ -187,7 +186,7 @@ class _App:
                        "x-ratelimit-remaining-tokens": "100000", "x-ratelimit-reset-tokens": "1s"}
         await self._send(writer, 200, payload, headers)
         # counted only once the answer is on the wire: a client that sees it will not ask again
-        self.answered[_canonical_key(body)] += 1
+        self.answered[key] += 1
         return True
 
 

@@ -35,6 +35,15 @@ class LLMRequest:
         if self.messages is not None and not isinstance(self.messages, tuple):
             object.__setattr__(self, "messages", tuple(self.messages))
 
+    @classmethod
+    def for_api(cls, api: str, text: str, *, system: str | None = None, **fields: Any) -> LLMRequest:
+        """`text` as a chat request (optional system message + user message) or, for `api: completions`, as a
+        prompt with the system text in front: callers build their requests the same way whatever `llm.api` is."""
+        if api == "chat":
+            system_msg = ({"role": "system", "content": system},) if system else ()
+            return cls(messages=(*system_msg, {"role": "user", "content": text}), **fields)
+        return cls(prompt=f"{system}\n\n{text}" if system else text, **fields)
+
     @property
     def api(self) -> str:
         return "chat" if self.messages is not None else "completions"
@@ -71,6 +80,10 @@ class LLMRequest:
         else:
             chars = len(self.prompt or "")
         return chars // 3 + 1
+
+    def max_completion_tokens(self, default: int) -> int:
+        """The completion cap sent (`params["max_tokens"]`, else the section's `default`): the worst case."""
+        return int(self.params.get("max_tokens") or default)
 
     def to_json(self) -> dict:
         return {
@@ -155,7 +168,7 @@ class RunSummary:
     failed_reasons: dict[str, int] = field(default_factory=dict)
     sent: int = 0  # requests dispatched to the endpoint in this run
     attempts: int = 0
-    retries: int = 0
+    retries: int = 0  # attempts beyond each sent request's first (= attempts - sent)
     prompt_tokens: int = 0  # spent in this run (cached results are free)
     completion_tokens: int = 0
     cost_usd: float = 0.0

@@ -62,8 +62,8 @@ class WorkerCore:
         self.queue.extend(batch)
         self.has_work.set()
 
-    async def poll(self, timeout: float = 1.0) -> tuple[list[LLMResult], int]:
-        """Finished results since the last poll (waits up to `timeout` for one) and the retries so far."""
+    async def poll(self, timeout: float = 1.0) -> list[LLMResult]:
+        """Finished results since the last poll (waits up to `timeout` for one)."""
         self._start()
         if not self.done:
             self.has_done.clear()
@@ -72,7 +72,7 @@ class WorkerCore:
             except TimeoutError:
                 pass
         out, self.done = self.done, []
-        return out, self.client.retries
+        return out
 
     async def cancel_queued(self) -> list[str]:
         """Drop requests not started yet (budget stop); returns their keys."""

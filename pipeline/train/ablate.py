@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from pipeline.config import config_hash
+from pipeline.config import config_hash, load_yaml_model
 from pipeline.config.core import StrictModel
 from pipeline.config.pretrain import EvalSetSection, PretrainSection, resolve_pretrain
 from pipeline.errors import ConfigError, TextbookError
@@ -54,33 +54,11 @@ class AblationConfig(StrictModel):
 
 
 def load_ablation_config(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:
-    from pipeline.config import _expand_env, _format_error
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = _expand_env(yaml.safe_load(p.read_text(encoding="utf-8")) or {})
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    except KeyError as e:
-        raise ConfigError(f"{path}: environment variable {e.args[0]} is not set") from None
-    for assignment in overrides or []:
-        if "=" not in assignment:
-            raise ConfigError(f"{path}: --set expects key=value, got {assignment!r}")
-        key, raw = assignment.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    names = [a.get("name") for a in data.get("arms", []) if isinstance(a, dict)]
-    if len(set(names)) != len(names):
+    cfg = load_yaml_model(AblationConfig, path, overrides)
+    names = [a.name for a in cfg.arms]
+    if len(set(names)) != len(names):  # arm names are directory names under runs/
         raise ConfigError(f"{path}: arms: names must be unique")
-    try:
-        return AblationConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, str(path))) from None
+    return cfg
 
 
 def run_config(cfg: AblationConfig, arm: ArmSection, seed: int) -> PretrainSection:

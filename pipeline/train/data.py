@@ -245,37 +245,33 @@ class EvalData:
         return int(self.y.size)
 
 
-def eval_data(name: str, sets: list[Any], split: str, max_tokens: int, seq_len: int) -> EvalData | None:
-    """The first `max_tokens` target tokens of a split, in file order (fixed across runs and arms).
-
-    Bits per byte = (mean loss in nats / ln 2) * tokens_per_byte: the ratio is measured on the documents
-    the sequences come from (UTF-8 bytes of their text; the EOS token costs no bytes but counts as a token).
-    """
-    need = max_tokens + 1
-    chunks: list[np.ndarray] = []
-    have = n_bytes = n_tokens = 0
+def _documents(sets: list[Any], split: str) -> Iterator[tuple[np.ndarray, str]]:
+    """(token ids, text) of every document of a split in file order, read one row group at a time."""
     for s in sets:
         for f in s.files(split):
             pf = pq.ParquetFile(f)
             for i in range(pf.metadata.num_row_groups):
                 table = pf.read_row_group(i, columns=["input_ids", "text"])
                 values, offsets = _doc_slices(table)
-                texts = table.column("text").to_pylist()
-                for d in range(len(texts)):
-                    ids = values[offsets[d]:offsets[d + 1]]
-                    chunks.append(ids)
-                    have += len(ids)
-                    n_tokens += len(ids)
-                    n_bytes += len(texts[d].encode("utf-8"))
-                    if have >= need:
-                        break
-                if have >= need:
-                    break
-            if have >= need:
-                break
-        if have >= need:
+                for d, text in enumerate(table.column("text").to_pylist()):
+                    yield values[offsets[d]:offsets[d + 1]], text
+
+
+def eval_data(name: str, sets: list[Any], split: str, max_tokens: int, seq_len: int) -> EvalData | None:
+    """The first `max_tokens` target tokens of a split, in file order (fixed across runs and arms).
+
+    Bits per byte = (mean loss in nats / ln 2) * tokens_per_byte: the ratio is measured on the documents
+    the sequences come from (UTF-8 bytes of their text; the EOS token costs no bytes but counts as a token).
+    """
+    chunks: list[np.ndarray] = []
+    n_bytes = n_tokens = 0
+    for ids, text in _documents(sets, split):
+        chunks.append(ids)
+        n_tokens += len(ids)
+        n_bytes += len(text.encode("utf-8"))
+        if n_tokens > max_tokens:  # max_tokens targets need one token more
             break
-    if have < seq_len + 1:
+    if n_tokens < seq_len + 1:
         return None
     stream = np.concatenate(chunks).astype(np.int64)
     n_seq = min(max_tokens, len(stream) - 1) // seq_len

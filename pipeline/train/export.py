@@ -67,14 +67,13 @@ def llama_config(args: dict[str, Any], tokenizer: dict[str, Any] | None) -> Any:
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Write OUT_DIR (replaced atomically) loadable with `AutoModelForCausalLM.from_pretrained(OUT_DIR)`."""
-    import torch
     from transformers import LlamaForCausalLM
 
-    from pipeline.train.trainer import load_checkpoint
+    from pipeline.train.trainer import DTYPES, load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     args, tok = ckpt["model_args"], ckpt.get("tokenizer") or {}
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    torch_dtype = DTYPES.get(dtype)
     if torch_dtype is None:
         raise TextbookError(f"export-hf: dtype {dtype!r} (float32, bfloat16 or float16)")
     config = llama_config(args, tok)

@@ -40,15 +40,13 @@ def _linear(w: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor:
 
 def _grow_width_layer(sd: dict[str, torch.Tensor], prefix: str, fd: int, fh: int, fkv: int, ff: int
                       ) -> dict[str, torch.Tensor]:
-    def heads(w: torch.Tensor, f_heads: int, f_in: int) -> torch.Tensor:
-        return _linear(w, f_heads, f_in)  # rows are whole heads; repeating them appends copies of every head
-
+    # q/k/v rows are whole heads: repeating the rows appends a copy of every head
     out = {
         f"{prefix}attention_norm.weight": sd[f"{prefix}attention_norm.weight"].repeat(fd),
         f"{prefix}ffn_norm.weight": sd[f"{prefix}ffn_norm.weight"].repeat(fd),
-        f"{prefix}attention.wq.weight": heads(sd[f"{prefix}attention.wq.weight"], fh, fd),
-        f"{prefix}attention.wk.weight": heads(sd[f"{prefix}attention.wk.weight"], fkv, fd),
-        f"{prefix}attention.wv.weight": heads(sd[f"{prefix}attention.wv.weight"], fkv, fd),
+        f"{prefix}attention.wq.weight": _linear(sd[f"{prefix}attention.wq.weight"], fh, fd),
+        f"{prefix}attention.wk.weight": _linear(sd[f"{prefix}attention.wk.weight"], fkv, fd),
+        f"{prefix}attention.wv.weight": _linear(sd[f"{prefix}attention.wv.weight"], fkv, fd),
         # input: concatenated heads [o, o] (fh copies); output: the residual stream (fd copies)
         f"{prefix}attention.wo.weight": _linear(sd[f"{prefix}attention.wo.weight"], fd, fh),
         f"{prefix}feed_forward.w1.weight": _linear(sd[f"{prefix}feed_forward.w1.weight"], ff, fd),

@@ -59,7 +59,15 @@ PEAK_BF16_FLOPS = {
 }
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 # --- devices and processes -------------------------------------------------------------------------------
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (RANK is set before the process group exists), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -113,7 +121,7 @@ def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+    return DTYPES[spec]
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None) -> float | None:
@@ -230,7 +238,7 @@ class Trainer:
         self.cfg = resolve_pretrain(cfg) if cfg.preset else cfg
         self.out = Path(out)
         self.on_step, self.progress = on_step, progress
-        self.log = log if int(os.environ.get("RANK", "0")) == 0 else (lambda _m: None)  # one voice under torchrun
+        self.log = log if is_main_process() else (lambda _m: None)  # one voice under torchrun
         t = self.cfg.train
         self.seq_len = t.seq_len or self.cfg.model.max_seq_len
         if self.seq_len > self.cfg.model.max_seq_len:
@@ -286,7 +294,7 @@ class Trainer:
         return ckpt
 
     def wipe(self) -> None:
-        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 touches the files
+        if not is_main_process():  # under torchrun only rank 0 touches the files
             return
         shutil.rmtree(checkpoint_dir(self.out), ignore_errors=True)
         for name in ("log.jsonl", "summary.json"):

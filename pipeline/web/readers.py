@@ -205,6 +205,13 @@ class WebReader(PipelineStep):
         return Document(text=text, id=str(rid) if rid not in (None, "") else f"{unit.label}:{where}",
                         metadata={**extra, "url": url if isinstance(url, str) else None, FORMAT_KEY: "text"})
 
+    def _record(self, rec: Any, unit: Unit, where: str) -> tuple[str, Document | Skip]:
+        """(where, the record's Document or why it is not one)."""
+        try:
+            return where, self._record_document(rec, unit, where)
+        except Skip as s:
+            return where, s
+
     def _iter_jsonl(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
         import orjson
 
@@ -241,10 +248,7 @@ class WebReader(PipelineStep):
             yield "whole file", Skip("errored", "malformed_json", str(e))
             return
         for i, rec in enumerate(items):
-            try:
-                yield f"item {i}", self._record_document(rec, unit, f"item {i}")
-            except Skip as s:
-                yield f"item {i}", s
+            yield self._record(rec, unit, f"item {i}")
 
     def _iter_parquet(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
         import pyarrow.parquet as pq
@@ -252,15 +256,9 @@ class WebReader(PipelineStep):
         pf = pq.ParquetFile(unit.path)
         if unit.text_key not in pf.schema_arrow.names:
             raise ValueError(f"no '{unit.text_key}' column (columns: {', '.join(pf.schema_arrow.names)})")
-        row = 0
-        for batch in pf.iter_batches(batch_size=1000):
-            for rec in batch.to_pylist():
-                where = f"row {row}"
-                row += 1
-                try:
-                    yield where, self._record_document(rec, unit, where)
-                except Skip as s:
-                    yield where, s
+        records = (rec for batch in pf.iter_batches(batch_size=1000) for rec in batch.to_pylist())
+        for i, rec in enumerate(records):
+            yield self._record(rec, unit, f"row {i}")
 
     def _iter_hf(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
         import datasets
@@ -278,10 +276,7 @@ class WebReader(PipelineStep):
         for i, rec in enumerate(ds):
             if limit is not None and i >= limit:
                 break
-            try:
-                yield f"row {i}", self._record_document(rec, unit, f"row {i}")
-            except Skip as s:
-                yield f"row {i}", s
+            yield self._record(rec, unit, f"row {i}")
 
     # --- a folder of HTML files: one file, one record -------------------------------------------------------
     def _iter_html(self, unit: Unit) -> Iterator[tuple[Any, Any]]:

@@ -17,7 +17,6 @@ from typing import Any
 
 from pipeline.errors import TextbookError
 from pipeline.io import atomic_write_text
-from pipeline.paths import repo_path
 from pipeline.stats import StageStats
 from pipeline.web.units import Unit, fingerprint, plan_units
 
@@ -192,7 +191,11 @@ def _run_ray(section: Any, steps: list[Any], logs_dir: Path) -> None:
 
 # --- accounting and publishing -----------------------------------------------------------------------------------
 
-def collect(out_root: Path, units: list[Unit], tasks: int) -> tuple[StageStats, dict[str, Any]]:
+def _file_row() -> dict[str, Any]:
+    return {"read": 0, "kept": 0, "dropped": Counter(), "errored": Counter()}
+
+
+def collect(out_root: Path, units: list[Unit]) -> tuple[StageStats, dict[str, Any]]:
     """Sum the per-task ledgers; read per file must equal kept + dropped + errored per file."""
     stats = StageStats("web")
     read: Counter[str] = Counter()
@@ -201,13 +204,12 @@ def collect(out_root: Path, units: list[Unit], tasks: int) -> tuple[StageStats, 
         d = json.loads(p.read_text())
         read.update(d["read"])
         non_docs.update(d.get("non_document_records", {}))
-    files: dict[str, dict[str, Any]] = {u.label: {"read": 0, "kept": 0, "dropped": Counter(), "errored": Counter()}
-                                        for u in units}
+    files: dict[str, dict[str, Any]] = {u.label: _file_row() for u in units}
     filters: dict[str, dict[str, Any]] = defaultdict(lambda: {"dropped": 0, "reasons": Counter()})
     for p in sorted((out_root / "ledger").glob("*.json")):
         d = json.loads(p.read_text())
         for file, fate, reason, n in d["counts"]:
-            row = files.setdefault(file, {"read": 0, "kept": 0, "dropped": Counter(), "errored": Counter()})
+            row = files.setdefault(file, _file_row())
             if fate == "kept":
                 row["kept"] += n
                 stats.keep(n)
@@ -258,9 +260,9 @@ def run_stage(ctx: Any) -> StageStats:
     units, ignored = plan_units(section, section.tasks)
     edu_model = None
     if section.edu.enabled:
-        edu_model = section.edu.model or ctx.cfg.classifier.model
-        if not Path(edu_model).exists() and repo_path(edu_model).exists():  # relative to the checkout
-            edu_model = str(repo_path(edu_model))
+        from pipeline.classify.model import resolve_model_dir
+
+        edu_model = str(resolve_model_dir(section.edu.model or ctx.cfg.classifier.model))
         if not Path(edu_model).exists():
             raise TextbookError(f"web.edu: classifier model {edu_model} not found (train one with "
                                 "`textbook classifier train`, or set web.edu.model / web.edu.enabled=false)")
@@ -272,7 +274,7 @@ def run_stage(ctx: Any) -> StageStats:
     out_root.mkdir(parents=True, exist_ok=True)
     steps = build_pipeline(section, units, str(out_root), edu_model)
     run_executor(section, steps, work / "logs")
-    stats, detail = collect(out_root, units, section.tasks)
+    stats, detail = collect(out_root, units)
     errors = publish(out_root, ctx)
     stats.set("executor", section.executor)
     stats.set("tasks", section.tasks)

@@ -71,13 +71,14 @@ def plan_units(section: Any, tasks: int) -> tuple[list[Unit], list[str]]:
         if path.is_dir():
             pattern = spec.get("glob") or "**/*"
             found = sorted(p for p in path.glob(pattern) if p.is_file() and not p.name.startswith("."))
+            before = len(units)
             for f in found:
                 kind = spec["type"] if spec["type"] != "auto" else kind_of(f)
                 if kind is None:
                     ignored.append(str(f))
                 else:
                     units.append(Unit(kind=kind, path=str(f), label=str(f), **k))
-            if not any(u.path.startswith(str(path)) for u in units):
+            if len(units) == before:  # a path-prefix test would count a sibling folder's files (web vs web2)
                 raise TextbookError(f"web input {path}: no readable input files (warc, jsonl, json, parquet, html)"
                                     + (f" matching '{spec['glob']}'" if spec.get("glob") else ""))
         else:
