@@ -324,7 +324,8 @@ def run_stage(ctx: Any) -> StageStats:
     with DocumentWriter(ctx.kept_dir, rows_per_file=STREAM_ROWS_PER_FILE) as kept:
         batch: list[dict[str, Any]] = []
         batch_chars = 0
-        for doc in tqdm(iter_documents(ctx.inputs, on_error=unreadable), desc="decontaminate", unit="doc",
+        docs = iter_documents(ctx.inputs, on_error=unreadable, on_repair=stats.on_repair)
+        for doc in tqdm(docs, desc="decontaminate", unit="doc",
                         mininterval=1.0, file=sys.stderr):
             stats.read()
             if not doc["text"].strip():

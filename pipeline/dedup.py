@@ -435,7 +435,7 @@ def _hash_inputs(ctx: Any, p: DedupParams, work: Path, stats: StageStats, sectio
                 yield doc_batch, res.get()
 
         def usable_docs() -> Iterator[dict[str, Any]]:
-            for doc in iter_documents(ctx.inputs, on_error=unreadable):
+            for doc in iter_documents(ctx.inputs, on_error=unreadable, on_repair=stats.on_repair):
                 stats.read()
                 if not _usable(doc):
                     stats.drop("empty_text")

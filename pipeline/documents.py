@@ -4,13 +4,15 @@ Stages talk through files on disk. Each stage writes the documents it keeps unde
 `<run.out>/stages/<stage>/kept/` and what it removes under `.../removed/` with the reason in the file name
 and in a `reason` column. Input files may be parquet or jsonl (plain, .gz, .zst) with at least `text`;
 a missing `id` is computed from the text. Columns outside the schema travel in `meta` (a JSON string).
+
+Reading follows the project's one policy (`pipeline.textio`): record by record, a bad record is reported with
+a named reason and its location and reading goes on; invalid UTF-8 and lone surrogates become U+FFFD and
+are reported as repairs; a BOM is ignored; a `meta` that is not a JSON object is kept as `meta_raw`.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import re
 import unicodedata
@@ -23,6 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import TextbookError
 from pipeline.io import atomic_path
+from pipeline.textio import Gap, OnEvent, iter_lines, meta_object, parse_json_line, repair_surrogates
 
 # Provenance columns: null where not applicable. Order is the on-disk order.
 PROVENANCE = ("topic", "audience", "format", "prompt_id", "model", "url")
@@ -58,12 +61,7 @@ def to_row(doc: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(text, str):
         raise ValueError(f"document without string text (got {type(text).__name__})")
     row: dict[str, Any] = {name: None for name in DOC_COLUMNS}
-    meta: dict[str, Any] = {}
-    raw_meta = doc.get("meta")
-    if isinstance(raw_meta, str) and raw_meta:
-        meta.update(json.loads(raw_meta))
-    elif isinstance(raw_meta, dict):
-        meta.update(raw_meta)
+    meta: dict[str, Any] = dict(meta_object(doc.get("meta"))[0])
     for key, value in doc.items():
         if key == "meta":
             continue
@@ -173,79 +171,87 @@ def list_document_files(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    name = path.name
-    if name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape")
-    if name.endswith(".zst"):
-        import zstandard
-
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")),
-                                encoding="utf-8", errors="surrogateescape")
-    return open(path, encoding="utf-8", errors="surrogateescape")
-
-
 def clean_text(text: Any) -> str | None:
-    """Undecodable bytes (kept as surrogates by the reader) are replaced, so downstream never crashes on them."""
+    """The text with lone surrogates (e.g. bytes a reader kept with surrogateescape) replaced; None if not a str."""
     if not isinstance(text, str):
         return None
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return repair_surrogates(text)[0]
 
 
 def iter_documents(
     paths: Iterable[str | Path],
     text_field: str = "text",
     id_field: str = "id",
-    on_error: Any = None,
+    on_error: OnEvent | None = None,
     batch_rows: int = 2_000,
+    on_repair: OnEvent | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield documents (dicts with `id`, `text`, ...) from parquet/jsonl files.
+    """Yield documents (dicts with `id`, `text`, ...) from parquet/jsonl files, record by record.
 
-    A record that cannot be read (malformed JSON line, no text) is not yielded: `on_error(reason, where)` is
-    called with a named reason and `file:line` so the caller can count it. An unreadable file is reported
-    once the same way and the other files are still read.
+    A record that cannot be read (malformed JSON line, no text, a corrupt parquet row group or gzip member) is
+    not yielded: `on_error(reason, where)` is called with a named reason and `file:location`, and reading goes
+    on at the next record. A repaired record is yielded and reported through `on_repair(reason, where)`
+    (invalid_utf8, lone_surrogate, meta_not_object). A file that cannot be opened at all is reported once as
+    `unreadable_file` (with its size) and the other files are still read.
     """
     report = on_error or (lambda reason, where: None)
+    repaired = on_repair or (lambda reason, where: None)
     for path in list_document_files(paths):
         try:
             if path.name.endswith(".parquet"):
-                yield from _iter_parquet(path, text_field, id_field, report, batch_rows)
+                yield from _iter_parquet(path, text_field, id_field, report, repaired, batch_rows)
             else:
-                yield from _iter_jsonl(path, text_field, id_field, report)
+                yield from _iter_jsonl(path, text_field, id_field, report, repaired)
         except (OSError, pa.ArrowException, EOFError, ValueError) as e:
-            report("unreadable_file", f"{path}: {type(e).__name__}: {e}")
+            size = path.stat().st_size if path.is_file() else 0
+            report("unreadable_file", f"{path} ({size} bytes): {type(e).__name__}: {e}")
 
 
-def _normalise(rec: dict[str, Any], text_field: str, id_field: str) -> dict[str, Any] | None:
-    text = clean_text(rec.get(text_field))
-    if text is None:
-        return None
+def _normalise(rec: dict[str, Any], text_field: str, id_field: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """(document, repairs); document None when there is no string text."""
+    repairs: list[str] = []
+    text = rec.get(text_field)
+    if not isinstance(text, str):
+        return None, repairs
+    text, fixed = repair_surrogates(text)
+    if fixed:
+        repairs.append("lone_surrogate")
     doc = {k: v for k, v in rec.items() if k not in (text_field, id_field)}
-    if isinstance(doc.get("meta"), str):
-        doc["meta"] = json.loads(doc["meta"]) if doc["meta"] else {}
+    if "meta" in doc:
+        doc["meta"], bad_meta = meta_object(doc["meta"])
+        if bad_meta:
+            repairs.append("meta_not_object")
     doc["text"] = text
     rid = rec.get(id_field)
     doc["id"] = str(rid) if rid not in (None, "") else doc_id(text)
-    return doc
+    return doc, repairs
 
 
-def _iter_parquet(path: Path, text_field: str, id_field: str, report: Any, batch_rows: int) -> Iterator[dict]:
+def _iter_parquet(path: Path, text_field: str, id_field: str, report: OnEvent, repaired: OnEvent,
+                  batch_rows: int) -> Iterator[dict]:
+    """Row group by row group: a group that cannot be decoded is reported with its row count, the rest is read."""
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
         raise ValueError(f"no '{text_field}' column (columns: {', '.join(pf.schema_arrow.names)})")
     row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows):
-        for rec in batch.to_pylist():
+    for group in range(pf.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
+        try:
+            table = pf.read_row_group(group)
+            records = [rec for batch in table.to_batches(batch_rows) for rec in batch.to_pylist()]
+        except (pa.ArrowException, OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            report("corrupt_row_group", f"{path}:rows {row + 1}-{row + n} ({n} rows): {type(e).__name__}: {e}")
+            row += n
+            continue
+        for rec in records:
             row += 1
-            doc = _normalise(rec, text_field, id_field)
+            doc, repairs = _normalise(rec, text_field, id_field)
             if doc is None:
                 report("missing_text", f"{path}:row {row}")
-            else:
-                yield doc
+                continue
+            for reason in repairs:
+                repaired(reason, f"{path}:row {row}")
+            yield doc
 
 
 def iter_json_lines(lines: Iterable[str], where: str | Path, report: Callable[[str, str], None],
@@ -255,7 +261,7 @@ def iter_json_lines(lines: Iterable[str], where: str | Path, report: Callable[[s
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line.removeprefix("\ufeff"))
         except json.JSONDecodeError:
             rec = None
         if isinstance(rec, dict):
@@ -264,14 +270,29 @@ def iter_json_lines(lines: Iterable[str], where: str | Path, report: Callable[[s
             report(reason, f"{where}:{lineno}")
 
 
-def _iter_jsonl(path: Path, text_field: str, id_field: str, report: Any) -> Iterator[dict]:
-    with _open_text(path) as f:
-        for lineno, rec in iter_json_lines(f, path, report):
-            doc = _normalise(rec, text_field, id_field)
-            if doc is None:
-                report("missing_text", f"{path}:{lineno}")
-            else:
-                yield doc
+def _iter_jsonl(path: Path, text_field: str, id_field: str, report: OnEvent, repaired: OnEvent) -> Iterator[dict]:
+    for line in iter_lines(path):
+        if isinstance(line, Gap):
+            report(line.reason, f"{path}:{line.where}: {line.describe()}")
+            continue
+        if not line.raw.strip():
+            continue
+        where = f"{path}:{line.lineno}"
+        try:
+            rec, repairs = parse_json_line(line.raw)
+        except ValueError:
+            report("malformed_json", where)
+            continue
+        if not isinstance(rec, dict):
+            report("malformed_json", where)
+            continue
+        doc, more = _normalise(rec, text_field, id_field)
+        if doc is None:
+            report("missing_text", where)
+            continue
+        for reason in dict.fromkeys(repairs + more):
+            repaired(reason, where)
+        yield doc
 
 
 def count_rows(paths: Iterable[str | Path]) -> int:

@@ -172,7 +172,7 @@ def run_stage(ctx: Any) -> StageStats:
     batch: list[dict[str, Any]] = []
     batch_chars = 0
     with tqdm(desc="shard: tokenizing", unit="doc", mininterval=1.0, file=sys.stderr) as bar:
-        for doc in iter_documents(ctx.inputs, on_error=unreadable):
+        for doc in iter_documents(ctx.inputs, on_error=unreadable, on_repair=stats.on_repair):
             stats.read()
             if not doc["text"].strip():
                 drop("empty_text", doc)

@@ -1,4 +1,7 @@
-"""Per-stage accounting: every record read ends kept, dropped (named reason) or errored, and the counts add up."""
+"""Per-stage accounting: every record read ends kept, dropped (named reason) or errored, and the counts add up.
+
+`repaired` counts kept records whose text was repaired by the reading policy (`pipeline.textio`: invalid UTF-8
+or lone surrogates to U+FFFD, a meta that is not an object); a repair is not a fate, so it is outside the sum."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ class StageStats:
         self.n_kept = 0
         self.dropped: Counter[str] = Counter()
         self.errored: Counter[str] = Counter()
+        self.repaired: Counter[str] = Counter()
         self.extra: dict[str, Any] = {}
 
     def read(self, n: int = 1) -> None:
@@ -31,6 +35,13 @@ class StageStats:
 
     def error(self, reason: str, n: int = 1) -> None:
         self.errored[reason] += n
+
+    def repair(self, reason: str, n: int = 1) -> None:
+        self.repaired[reason] += n
+
+    def on_repair(self, reason: str, where: str) -> None:
+        """`iter_documents(on_repair=...)` callback."""
+        self.repair(reason)
 
     def set(self, key: str, value: Any) -> None:
         """Stage-specific figures (tokens, cost, latency percentiles, coverage, ...)."""
@@ -59,6 +70,7 @@ class StageStats:
             "dropped": dict(sorted(self.dropped.items())),
             "errored": dict(sorted(self.errored.items())),
             "reconciled": self.reconciled,
+            "repaired": dict(sorted(self.repaired.items())),
             **self.extra,
         }
 
@@ -71,6 +83,7 @@ class StageStats:
         s.n_read, s.n_kept = d["read"], d["kept"]
         s.dropped.update(d.get("dropped", {}))
         s.errored.update(d.get("errored", {}))
-        known = {"stage", "read", "kept", "dropped", "errored", "reconciled"}
+        s.repaired.update(d.get("repaired", {}))
+        known = {"stage", "read", "kept", "dropped", "errored", "reconciled", "repaired"}
         s.extra = {k: v for k, v in d.items() if k not in known}
         return s

@@ -19,6 +19,16 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_cases() -> Path:
+    """../shared/cases beside the checkout: small inputs that broke the product, each with its right behaviour."""
+    d = shared_data_dir()
+    cases = d.parent / "cases" if d is not None else None
+    if cases is None or not cases.is_dir():
+        pytest.skip("../shared/cases is absent (it is present in CI): regression case skipped")
+    return cases
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (start-up costs seconds on 2 cores)."""
     ray = pytest.importorskip("ray")

@@ -2,16 +2,20 @@
 
 Unlike datatrove's readers (which skip unreadable records silently) this one gives every record a fate:
 a Document goes down the pipeline; a record that cannot become one is dropped (not_html, empty, too_large,
-http_status) or errored (corrupt_warc, invalid_utf8, malformed_json, missing_text, unreadable_file), with
-its file and offset. At the end of a task it writes `read/<rank>.json`: records read per input file.
+http_status) or errored (content_length_mismatch, corrupt_gzip_member, malformed_json, missing_text,
+unknown_content_encoding, unreadable_file, ...), with its file and offset. One bad record costs one record:
+every format is read record by record and resumes after an error (see `pipeline.web.warc` and
+`pipeline.textio`, whose text-repair policy applies here as in every other reader: invalid UTF-8 and lone
+surrogates become U+FFFD and are counted as *repaired*, the record is kept). At the end of a task it writes
+`read/<rank>.json`: records read, non-document records and repairs per input file.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +26,15 @@ from datatrove.pipeline.base import PipelineStep
 from tqdm import tqdm
 
 from pipeline.io import atomic_write_text
+from pipeline.textio import (
+    Gap,
+    decode_utf8,
+    first_byte,
+    iter_json_array,
+    iter_lines,
+    parse_json_line,
+    repair_strings,
+)
 from pipeline.web.fates import FILE_KEY, FORMAT_KEY, WHERE_KEY, Fates, clear_rank_outputs, rank_tag
 from pipeline.web.units import Unit
 
@@ -40,12 +53,12 @@ class Skip(Exception):
         self.fate, self.reason, self.detail = fate, reason, detail
 
 
-def decode_page(data: bytes, declared: str | None = None) -> str:
-    """utf-8, else the declared charset (HTTP header or <meta>), else a detected one; otherwise undecodable."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
+def decode_page(data: bytes, declared: str | None = None) -> tuple[str, bool]:
+    """(text, repaired): UTF-8 (a BOM ignored), else the declared charset (HTTP header or <meta>), else a
+    detected one; a page no charset decodes cleanly is read as UTF-8 with U+FFFD (repaired=True)."""
+    text, repaired = decode_utf8(data)
+    if not repaired:
+        return text, False
     candidates = [declared] if declared else []
     m = _CHARSET.search(data[:4096])
     if m:
@@ -57,12 +70,13 @@ def decode_page(data: bytes, declared: str | None = None) -> str:
     except ImportError:
         pass
     for enc in filter(None, candidates):
+        if enc.lower().replace("_", "-") in ("utf-8", "utf8"):
+            break  # a UTF-8 page with a few bad bytes: repair them rather than re-read it as another charset
         try:
-            text = data.decode(enc)
+            return data.decode(enc), False
         except (UnicodeDecodeError, LookupError):
             continue
-        return text
-    raise Skip("errored", "undecodable", f"no charset decodes it (tried utf-8, {', '.join(filter(None, candidates))})")
+    return text, True
 
 
 def page_url(html: str) -> str | None:
@@ -98,16 +112,18 @@ class WebReader(PipelineStep):
         mine = self.units[rank::world_size]
         self.read: Counter[str] = Counter()
         self.non_documents: Counter[str] = Counter()
+        self.repaired: dict[str, Counter[str]] = {}
         with self.fates:
             for unit in tqdm(mine, desc=f"web task {rank}", unit="file", disable=len(mine) < 2, leave=False):
                 self.stat_update("input_files")
                 yield from self._read_unit(unit, rank)
         atomic_write_text(Path(self.out_root, "read", f"{rank_tag(rank)}.json"),
-                          json.dumps({"read": dict(self.read), "non_document_records": dict(self.non_documents)}))
+                          json.dumps({"read": dict(self.read), "non_document_records": dict(self.non_documents),
+                                      "repaired": {k: dict(v) for k, v in self.repaired.items()}}))
 
     def _read_unit(self, unit: Unit, rank: int) -> Iterator[Document]:
         reader = getattr(self, f"_iter_{unit.kind}")
-        last_where: Any = 0
+        last_where: Any = None
         try:
             for where, item in reader(unit):
                 last_where = where
@@ -118,14 +134,13 @@ class WebReader(PipelineStep):
                 else:
                     item.metadata[FILE_KEY], item.metadata[WHERE_KEY] = unit.label, where
                     yield item
-        except Exception as e:  # noqa: BLE001 - a broken file is counted and the other files are still read
-            # The record being read when the file broke counts as one errored record.
+        except Exception as e:  # noqa: BLE001 - a file that cannot be read on is counted; other files still are
+            # The rest of the file is one errored record: its size says how much was not read.
             self.read[unit.label] += 1
-            reason = "corrupt_warc" if unit.kind == "warc" else "unreadable_file"
-            if unit.kind == "jsonl" and last_where:
-                reason = "truncated_file"
-            self.fates.error(rank, unit.label, f"after {last_where}", reason, f"{type(e).__name__}: {e}")
-            self.stat_update(reason)
+            where = "whole file" if last_where is None else f"after {last_where}"
+            self.fates.error(rank, unit.label, where, "unreadable_file",
+                             f"{type(e).__name__}: {e}; {_size_note(unit.path)}")
+            self.stat_update("unreadable_file")
 
     def _skip(self, skip: Skip, unit: Unit, where: Any, rank: int) -> None:
         self.stat_update(skip.reason)
@@ -136,55 +151,95 @@ class WebReader(PipelineStep):
                            metadata={FILE_KEY: unit.label, WHERE_KEY: where})
             self.fates.drop(doc, rank, skip.reason)
 
+    def _repair(self, unit: Unit, reasons: list[str]) -> None:
+        for reason in reasons:
+            self.repaired.setdefault(unit.label, Counter())[reason] += 1
+            self.stat_update(f"repaired_{reason}")
+
     def _check_size(self, n: int) -> None:
         if n > self.max_page_bytes:
             raise Skip("dropped", "too_large", "")
 
     # --- WARC / WET ---------------------------------------------------------------------------------------
     def _iter_warc(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
+        from pipeline.web.warc import WarcError, iter_warc
+
+        if unit.path.lower().endswith((".arc", ".arc.gz")):
+            yield from self._iter_arc(unit)
+            return
+        # HTTP headers ride in the block: allow for them beyond the page cap
+        for record in iter_warc(unit.path, self.max_page_bytes + (1 << 16)):
+            if isinstance(record, WarcError):
+                yield record.offset, Skip("errored", record.reason, record.detail)
+                continue
+            uri = record.headers.get("warc-target-uri", "").strip("<>")
+            # crawler logs stored as resource records (wget's metadata://...) are not web pages
+            if record.type not in ("response", "conversion", "resource") or uri.startswith("metadata:"):
+                self.non_documents[f"{unit.label}:{record.type}"] += 1
+                continue
+            try:
+                item: Any = self._warc_document(record, unit)
+            except Skip as s:
+                item = s
+            yield record.offset, item
+
+    def _warc_document(self, record: Any, unit: Unit) -> Document:
+        from pipeline.web.warc import PayloadError, decode_body, split_http
+
+        headers = record.headers
+        if record.block is None:
+            raise Skip("dropped", "too_large", "")
+        mime = headers.get("warc-identified-payload-type", "")
+        body, http_type = record.block, None
+        if record.type == "response" and "application/http" in headers.get("content-type", "").lower():
+            status, http, body = split_http(record.block)
+            if status is not None and not str(status).startswith("2"):
+                raise Skip("dropped", "http_status", "")
+            http_type = http.get("content-type")
+            try:
+                body = decode_body(body, http)
+            except PayloadError as e:
+                raise Skip("errored", e.reason, e.detail) from None
+        mime = mime or http_type or headers.get("content-type", "")
+        is_text = record.type == "conversion" or mime.startswith("text/plain")
+        self._check_size(len(body))
+        if not body.strip():
+            raise Skip("dropped", "empty")
+        if not is_text and not mime.lower().startswith(HTML_TYPES):
+            sniff = body[:2048].lstrip().lower()
+            if mime or not (sniff.startswith(b"<!doctype html") or b"<html" in sniff):
+                raise Skip("dropped", "not_html")
+        text, repaired = decode_page(body, _charset_of(http_type))
+        if repaired:
+            self._repair(unit, ["invalid_utf8"])
+        url = headers.get("warc-target-uri", "").strip("<>") or None  # WARC/1.1 writers may bracket it
+        return Document(text=text, id=headers.get("warc-record-id") or url or "",
+                        metadata={"url": url, "date": headers.get("warc-date"),
+                                  FORMAT_KEY: "text" if is_text else "html"})
+
+    def _iter_arc(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
+        """Legacy ARC files: warcio's ARC-to-WARC reader (a broken file ends where warcio stops)."""
         from warcio.archiveiterator import ArchiveIterator
+
+        from pipeline.web.warc import WarcRecord
 
         with open(unit.path, "rb") as f:
             records = ArchiveIterator(f, arc2warc=True)
             for record in records:
-                uri = record.rec_headers.get_header("WARC-Target-URI") or ""
-                # crawler logs stored as resource records (wget's metadata://...) are not web pages
-                if record.rec_type not in ("response", "conversion", "resource") or uri.startswith("metadata:"):
+                if record.rec_type != "response":
                     self.non_documents[f"{unit.label}:{record.rec_type}"] += 1
                     continue
+                block = record.content_stream().read(self.max_page_bytes + 1)
+                headers = {k.lower(): v for k, v in record.rec_headers.headers}
+                http = record.http_headers
+                if http is not None:
+                    headers["warc-identified-payload-type"] = http.get_header("Content-Type") or ""
+                rec = WarcRecord("", {**headers, "content-type": "text/html"}, block, len(block))
                 try:
-                    item: Any = self._warc_document(record)
+                    item: Any = self._warc_document(rec, unit)
                 except Skip as s:
                     item = s
-                # warcio computes the offset by reading the record to its end: only after the content was read
                 yield f"byte {records.get_record_offset()}", item
-
-    def _warc_document(self, record: Any) -> Document:
-        headers = record.rec_headers
-        mime = headers.get_header("WARC-Identified-Payload-Type")
-        http = record.http_headers
-        if http is not None:
-            status = http.get_statuscode()
-            if status and not str(status).startswith("2"):
-                raise Skip("dropped", "http_status", "")
-            mime = mime or http.get_header("Content-Type")
-        mime = mime or headers.get_header("Content-Type") or ""
-        is_text = record.rec_type == "conversion" or mime.startswith("text/plain")
-        data = record.content_stream().read(self.max_page_bytes + 1)
-        self._check_size(len(data))
-        if getattr(record.raw_stream, "limit", 0) > 0:  # the file ended inside this record (warcio does not raise)
-            raise Skip("errored", "truncated_warc_record", f"{record.raw_stream.limit} bytes missing")
-        if not data.strip():
-            raise Skip("dropped", "empty")
-        if not is_text and not mime.lower().startswith(HTML_TYPES):
-            sniff = data[:2048].lstrip().lower()
-            if mime or not (sniff.startswith(b"<!doctype html") or b"<html" in sniff):
-                raise Skip("dropped", "not_html")
-        text = decode_page(data, _charset_of(http.get_header("Content-Type") if http is not None else None))
-        url = headers.get_header("WARC-Target-URI")
-        return Document(text=text, id=headers.get_header("WARC-Record-ID") or url or "",
-                        metadata={"url": url, "date": headers.get_header("WARC-Date"),
-                                  FORMAT_KEY: "text" if is_text else "html"})
 
     # --- JSON lines / JSON arrays / parquet / HF ------------------------------------------------------------
     def _record_document(self, rec: Any, unit: Unit, where: Any) -> Document:
@@ -213,52 +268,77 @@ class WebReader(PipelineStep):
             return where, s
 
     def _iter_jsonl(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
-        import orjson
+        if first_byte(unit.path) == b"[":  # a JSON array, compressed or named .jsonl
+            yield from self._iter_json(unit)
+        else:
+            yield from self._iter_line_records(unit)
 
-        with _open_binary(unit.path) as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"line {lineno}"
-                try:
-                    if len(raw) > self.max_page_bytes:
-                        raise Skip("dropped", "too_large")
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        raise Skip("errored", "invalid_utf8", str(e)) from None
-                    try:
-                        rec = orjson.loads(line)
-                    except orjson.JSONDecodeError as e:
-                        raise Skip("errored", "malformed_json", str(e)) from None
-                    yield where, self._record_document(rec, unit, where)
-                except Skip as s:
-                    yield where, s
+    def _iter_line_records(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
+        for line in iter_lines(unit.path):
+            if isinstance(line, Gap):
+                yield line.where, Skip("errored", line.reason, line.describe())
+                continue
+            if not line.raw.strip():
+                continue
+            where = f"line {line.lineno}"
+            if len(line.raw) > self.max_page_bytes:
+                yield where, Skip("dropped", "too_large")
+                continue
+            try:
+                rec, repairs = parse_json_line(line.raw)
+            except ValueError as e:
+                yield where, Skip("errored", "malformed_json", str(e)[:300])
+                continue
+            item = self._record(rec, unit, where)
+            if repairs and not isinstance(item[1], Skip):
+                self._repair(unit, repairs)
+            yield item
 
     def _iter_json(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
-        import orjson
+        """A JSON array of records, element by element: a malformed element costs that element."""
+        from pipeline.textio import Chunk, iter_decoded
 
-        raw = Path(unit.path).read_bytes()
-        if not raw.lstrip().startswith(b"["):
-            yield from self._iter_jsonl(unit)
+        data = bytearray()
+        for part in iter_decoded(unit.path):
+            if isinstance(part, Chunk):
+                data += part.data
+            else:
+                yield part.where, Skip("errored", part.reason, part.describe())
+        if not data.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+            yield from self._iter_line_records(unit)  # a `.json` file that holds JSON lines
             return
-        try:
-            items = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            yield "whole file", Skip("errored", "malformed_json", str(e))
-            return
-        for i, rec in enumerate(items):
-            yield self._record(rec, unit, f"item {i}")
+        text, bad_utf8 = decode_utf8(bytes(data))
+        for index, value in iter_json_array(text):
+            where = f"item {index}"
+            if isinstance(value, ValueError):
+                yield where, Skip("errored", "malformed_json", str(value)[:300])
+                continue
+            value, surrogates = repair_strings(value)
+            item = self._record(value, unit, where)
+            if not isinstance(item[1], Skip):
+                self._repair(unit, ["invalid_utf8"] * bad_utf8 + ["lone_surrogate"] * surrogates)
+            yield item
 
     def _iter_parquet(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
+        """Row group by row group: a row group that cannot be decoded is one errored record naming its rows."""
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(unit.path)
         if unit.text_key not in pf.schema_arrow.names:
             raise ValueError(f"no '{unit.text_key}' column (columns: {', '.join(pf.schema_arrow.names)})")
-        records = (rec for batch in pf.iter_batches(batch_size=1000) for rec in batch.to_pylist())
-        for i, rec in enumerate(records):
-            yield self._record(rec, unit, f"row {i}")
+        row = 0
+        for group in range(pf.num_row_groups):
+            n = pf.metadata.row_group(group).num_rows
+            try:
+                rows = pf.read_row_group(group).to_pylist()
+            except Exception as e:  # noqa: BLE001 - arrow raises many types for corrupt pages
+                yield f"row group {group}", Skip("errored", "corrupt_row_group",
+                                                 f"rows {row}-{row + n - 1} ({n} rows) skipped: {type(e).__name__}: {e}")
+                row += n
+                continue
+            for rec in rows:
+                yield self._record(rec, unit, f"row {row}")
+                row += 1
 
     def _iter_hf(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
         import datasets
@@ -283,21 +363,23 @@ class WebReader(PipelineStep):
         path = Path(unit.path)
         try:
             self._check_size(path.stat().st_size)
-            data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+            try:
+                data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+            except (OSError, EOFError, zlib.error) as e:
+                raise Skip("errored", "corrupt_gzip_member", f"{type(e).__name__}: {e}") from None
             if not data.strip():
                 raise Skip("dropped", "empty")
-            html = decode_page(data)
+            html, repaired = decode_page(data)
+            if repaired:
+                self._repair(unit, ["invalid_utf8"])
             yield "file", Document(text=html, id=str(path),
                                    metadata={"url": page_url(html), FORMAT_KEY: "html"})
         except Skip as s:
             yield "file", s
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if path.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))  # type: ignore[arg-type]
-    return open(path, "rb")
+def _size_note(path: str) -> str:
+    try:
+        return f"the file has {Path(path).stat().st_size} bytes"
+    except OSError:
+        return "the file cannot be opened"

@@ -200,10 +200,15 @@ def collect(out_root: Path, units: list[Unit]) -> tuple[StageStats, dict[str, An
     stats = StageStats("web")
     read: Counter[str] = Counter()
     non_docs: Counter[str] = Counter()
+    repaired: dict[str, Counter[str]] = defaultdict(Counter)
     for p in sorted((out_root / "read").glob("*.json")):
         d = json.loads(p.read_text())
         read.update(d["read"])
         non_docs.update(d.get("non_document_records", {}))
+        for label, reasons in d.get("repaired", {}).items():
+            repaired[label].update(reasons)
+            for reason, n in reasons.items():
+                stats.repair(reason, n)
     files: dict[str, dict[str, Any]] = {u.label: _file_row() for u in units}
     filters: dict[str, dict[str, Any]] = defaultdict(lambda: {"dropped": 0, "reasons": Counter()})
     for p in sorted((out_root / "ledger").glob("*.json")):
@@ -231,7 +236,9 @@ def collect(out_root: Path, units: list[Unit]) -> tuple[StageStats, dict[str, An
             row["errored"]["unaccounted"] += row["read"] - ended
             stats.error("unaccounted", row["read"] - ended)
     per_file = {k: {"read": v["read"], "kept": v["kept"], "dropped": dict(sorted(v["dropped"].items())),
-                    "errored": dict(sorted(v["errored"].items()))} for k, v in sorted(files.items())}
+                    "errored": dict(sorted(v["errored"].items())),
+                    **({"repaired": dict(sorted(repaired[k].items()))} if repaired.get(k) else {})}
+                for k, v in sorted(files.items())}
     per_filter = {k: {"dropped": v["dropped"], "reasons": dict(v["reasons"].most_common())}
                   for k, v in sorted(filters.items())}
     return stats, {"files": per_file, "filters": per_filter, "non_document_records": sum(non_docs.values())}

@@ -1,0 +1,341 @@
+"""One reading policy for every reader: resilient decompression, text repair, JSON lines.
+
+Every reader of the project (the web stage's, and the document reader that generate, dedup, decontaminate and
+shard use) goes through this module, so a bad byte is treated the same way everywhere:
+
+Text repair (counted as *repaired*, the record is kept):
+- invalid UTF-8 bytes become U+FFFD (`invalid_utf8`);
+- lone surrogates (a JSON escape such as ``"\\ud83d"`` with its other half missing, or bytes a reader kept
+  with ``surrogateescape``) become U+FFFD (`lone_surrogate`), in the text and in every other string field;
+- a UTF-8 byte-order mark at the start of a file or line is ignored (not counted); CRLF line ends are fine;
+- a `meta` field that is not a JSON object (a list, a number, a string that is not JSON) is kept as the string
+  ``meta_raw`` inside meta (`meta_not_object`), never a reason to drop the document.
+
+Compressed input (``.gz``, ``.zst``) is decoded member by member (gzip members, zstd frames). A member whose
+data is corrupt, or whose CRC fails, is dropped whole (its output is held back until the member's checksum is
+verified, up to `MEMBER_HOLD_BYTES`) and reading resumes at the next member's magic bytes: a broken member costs
+the records in it, not the rest of the file. A member cut short by the end of the file (an interrupted
+download) keeps what was decoded before the cut: a deflate/zstd prefix decodes exactly. The skipped span is reported as a `Gap` with its byte count.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BOM = b"\xef\xbb\xbf"
+GZIP_MAGIC = b"\x1f\x8b\x08"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# Output of one compressed member held back until its checksum is verified; a larger member streams unverified.
+MEMBER_HOLD_BYTES = 64 << 20
+_FEED = 1 << 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+OnEvent = Callable[[str, str], None]  # (reason, where)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Compressed bytes that could not be decoded: `skipped` bytes from file offset `offset`."""
+
+    offset: int
+    skipped: int
+    reason: str  # corrupt_gzip_member | truncated_gzip_member | corrupt_zstd_frame | truncated_zstd_frame
+    detail: str
+
+    @property
+    def where(self) -> str:
+        return f"byte {self.offset}"
+
+    def describe(self) -> str:
+        return f"{self.detail}; {self.skipped} compressed bytes skipped from byte {self.offset}"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Decoded bytes and the file offset of the compressed member they came from (0 for plain files)."""
+
+    data: bytes
+    member: int
+
+
+# --- text repair ------------------------------------------------------------------------------------------------
+def decode_utf8(data: bytes) -> tuple[str, bool]:
+    """(text, repaired): UTF-8 with a leading BOM ignored; invalid bytes become U+FFFD (repaired=True)."""
+    if data.startswith(BOM):
+        data = data[3:]
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace"), True
+
+
+def repair_surrogates(text: str) -> tuple[str, bool]:
+    """(text, repaired): lone surrogates (and surrogate-escaped bytes) become U+FFFD."""
+    if text.isascii():
+        return text, False
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text), True
+
+
+def repair_strings(value: Any) -> tuple[Any, bool]:
+    """`repair_surrogates` on every string inside a JSON value (dict keys included)."""
+    if isinstance(value, str):
+        return repair_surrogates(value)
+    if isinstance(value, dict):
+        out: dict[Any, Any] = {}
+        changed = False
+        for k, v in value.items():
+            k2, c1 = repair_strings(k)
+            v2, c2 = repair_strings(v)
+            out[k2] = v2
+            changed = changed or c1 or c2
+        return out, changed
+    if isinstance(value, list):
+        items = [repair_strings(v) for v in value]
+        return [v for v, _ in items], any(c for _, c in items)
+    return value, False
+
+
+def meta_object(raw: Any) -> tuple[dict[str, Any], bool]:
+    """A `meta` value as a dict: (meta, repaired). A JSON-object string is parsed; anything else is kept as
+    ``{"meta_raw": <string>}`` (repaired=True) rather than failing the document."""
+    import json
+
+    if raw is None or raw == "" or raw == {}:
+        return {}, False
+    if isinstance(raw, dict):
+        return raw, False
+    if isinstance(raw, str):
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            return {"meta_raw": raw}, True
+        if isinstance(parsed, dict):
+            return parsed, False
+        return {"meta_raw": raw}, True
+    return {"meta_raw": json.dumps(raw, ensure_ascii=False, default=str)}, True
+
+
+def parse_json_line(raw: bytes) -> tuple[Any, list[str]]:
+    """(value, repairs) of one JSON text given as bytes; raises ValueError when it is not JSON.
+
+    orjson first (fast, strict); the standard library where orjson refuses what the repair policy accepts
+    (lone surrogate escapes), then every string is repaired.
+    """
+    import json
+
+    import orjson
+
+    repairs: list[str] = []
+    if raw.startswith(BOM):
+        raw = raw[3:]
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text, bad_utf8 = decode_utf8(raw)
+        if bad_utf8:
+            repairs.append("invalid_utf8")
+        value = json.loads(text)  # ValueError (JSONDecodeError) for text that is not JSON
+    if _SURROGATE_ESCAPE.search(raw):
+        value, changed = repair_strings(value)
+        if changed:
+            repairs.append("lone_surrogate")
+    return value, repairs
+
+
+# --- resilient decompression -------------------------------------------------------------------------------------
+def codec_of(path: str | Path) -> str:
+    name = str(path).lower()
+    if name.endswith(".gz"):
+        return "gzip"
+    if name.endswith(".zst"):
+        return "zstd"
+    return "plain"
+
+
+def iter_decoded(path: str | Path, codec: str | None = None) -> Iterator[Chunk | Gap]:
+    """The decoded bytes of a file as Chunks, with a Gap for every span that could not be decoded."""
+    codec = codec or codec_of(path)
+    with open(path, "rb") as f:
+        if codec == "plain":
+            for block in iter(lambda: f.read(_FEED), b""):
+                yield Chunk(block, 0)
+            return
+        size = f.seek(0, 2)
+        if size == 0:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            yield from _iter_members(data, codec)
+
+
+def _new_decoder(codec: str) -> Any:
+    if codec == "gzip":
+        return zlib.decompressobj(wbits=31)
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
+def _iter_members(data: Any, codec: str) -> Iterator[Chunk | Gap]:
+    """Decode member after member; a bad one becomes a Gap and decoding resumes at the next magic.
+
+    A member's output is held until the member ends (so a CRC failure drops it whole) unless it grows past
+    MEMBER_HOLD_BYTES; then it streams, and a later failure only ends the member."""
+    magic = GZIP_MAGIC if codec == "gzip" else ZSTD_MAGIC
+    errors: tuple[type[BaseException], ...] = (zlib.error,) if codec == "gzip" else _zstd_errors()
+    size, pos = len(data), 0
+    gap_start: int | None = None
+    failure = "corrupt"
+    while pos < size:
+        if data[pos:pos + len(magic)] != magic:  # bytes between members: part of a gap
+            gap_start = pos if gap_start is None else gap_start
+            nxt = data.find(magic, pos + 1)
+            pos = size if nxt < 0 else nxt
+            continue
+        decoder = _new_decoder(codec)
+        held: list[bytes] = []
+        held_bytes, p, failed = 0, pos, None
+        try:
+            while not decoder.eof:
+                if p >= size:
+                    failed = "truncated"
+                    break
+                feed = data[p:p + _FEED]
+                out = decoder.decompress(feed)
+                p += len(feed) - len(decoder.unused_data) if decoder.eof else len(feed)
+                if out:
+                    held.append(out)
+                    held_bytes += len(out)
+                if held_bytes > MEMBER_HOLD_BYTES:
+                    if gap_start is not None:
+                        yield _gap(codec, gap_start, pos, failure)
+                        gap_start = None
+                    yield Chunk(b"".join(held), pos)
+                    held, held_bytes = [], 0
+        except errors:
+            failed = "corrupt"
+        if failed is None:
+            if gap_start is not None:
+                yield _gap(codec, gap_start, pos, failure)
+                gap_start = None
+            if held:
+                yield Chunk(b"".join(held), pos)
+            pos = p
+            continue
+        if failed == "truncated" and held:  # a cut file: what was decoded before the end is a valid prefix
+            if gap_start is not None:
+                yield _gap(codec, gap_start, pos, failure)
+                gap_start = None
+            yield Chunk(b"".join(held), pos)
+        if gap_start is None:
+            gap_start, failure = pos, failed
+        nxt = data.find(magic, pos + 1)
+        pos = size if nxt < 0 else nxt
+    if gap_start is not None:
+        yield _gap(codec, gap_start, size, failure)
+
+
+def _gap(codec: str, start: int, end: int, kind: str) -> Gap:
+    unit = "gzip_member" if codec == "gzip" else "zstd_frame"
+    return Gap(start, end - start, f"{kind}_{unit}", f"{kind} {unit.replace('_', ' ')}")
+
+
+def _zstd_errors() -> tuple[type[BaseException], ...]:
+    import zstandard
+
+    return (zstandard.ZstdError,)
+
+
+# --- records: lines and JSON arrays -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Line:
+    """One line of a decoded file (without its newline; a trailing CR is kept, JSON ignores it)."""
+
+    lineno: int  # 1-based among the decoded lines (a Gap's lost lines are not numbered)
+    raw: bytes
+
+
+def iter_lines(path: str | Path, codec: str | None = None) -> Iterator[Line | Gap]:
+    """Lines of a (possibly compressed) file, with a Gap wherever compressed bytes were lost.
+
+    The partial line in progress when a Gap occurs belonged to the broken member and is dropped with it."""
+    pending = b""
+    lineno = 0
+    for item in iter_decoded(path, codec):
+        if isinstance(item, Gap):
+            pending = b""
+            yield item
+            continue
+        parts = (pending + item.data).split(b"\n")
+        pending = parts.pop()
+        for raw in parts:
+            lineno += 1
+            yield Line(lineno, raw)
+    if pending:
+        yield Line(lineno + 1, pending)
+
+
+def first_byte(path: str | Path, codec: str | None = None) -> bytes:
+    """The first byte that is not whitespace or a BOM in the decoded file (b"" when there is none)."""
+    for item in iter_decoded(path, codec):
+        if isinstance(item, Chunk):
+            rest = item.data.removeprefix(BOM).lstrip()
+            if rest:
+                return rest[:1]
+    return b""
+
+
+_NEXT_ITEM = re.compile(r",\s*(?=\{)")
+
+
+def iter_json_array(text: str) -> Iterator[tuple[int, Any | ValueError]]:
+    """(index, value or the ValueError that stopped it) for each element of a JSON array given as text.
+
+    A malformed element is reported and parsing resumes at the next `, {` after it, so one bad element costs
+    that element (arrays of objects, the usual document dump). Lone surrogates are left to `repair_strings`."""
+    import json
+
+    decoder = json.JSONDecoder()
+    start = text.find("[")
+    if start < 0:
+        yield 0, ValueError("not a JSON array")
+        return
+    i, index, n = start + 1, 0, len(text)
+    while True:
+        i = _skip_ws(text, i)
+        if i >= n or (text[i] == "]" and _END.match(text, i + 1)):
+            return
+        try:
+            if text[i] == "]":  # a ']' with more after it: an inner array closed by a bad element
+                raise ValueError(f"unexpected ']' at char {i}")
+            value, j = decoder.raw_decode(text, i)
+            k = _skip_ws(text, j)
+            if k < n and text[k] not in ",]":
+                raise ValueError(f"expected ',' or ']' at char {k}")
+            yield index, value
+            i = k + 1 if k < n and text[k] == "," else k
+        except ValueError as e:
+            yield index, e
+            m = _NEXT_ITEM.search(text, i + 1)
+            if m is None:
+                return
+            i = m.end()
+        index += 1
+
+
+_END = re.compile(r"\s*\Z")
+_WS = re.compile(r"\s*")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    return _WS.match(text, i).end()  # type: ignore[union-attr]
