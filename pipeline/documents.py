@@ -25,7 +25,15 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import TextbookError
 from pipeline.io import atomic_path
-from pipeline.textio import Gap, OnEvent, iter_lines, meta_object, parse_json_line, repair_surrogates
+from pipeline.textio import (
+    Gap,
+    OnEvent,
+    iter_lines,
+    meta_object,
+    parse_json_line,
+    repair_strings,
+    repair_surrogates,
+)
 
 # Provenance columns: null where not applicable. Order is the on-disk order.
 PROVENANCE = ("topic", "audience", "format", "prompt_id", "model", "url")
@@ -256,7 +264,8 @@ def _iter_parquet(path: Path, text_field: str, id_field: str, report: OnEvent, r
 
 def iter_json_lines(lines: Iterable[str], where: str | Path, report: Callable[[str, str], None],
                     reason: str = "malformed_json") -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) of each JSON-object line; blank lines are skipped, any other is reported as `reason`."""
+    """(line number, record) of each JSON-object line (BOM ignored, lone surrogates repaired); blank lines are
+    skipped, any other is reported as `reason`."""
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -265,7 +274,7 @@ def iter_json_lines(lines: Iterable[str], where: str | Path, report: Callable[[s
         except json.JSONDecodeError:
             rec = None
         if isinstance(rec, dict):
-            yield lineno, rec
+            yield lineno, repair_strings(rec)[0]
         else:
             report(reason, f"{where}:{lineno}")
 
