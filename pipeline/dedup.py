@@ -30,7 +30,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -190,48 +190,38 @@ def _read_index_ids(docs_path: Path, local: np.ndarray) -> list[str]:
 # ---------------------------------------------------------------------------------------------- clustering
 
 
-class _UnionFind:
-    """Union-find over only the documents that appear in a duplicate pair (compact, python lists)."""
-
-    def __init__(self, a: np.ndarray, b: np.ndarray) -> None:
-        self.nodes = np.unique(np.concatenate([a, b]))
-        self.parent = list(range(len(self.nodes)))
-        for x, y in zip(np.searchsorted(self.nodes, a).tolist(), np.searchsorted(self.nodes, b).tolist(),
-                        strict=True):
-            rx, ry = self._find(x), self._find(y)
-            if rx != ry:
-                self.parent[max(rx, ry)] = min(rx, ry)
-
-    def _find(self, x: int) -> int:
-        parent = self.parent
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def clusters(self) -> dict[int, list[int]]:
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i in range(len(self.nodes)):
-            groups[self._find(i)].append(int(self.nodes[i]))
-        return groups
-
-
-def _pairs_in_runs(sorted_vals: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (first of run, member) and (previous, member) for every run of equal values."""
+def _runs(sorted_vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of every run of >= 2 equal values in a sorted array."""
     if len(sorted_vals) < 2:
         e = np.empty(0, dtype=np.int64)
         return e, e
-    same = sorted_vals[1:] == sorted_vals[:-1]
-    if not same.any():
-        e = np.empty(0, dtype=np.int64)
-        return e, e
-    pos = np.nonzero(same)[0] + 1  # positions whose value equals the previous one
-    starts = np.nonzero(np.concatenate([[True], ~same]))[0]
-    first = starts[np.searchsorted(starts, pos, side="right") - 1]
-    a = np.concatenate([order[first], order[pos - 1]])
-    b = np.concatenate([order[pos], order[pos]])
-    keep = a != b
-    return a[keep], b[keep]
+    new = np.concatenate([[True], sorted_vals[1:] != sorted_vals[:-1]])
+    starts = np.nonzero(new)[0]
+    lengths = np.diff(np.concatenate([starts, [len(sorted_vals)]]))
+    multi = lengths >= 2
+    return starts[multi], lengths[multi]
+
+
+def _window_pairs(members: np.ndarray, starts: np.ndarray, lengths: np.ndarray, window: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs inside each run of `members` (runs already in survivor order): every member with the first of
+    its run and with the `window` members just before it. Small buckets give all their pairs; a huge bucket
+    (shared boilerplate) gives O(size * window) pairs, not O(size^2)."""
+    run_of = np.repeat(np.arange(len(starts)), lengths)
+    pos = np.concatenate([np.arange(n) for n in lengths.tolist()]) if len(lengths) else np.empty(0, np.int64)
+    at = np.repeat(starts, lengths) + pos  # index in `members` of each run element
+    a_parts, b_parts = [], []
+    later = pos >= 1
+    a_parts.append(members[np.repeat(starts, lengths)][later])  # the run's first
+    b_parts.append(members[at][later])
+    for d in range(1, window + 1):
+        ok = pos >= d + 1  # d == pos is the run's first, already paired
+        if not ok.any():
+            break
+        a_parts.append(members[at[ok] - d])
+        b_parts.append(members[at[ok]])
+    del run_of
+    return np.concatenate(a_parts), np.concatenate(b_parts)
 
 
 def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -244,89 +234,189 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 @dataclass
 class Clustering:
-    survivor: np.ndarray  # int64[n_total]: index of the surviving copy (itself when kept)
+    survivor: np.ndarray  # int64[n_total]: index of the kept document it duplicates (itself when kept)
     reason: np.ndarray  # int8[n_total]: KEEP / EXACT / NEAR
-    similarity: np.ndarray  # float32[n_total]: estimated Jaccard with the survivor (1 for kept)
+    similarity: np.ndarray  # float32[n_total]: verified estimated Jaccard with that survivor (1 for kept)
     figures: dict[str, Any]
+    near_misses: list[tuple[int, int, float]] = field(default_factory=list)  # (a, b, sim) just under the bar
+
+
+def _exact_groups(rows: Rows, n: int, figures: dict[str, Any]) -> np.ndarray:
+    """group[i] = the first row (in row order) with the same exact hash as row i (itself when unique)."""
+    group = np.arange(n, dtype=np.int64)
+    if not n:
+        return group
+    ex = np.concatenate([s["exact"] for s in rows.segments])
+    order = np.lexsort((order_key := np.arange(n), ex[:, 1], ex[:, 0]))
+    sv = ex[order]
+    same = np.concatenate([[False], (sv[1:] == sv[:-1]).all(axis=1)])
+    del sv, order_key
+    run_start = np.maximum.accumulate(np.where(~same, np.arange(n), 0))
+    group[order] = order[run_start]
+    figures["exact_duplicates"] = int(same.sum())
+    return group
+
+
+def _survivor_rank(n: int, n_prior: int, involved: np.ndarray, score: np.ndarray, priority: np.ndarray,
+                   ids_of: Callable[[np.ndarray], list[str]]) -> np.ndarray:
+    """Rank (0 = survives first) of each involved row: an earlier index's rows, then the highest edu_score,
+    then the earliest source in source_priority, then the smallest id. Content and metadata only, never the
+    input order, so the result does not depend on how the inputs are ordered."""
+    rank = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    prior = involved[involved < n_prior]
+    new = involved[involved >= n_prior]
+    ids = ids_of(new - n_prior)
+    keys = sorted(range(len(new)), key=lambda k: (-float(score[new[k] - n_prior]),
+                                                  int(priority[new[k] - n_prior]), ids[k], int(new[k])))
+    rank[prior] = np.arange(len(prior))
+    rank[new[np.asarray(keys, dtype=np.int64)]] = len(prior) + np.arange(len(new))
+    return rank
+
+
+def _similarity(rows: Rows, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Estimated Jaccard (share of equal MinHash values) of row pairs, in chunks."""
+    if not len(a):
+        return np.empty(0, dtype=np.float32)
+    return np.concatenate([(rows.take("sig", a[i:i + 65536]) == rows.take("sig", b[i:i + 65536])).mean(axis=1)
+                           for i in range(0, len(a), 65536)]).astype(np.float32)
+
+
+def _candidates(rows: Rows, reps: np.ndarray, rank: np.ndarray | None, p: DedupParams, window: int
+                ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
+    """Without `rank`: the rows that share any LSH bucket. With it: candidate pairs, bucket by bucket."""
+    involved = np.zeros(0, dtype=np.int64)
+    pa_, pb_ = [], []
+    for band in range(p.bands):
+        col = rows.column("band", band)[reps]
+        order = np.lexsort((rank[reps], col)) if rank is not None else np.argsort(col, kind="stable")
+        starts, lengths = _runs(col[order])
+        members = reps[order]
+        del col, order
+        if not len(starts):
+            continue
+        if rank is None:
+            involved = np.union1d(involved, members[np.repeat(starts, lengths) +
+                                                    np.concatenate([np.arange(k) for k in lengths.tolist()])])
+            continue
+        a, b = _window_pairs(members, starts, lengths, window)
+        a, b = _unique_pairs(a, b)
+        pa_.append(a)
+        pb_.append(b)
+    if rank is None:
+        return involved
+    if not pa_:
+        e = np.empty(0, dtype=np.int64)
+        return e, e
+    return _unique_pairs(np.concatenate(pa_), np.concatenate(pb_))
+
+
+def _greedy(nodes_in_order: np.ndarray, a: np.ndarray, b: np.ndarray, sims: np.ndarray, n: int, n_prior: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Star clustering over verified edges: in survivor order, an undecided node is kept and removes its
+    undecided neighbours. (survivor, similarity) per row; survivor = -1 where undecided (no edge)."""
+    survivor = np.full(n, -1, dtype=np.int64)
+    similarity = np.ones(n, dtype=np.float32)
+    if not len(a):
+        return survivor, similarity
+    src = np.concatenate([a, b])
+    dst = np.concatenate([b, a])
+    w = np.concatenate([sims, sims])
+    order = np.argsort(src, kind="stable")
+    src, dst, w = src[order], dst[order], w[order]
+    bounds = np.searchsorted(src, nodes_in_order), np.searchsorted(src, nodes_in_order, side="right")
+    surv = survivor  # local alias: the loop is the hot part
+    for u, lo, hi in zip(nodes_in_order.tolist(), bounds[0].tolist(), bounds[1].tolist(), strict=True):
+        if surv[u] != -1 and surv[u] != u:
+            continue  # removed: a removed document never removes another
+        surv[u] = u
+        for v, sim in zip(dst[lo:hi].tolist(), w[lo:hi].tolist(), strict=True):
+            if surv[v] == -1 and v >= n_prior:  # an earlier index's rows were emitted: never removed
+                surv[v] = u
+                similarity[v] = sim
+    return survivor, similarity
 
 
 def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.ndarray,
                     ids_of: Callable[[np.ndarray], list[str]], p: DedupParams,
-                    log: Callable[[str], None] = lambda m: None) -> Clustering:
-    """Cluster all rows (the first `n_prior` are an earlier index and always survive)."""
+                    log: Callable[[str], None] = lambda m: None, window: int = 16,
+                    near_misses: int = 20) -> Clustering:
+    """Decide every row (the first `n_prior` are an earlier index and always survive).
+
+    Survivor-verified star clustering, not connected components: rows are visited in survivor order (see
+    `_survivor_rank`); a row not yet removed is kept and removes each undecided candidate whose own estimated
+    Jaccard with it is >= verify_threshold. So a document is removed only as a copy of a document that is
+    kept, with the similarity to that document recorded before the decision; A~B and B~C never remove C for
+    A's sake. Exact copies (same folded text) are grouped first and follow their group's best member.
+    """
     n = len(rows)
     figures: dict[str, Any] = {}
-    pa_, pb_ = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    rep = np.ones(n, dtype=bool)
     t0 = time.time()
-    if p.exact and n:
-        ex = np.concatenate([s["exact"] for s in rows.segments])
-        order = np.lexsort((ex[:, 1], ex[:, 0]))
-        sv = ex[order]
-        same = np.concatenate([[False], (sv[1:] == sv[:-1]).all(axis=1)])
-        a, b = _pairs_in_runs(np.cumsum(~same), order)  # run id per sorted row: equal ids = equal hashes
-        del sv
-        pa_.append(a)
-        pb_.append(b)
-        rep[order[same]] = False  # only the first of an exact group takes part in the band search
-        figures["exact_pairs"] = int(len(a) // 2)
+    group = _exact_groups(rows, n, figures) if p.exact else np.arange(n, dtype=np.int64)
     figures["seconds_exact"] = round(time.time() - t0, 3)
     t0 = time.time()
-    candidates = 0
-    verified = 0
+    reps = np.nonzero(group == np.arange(n))[0]
+    in_exact = np.nonzero(np.bincount(group, minlength=n)[group] > 1)[0] if n else np.empty(0, np.int64)
+    involved = np.union1d(in_exact, _candidates(rows, reps, None, p, window) if p.near and n else in_exact)
+    rank = _survivor_rank(n, n_prior, involved, score, priority, ids_of)
+    # an exact group is as good as its best member, who will be the one kept
+    best = np.full(n, -1, dtype=np.int64)
+    if len(in_exact):
+        by_rank = in_exact[np.argsort(rank[in_exact], kind="stable")]
+        first_seen = np.unique(group[by_rank], return_index=True)
+        best[first_seen[0]] = by_rank[first_seen[1]]
+        rank[first_seen[0]] = rank[by_rank[first_seen[1]]]
+    a = b = np.empty(0, dtype=np.int64)
+    sims = np.empty(0, dtype=np.float32)
+    misses: list[tuple[int, int, float]] = []
     if p.near and n:
-        reps = np.nonzero(rep)[0]
-        for band in range(p.bands):
-            col = rows.column("band", band)[reps]
-            order = np.argsort(col, kind="stable")
-            a, b = _pairs_in_runs(col[order], reps[order])
-            del col, order
-            if not len(a):
-                continue
-            a, b = _unique_pairs(a, b)
-            candidates += len(a)
-            if p.verify_threshold is not None:
-                sims = np.concatenate([
-                    (rows.take("sig", a[i:i + 65536]) == rows.take("sig", b[i:i + 65536])).mean(axis=1)
-                    for i in range(0, len(a), 65536)])
-                ok = sims >= p.verify_threshold
-                a, b = a[ok], b[ok]
-            verified += len(a)
-            pa_.append(a)
-            pb_.append(b)
-    figures["candidate_pairs"] = candidates
-    figures["verified_pairs"] = verified
+        a, b = _candidates(rows, reps, rank, p, window)
+        sims = _similarity(rows, a, b)
+        figures["candidate_pairs"] = int(len(a))
+        threshold = p.verify_threshold if p.verify_threshold is not None else 0.0
+        under = np.nonzero(sims < threshold)[0]
+        for k in under[np.argsort(-sims[under], kind="stable")][:near_misses].tolist():
+            misses.append((int(a[k]), int(b[k]), float(sims[k])))
+        ok = sims >= threshold
+        a, b, sims = a[ok], b[ok], sims[ok]
+    figures["verified_pairs"] = int(len(a))
     figures["seconds_buckets"] = round(time.time() - t0, 3)
     t0 = time.time()
-    a, b = _unique_pairs(np.concatenate(pa_), np.concatenate(pb_))
-    survivor = np.arange(n, dtype=np.int64)
-    reason = np.zeros(n, dtype=np.int8)
-    similarity = np.ones(n, dtype=np.float32)
-    sizes: Counter[int] = Counter()
-    if len(a):
-        groups = _UnionFind(a, b).clusters()
-        members = np.fromiter((m for g in groups.values() for m in g), dtype=np.int64)
-        new_members = members[members >= n_prior]
-        id_map = dict(zip(new_members.tolist(), ids_of(new_members - n_prior), strict=True))
-        for g in groups.values():
-            sizes[len(g)] += 1
-            best = min(g, key=lambda i: (0, 0.0, 0, "", i) if i < n_prior else
-                       (1, -float(score[i - n_prior]), int(priority[i - n_prior]), id_map[i], i))
-            for m in g:
-                if m != best:
-                    survivor[m] = best
-        dup = np.nonzero(survivor != np.arange(n))[0]
-        if len(dup):
-            ex_a, ex_b = rows.take("exact", dup), rows.take("exact", survivor[dup])
-            reason[dup] = np.where((ex_a == ex_b).all(axis=1), EXACT, NEAR)
-            for i in range(0, len(dup), 65536):
-                part = dup[i:i + 65536]
-                similarity[part] = (rows.take("sig", part) == rows.take("sig", survivor[part])).mean(axis=1)
+    nodes = np.unique(np.concatenate([a, b]))
+    nodes = nodes[np.argsort(rank[nodes], kind="stable")]
+    star, similarity = _greedy(nodes, a, b, sims, n, n_prior)
+    survivor, reason = _assign(group, best, star, n, n_prior)
+    similarity[reason == KEEP] = 1.0
+    similarity[reason == EXACT] = 1.0
+    near = np.nonzero(reason == NEAR)[0]
+    similarity[near] = similarity[group[near]]  # an exact copy of a removed representative shares its similarity
+    sizes = Counter(Counter(survivor[survivor != np.arange(n)].tolist()).values())
     figures["clusters"] = int(sum(sizes.values()))
-    figures["cluster_sizes"] = {str(k): v for k, v in sorted(sizes.items())}
+    figures["cluster_sizes"] = {str(k + 1): v for k, v in sorted(sizes.items())}
     figures["seconds_cluster"] = round(time.time() - t0, 3)
-    log(f"dedup: {figures['clusters']} clusters, {candidates} candidate pairs, {verified} verified")
-    return Clustering(survivor, reason, similarity, figures)
+    log(f"dedup: {figures['clusters']} clusters, {figures.get('candidate_pairs', 0)} candidate pairs, "
+        f"{figures['verified_pairs']} verified")
+    return Clustering(survivor, reason, similarity, figures, misses)
+
+
+def _assign(group: np.ndarray, best: np.ndarray, star: np.ndarray, n: int, n_prior: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: (survivor, reason) from the exact groups and the representatives' star clustering."""
+    idx = np.arange(n, dtype=np.int64)
+    survivor = idx.copy()
+    reason = np.zeros(n, dtype=np.int8)
+    rep_star = star[group]  # each row follows its exact group's representative
+    removed_rep = (rep_star != -1) & (rep_star != group)
+    group_best = np.where(best[group] >= 0, best[group], group)
+    # kept groups: the best member stays, the other members are exact copies of it (an index row stays too)
+    copy = ~removed_rep & (idx != group_best) & (idx >= n_prior)
+    survivor[copy] = group_best[copy]
+    reason[copy] = EXACT
+    # removed groups: every member is a near copy of the survivor group's best member
+    target = rep_star[removed_rep]
+    target_best = np.where(best[target] >= 0, best[target], target)
+    survivor[removed_rep] = target_best
+    reason[removed_rep] = NEAR
+    return survivor, reason
 
 
 # ---------------------------------------------------------------------------------------------- in memory
@@ -523,7 +613,8 @@ def run_stage(ctx: Any) -> StageStats:
         sel = surv[(surv >= start) & (surv < end)]
         kept_ids.update(zip(sel.tolist(), _read_index_ids(docs_path, sel - start), strict=True))
 
-    removed_per_source, pairs = _write_outputs(ctx, result, n_prior, kept_ids, stats, section)
+    lowest, want_text = _audit_rows(result, n_prior, 10)
+    removed_per_source, pairs, texts = _write_outputs(ctx, result, n_prior, kept_ids, stats, section, want_text)
     if section.keep_index:
         _write_index(ctx.out_dir / "index", rows, n_prior, prior_docs, result, work, p, section)
     shutil.rmtree(work, ignore_errors=True)
@@ -537,6 +628,8 @@ def run_stage(ctx: Any) -> StageStats:
     stats.set("documents_per_source", dict(per_source_in))
     stats.set("removed_per_source", removed_per_source)
     stats.set("sample_pairs", pairs)
+    stats.set("audit", _audit(lowest, result.near_misses[:10], texts, kept_ids, p.verify_threshold))
+    stats.set("pairs_file", str(ctx.out_dir / "pairs.parquet"))
     stats.set("memory_per_million_docs", memory_per_million(p.num_perm, p.bands))
     stats.set("docs_per_second", round(n_new / elapsed, 1) if elapsed > 0 else None)
     stats.set("seconds_hash", round(seconds_hash, 3))
@@ -545,14 +638,49 @@ def run_stage(ctx: Any) -> StageStats:
     return stats
 
 
+class _PairsWriter:
+    """Every removal as one row of `pairs.parquet`: removed_id, kept_id, reason, verified similarity."""
+
+    SCHEMA = pa.schema([("removed_id", pa.string()), ("kept_id", pa.string()), ("reason", pa.string()),
+                        ("similarity", pa.float32()), ("kept_from_earlier_run", pa.bool_())])
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.rows: list[tuple[str, str, str, float, bool]] = []
+        self.writer = pq.ParquetWriter(self.tmp, self.SCHEMA, compression="zstd")
+
+    def add(self, removed_id: str, kept_id: str, reason: str, similarity: float, earlier: bool) -> None:
+        self.rows.append((removed_id, kept_id, reason, similarity, earlier))
+        if len(self.rows) >= 65536:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            cols = list(zip(*self.rows, strict=True))
+            self.writer.write_table(pa.table([pa.array(c, t) for c, t in zip(cols, self.SCHEMA.types, strict=True)],
+                                             schema=self.SCHEMA))
+            self.rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()
+        self.tmp.replace(self.path)
+
+
 def _write_outputs(ctx: Any, result: Clustering, n_prior: int, kept_ids: dict[int, str], stats: StageStats,
-                   section: Any) -> tuple[dict[str, dict[str, int]], list[dict[str, Any]]]:
-    """Step 6: stream the inputs again (same order, same filter) and route each document."""
+                   section: Any, want_text: set[int]
+                   ) -> tuple[dict[str, dict[str, int]], list[dict[str, Any]], dict[int, tuple[str, str]]]:
+    """Step 6: stream the inputs again (same order, same filter) and route each document.
+
+    Returns removals per source, sample pairs, and (id, text) of the rows in `want_text` (for the audit)."""
     from pipeline.documents import STREAM_ROWS_PER_FILE, DocumentWriter, RemovedWriters, iter_documents
 
     removed_per_source: dict[str, Counter[str]] = defaultdict(Counter)
     pairs: list[dict[str, Any]] = []
+    texts: dict[int, tuple[str, str]] = {}
     removed = RemovedWriters(ctx.removed_dir, rows_per_file=STREAM_ROWS_PER_FILE)
+    every_pair = _PairsWriter(ctx.out_dir / "pairs.parquet")
     i = n_prior
     kept = DocumentWriter(ctx.kept_dir, rows_per_file=STREAM_ROWS_PER_FILE)
     with _progress("dedup: writing", len(result.survivor) - n_prior) as bar:
@@ -560,6 +688,8 @@ def _write_outputs(ctx: Any, result: Clustering, n_prior: int, kept_ids: dict[in
             if not _usable(doc):
                 removed.write(doc, "empty_text")
                 continue
+            if i in want_text:
+                texts[i] = (doc["id"], doc["text"])
             code = int(result.reason[i])
             if code == KEEP:
                 kept.write(doc)
@@ -572,6 +702,7 @@ def _write_outputs(ctx: Any, result: Clustering, n_prior: int, kept_ids: dict[in
                 meta.update({"kept_id": kept_ids[s], "similarity": sim,
                              "kept_from_earlier_run": s < n_prior})
                 removed.write({**doc, "meta": meta}, why)
+                every_pair.add(doc["id"], kept_ids[s], why, sim, s < n_prior)
                 stats.drop(why)
                 removed_per_source[doc.get("source") or "unknown"][why] += 1
                 if len(pairs) < section.sample_pairs:
@@ -581,10 +712,36 @@ def _write_outputs(ctx: Any, result: Clustering, n_prior: int, kept_ids: dict[in
             bar.update(1)
     kept.close()
     removed.close()
+    every_pair.close()
     if i != len(result.survivor):
         raise TextbookError(f"dedup: the inputs changed while the stage ran ({i - n_prior} documents on the second "
                             f"pass, {len(result.survivor) - n_prior} on the first); run it again")
-    return {k: dict(v) for k, v in sorted(removed_per_source.items())}, pairs
+    return {k: dict(v) for k, v in sorted(removed_per_source.items())}, pairs, texts
+
+
+def _audit_rows(result: Clustering, n_prior: int, k: int) -> tuple[list[tuple[int, int, float]], set[int]]:
+    """The k near-duplicate removals with the lowest verified similarity, and the rows whose text they need."""
+    near = np.nonzero(result.reason[n_prior:] == NEAR)[0] + n_prior
+    low = near[np.argsort(result.similarity[near], kind="stable")][:k]
+    lowest = [(int(r), int(result.survivor[r]), float(result.similarity[r])) for r in low]
+    rows = {x for a, b, _ in lowest + result.near_misses[:k] for x in (a, b) if x >= n_prior}
+    return lowest, rows
+
+
+def _audit(lowest: list[tuple[int, int, float]], misses: list[tuple[int, int, float]],
+           texts: dict[int, tuple[str, str]], kept_ids: dict[int, str], threshold: float | None) -> dict[str, Any]:
+    """The pairs nearest the threshold on both sides, with text starts, for a person to check the threshold."""
+    def side(row: int) -> tuple[str, str]:
+        return texts.get(row, (kept_ids.get(row, "(an earlier run's document)"), ""))
+
+    def pair(a: int, b: int, sim: float, first: str, second: str) -> dict[str, Any]:
+        (ida, ta), (idb, tb) = side(a), side(b)
+        return {f"{first}_id": ida, f"{second}_id": idb, "similarity": round(sim, 4),
+                f"{first}_text": ta[:200], f"{second}_text": tb[:200]}
+
+    return {"verify_threshold": threshold,
+            "lowest_removed": [pair(r, s, sim, "removed", "kept") for r, s, sim in lowest],
+            "highest_not_removed": [pair(a, b, sim, "a", "b") for a, b, sim in misses]}
 
 
 def _write_index(dest: Path, rows: Rows, n_prior: int, prior_docs: list[tuple[Path, int]], result: Clustering,

@@ -227,9 +227,11 @@ class Report:
             return
         self.h2(title)
         extras = [[k, json.dumps(v, default=str)[:300]] for k, v in s.items()
-                  if k not in ("stage", "read", "kept", "dropped", "errored", "reconciled")]
+                  if k not in ("stage", "read", "kept", "dropped", "errored", "reconciled", "audit")]
         if extras:
             self.table(["figure", "value"], extras)
+        if s.get("audit"):
+            self.threshold_audit(s["audit"])
         rows = []
         for f in files:
             t = pq.read_table(f, columns=[c for c in ("id", "source", "reason", "meta", "text")
@@ -243,6 +245,20 @@ class Report:
             self.table(["id", "source", "reason", "details", "text (start)"], rows)
         else:
             self.note("Nothing was removed.")
+
+    def threshold_audit(self, audit: dict[str, Any]) -> None:
+        """The removals with the lowest verified similarity and the closest pairs left apart."""
+        self.note(f"Pairs nearest the verify threshold ({audit.get('verify_threshold')}): check that the removed "
+                  "ones are copies and the ones left apart are not. Every removal is in pairs.parquet.")
+        rows = [["removed", f"{p['similarity']:.3f}", p["removed_id"], p["kept_id"],
+                 p["removed_text"][:160].replace("\n", " "), p["kept_text"][:160].replace("\n", " ")]
+                for p in audit.get("lowest_removed", [])]
+        rows += [["kept apart", f"{p['similarity']:.3f}", p["a_id"], p["b_id"],
+                  p["a_text"][:160].replace("\n", " "), p["b_text"][:160].replace("\n", " ")]
+                 for p in audit.get("highest_not_removed", [])]
+        if rows:
+            self.table(["decision", "similarity", "document A (removed)", "document B (kept)", "text A", "text B"],
+                       rows)
 
     def pretraining(self) -> None:
         logs = sorted(self.stage_dir("pretrain").rglob("*.jsonl")) if self.stage_dir("pretrain").is_dir() else []
