@@ -6,14 +6,27 @@ Steps (datatrove style, each with its own figures in the stats):
              hash of its normalised text to scratch files (nothing per document stays in RAM but a float
              score and a priority).
 2. exact     sort the 128-bit text hashes: equal hashes are exact duplicates.
-3. buckets   for one band at a time, sort the band hashes: documents sharing a bucket are candidate pairs.
-4. verify    a candidate pair is a duplicate when the whole signatures agree on >= verify_threshold
-             (estimated Jaccard), which removes the LSH false positives.
-5. cluster   union-find over the duplicate pairs; in each cluster the survivor is the document with the
-             highest edu_score, then the earliest source in `source_priority`, then the smallest id.
-             Documents of an earlier run's index (`index_in`) were already emitted and always survive.
+3. buckets   for one band at a time, sort the band hashes (and, inside a bucket, the documents in survivor
+             order): each document is a candidate of its bucket's first and of the 16 documents just before
+             it, so a huge bucket (shared boilerplate) costs O(size), not O(size^2).
+4. verify    a candidate pair's estimated Jaccard (share of equal MinHash values over the whole signature).
+5. cluster   survivor-verified star clustering: documents are visited in survivor order (an earlier run's
+             index first, then the highest edu_score, the earliest source in `source_priority`, the smallest
+             id: never the input order); a document not yet removed is kept, and removes each undecided
+             candidate whose own similarity to it is >= verify_threshold. Exact copies follow the best member
+             of their exact group.
 6. filter    stream the documents again: survivors to kept/, the others to removed/ with reason
-             exact_duplicate or near_duplicate and meta.kept_id (+ meta.similarity).
+             exact_duplicate or near_duplicate and meta.kept_id + meta.similarity (the verified similarity to
+             that kept document, measured before the decision); every removal also in `pairs.parquet`; the
+             pairs nearest the threshold on both sides in stats["audit"] and the report.
+
+Why not connected components: datatrove (union-find over bucket pairs), text-dedup (union-find) and NeMo
+Curator (connected components over LSH edges, with an optional Jaccard check of each edge against anchor
+documents) keep one document per connected component. Components are transitive: A~B and B~C put C in A's
+component although C may share nothing with A, and on real sites shared navigation chains unrelated pages
+into one component. Star clustering against the survivor only removes a document that is itself similar to a
+document that stays, is deterministic, and is independent of the input order; it can keep two documents that
+a chain would have merged (B removed as a copy of A; C, far from A, kept), which is the intended trade.
 
 Memory: ~70 MB per million documents during clustering (see `minhash.memory_per_million`) plus 16 bytes
 per duplicate pair; signatures stay on disk (memory-mapped): 4*num_perm + 8*bands + 16 bytes per document
