@@ -33,6 +33,7 @@ from pipeline.textio import (
     parse_json_line,
     repair_strings,
     repair_surrogates,
+    salvage_records,
 )
 
 # Provenance columns: null where not applicable. Order is the on-disk order.
@@ -291,17 +292,26 @@ def _iter_jsonl(path: Path, text_field: str, id_field: str, report: OnEvent, rep
             rec, repairs = parse_json_line(line.raw)
         except ValueError:
             report("malformed_json", where)
+            # a lost newline merges the next records into the bad one: read them on
+            for k, rec in enumerate(salvage_records(line.raw), 2):
+                yield from _line_document(rec, [], text_field, id_field, report, repaired,
+                                          f"{where} (record {k} of a merged line)")
             continue
-        if not isinstance(rec, dict):
-            report("malformed_json", where)
-            continue
-        doc, more = _normalise(rec, text_field, id_field)
-        if doc is None:
-            report("missing_text", where)
-            continue
-        for reason in dict.fromkeys(repairs + more):
-            repaired(reason, where)
-        yield doc
+        yield from _line_document(rec, repairs, text_field, id_field, report, repaired, where)
+
+
+def _line_document(rec: Any, repairs: list[str], text_field: str, id_field: str, report: OnEvent,
+                   repaired: OnEvent, where: str) -> Iterator[dict]:
+    if not isinstance(rec, dict):
+        report("malformed_json", where)
+        return
+    doc, more = _normalise(rec, text_field, id_field)
+    if doc is None:
+        report("missing_text", where)
+        return
+    for reason in dict.fromkeys(repairs + more):
+        repaired(reason, where)
+    yield doc
 
 
 def count_rows(paths: Iterable[str | Path]) -> int:

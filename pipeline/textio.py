@@ -295,42 +295,90 @@ def first_byte(path: str | Path, codec: str | None = None) -> bytes:
     return b""
 
 
-_NEXT_ITEM = re.compile(r",\s*(?=\{)")
-
-
 def iter_json_array(text: str) -> Iterator[tuple[int, Any | ValueError]]:
     """(index, value or the ValueError that stopped it) for each element of a JSON array given as text.
 
-    A malformed element is reported and parsing resumes at the next `, {` after it, so one bad element costs
-    that element (arrays of objects, the usual document dump). Lone surrogates are left to `repair_strings`."""
+    A malformed element is reported once and parsing resumes at the next `{` from which a whole element
+    parses (arrays of objects, the usual document dump), so one bad element costs that element. Garbage
+    before the opening `[` is skipped, a lost `[` or comma is tolerated. Lone surrogates are left to
+    `repair_strings`."""
     import json
 
     decoder = json.JSONDecoder()
-    start = text.find("[")
-    if start < 0:
+    bracket, brace = text.find("["), text.find("{")
+    if bracket < 0 and brace < 0:
         yield 0, ValueError("not a JSON array")
         return
-    i, index, n = start + 1, 0, len(text)
+    # an array whose opening bracket was lost still has its elements: start at the first object then
+    i = bracket + 1 if bracket >= 0 and (brace < 0 or bracket < brace) else brace
+    index, n = 0, len(text)
     while True:
         i = _skip_ws(text, i)
         if i >= n or (text[i] == "]" and _END.match(text, i + 1)):
             return
-        try:
-            if text[i] == "]":  # a ']' with more after it: an inner array closed by a bad element
-                raise ValueError(f"unexpected ']' at char {i}")
-            value, j = decoder.raw_decode(text, i)
-            k = _skip_ws(text, j)
-            if k < n and text[k] not in ",]":
-                raise ValueError(f"expected ',' or ']' at char {k}")
-            yield index, value
-            i = k + 1 if k < n and text[k] == "," else k
-        except ValueError as e:
-            yield index, e
-            m = _NEXT_ITEM.search(text, i + 1)
-            if m is None:
-                return
-            i = m.end()
+        value, nxt, err = _element_at(decoder, text, i)
+        yield index, (value if err is None else err)
         index += 1
+        if err is None:
+            i = nxt
+            continue
+        i = _resync(decoder, text, i + 1)
+        if i < 0:
+            return
+
+
+def _element_at(decoder: Any, text: str, i: int) -> tuple[Any, int, ValueError | None]:
+    """(value, where the next element starts, None) or (None, i, the error) for the element at text[i]."""
+    if text[i] == "]":  # a ']' with more after it: a damaged separator or an inner list's end
+        return None, i, ValueError(f"unexpected ']' at char {i}")
+    try:
+        value, j = decoder.raw_decode(text, i)
+    except ValueError as e:
+        return None, i, e
+    k = _skip_ws(text, j)
+    if k < len(text) and text[k] not in ",]{":  # '{': a lost comma (or JSON lines) still separates objects
+        return None, i, ValueError(f"expected ',' or ']' at char {k}")
+    return value, (k + 1 if k < len(text) and text[k] == "," else k), None
+
+
+def _resync(decoder: Any, text: str, frm: int, attempts: int = 10_000) -> int:
+    """The next `{` (>= frm) at which a whole element parses; -1 when there is none."""
+    p = text.find("{", frm)
+    while p >= 0 and attempts > 0:
+        if _element_at(decoder, text, p)[2] is None:
+            return p
+        p = text.find("{", p + 1)
+        attempts -= 1
+    return -1
+
+
+def salvage_records(raw: bytes, max_attempts: int = 256) -> list[Any]:
+    """Whole JSON objects at the end of a damaged line (a lost newline merged them into it), in order.
+
+    A record is taken from a `{"` position only when it parses and is followed by nothing but whitespace or
+    another object, so an object nested in the damaged record (always followed by its parent's `}`) is not."""
+    import json
+
+    text = decode_utf8(raw)[0]
+    decoder = json.JSONDecoder()
+    found: list[Any] = []
+    p = text.find('{"', 1)
+    while p >= 0 and max_attempts > 0:
+        max_attempts -= 1
+        try:
+            value, j = decoder.raw_decode(text, p)
+        except ValueError:
+            p = text.find('{"', p + 1)
+            continue
+        rest = _skip_ws(text, j)
+        if rest >= len(text) or text.startswith("{", rest):
+            found.append(value)
+            if rest >= len(text):
+                break
+            p = rest
+            continue
+        p = text.find('{"', p + 1)
+    return [repair_strings(v)[0] for v in found]
 
 
 _END = re.compile(r"\s*\Z")

@@ -309,3 +309,64 @@ def test_stages_read_every_record_of_the_case_files(shared_cases, shared_data, t
     stats = run_pipeline(load_config(None, sets), log=lambda m: None)[stage]
     assert stats["read"] == 8 and stats["errored"] == {} and stats["reconciled"]
     assert stats["repaired"] == {"lone_surrogate": 1}
+
+
+# --- classes the fuzzer found (tests/test_reader_fuzz.py) ---------------------------------------------------------
+def test_a_lost_newline_costs_only_the_damaged_record(shared_data, tmp_path):
+    recs = _real_records(shared_data, 6)
+    lines = [json.dumps(r).encode() for r in recs]
+    lines[2] = lines[2][:-5] + b"\xc8\xbd\xce\x16{" + lines[3]  # record 2's end and newline damaged: 2+3 merged
+    del lines[3]
+    path = tmp_path / "merged.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    docs, errors, _ = read_docs([path])
+    assert [d["id"] for d in docs] == [r["id"] for i, r in enumerate(recs) if i != 2]
+    assert [e[0] for e in errors] == ["malformed_json"]
+    web = read_web(path, tmp_path)
+    assert [d.id for d in web["docs"]] == [r["id"] for i, r in enumerate(recs) if i != 2]
+
+
+def test_json_array_without_its_brackets_or_commas_is_still_read(shared_data, tmp_path):
+    recs = _real_records(shared_data, 5)
+    body = ",\n".join(json.dumps(r) for r in recs)
+    for name, text in (("lost-open.json", '"\x15' + body + "]"), ("bracket-in-gap.json", "[" + body.replace(
+            ",\n", ",]", 1) + "]"), ("no-commas.json", "[" + body.replace(",\n", "\n") + "]")):
+        path = tmp_path / name
+        path.write_text(text)
+        web = read_web(path, tmp_path)
+        assert [d.id for d in web["docs"]] == [r["id"] for r in recs], name
+
+
+def test_damaged_separator_costs_one_record(shared_cases, tmp_path):
+    pages = _pages(shared_cases)
+    records = [warc_record(*p) for p in pages]
+    records[0] = records[0][:-4] + b"\r\n\xc7\xbe"  # the CRLF CRLF after record 0 damaged
+    path = tmp_path / "sep.warc"
+    path.write_bytes(b"".join(records))
+    web = read_web(path, tmp_path)
+    assert web["fates"] == {("errored", "content_length_mismatch"): 1}
+    assert [d.text for d in web["docs"]] == [b.decode() for _, b in pages[1:]]
+
+
+@pytest.mark.parametrize("delta", [1, 2, 3, 4])
+def test_last_record_content_length_too_long_is_flagged(shared_cases, tmp_path, delta):
+    pages = _pages(shared_cases)
+    uri, body = pages[-1]
+    path = tmp_path / f"long{delta}.warc"
+    path.write_bytes(b"".join(warc_record(*p) for p in pages[:-1]) + warc_record(uri, body + b"\r\n",
+                                                                               length_delta=delta))
+    web = read_web(path, tmp_path)
+    assert web["fates"] == {("errored", "content_length_mismatch"): 1}
+    assert len(web["docs"]) == len(pages) - 1
+
+
+def test_content_length_short_by_newlines_is_read_whole(shared_cases, tmp_path):
+    pages = _pages(shared_cases)
+    uri, body = pages[1]
+    records = [warc_record(*p) for p in pages]
+    records[1] = warc_record(uri, body + b"\r\n", length_delta=-2)  # the block's own CRLF left outside
+    path = tmp_path / "short-newlines.warc"
+    path.write_bytes(b"".join(records))
+    web = read_web(path, tmp_path)
+    assert web["fates"] == {} and web["repaired"] == {"content_length_adjusted": 1}
+    assert web["docs"][1].text == (body + b"\r\n").decode()

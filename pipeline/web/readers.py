@@ -34,6 +34,7 @@ from pipeline.textio import (
     iter_lines,
     parse_json_line,
     repair_strings,
+    salvage_records,
 )
 from pipeline.web.fates import FILE_KEY, FORMAT_KEY, WHERE_KEY, Fates, clear_rank_outputs, rank_tag
 from pipeline.web.units import Unit
@@ -210,8 +211,7 @@ class WebReader(PipelineStep):
             if mime or not (sniff.startswith(b"<!doctype html") or b"<html" in sniff):
                 raise Skip("dropped", "not_html")
         text, repaired = decode_page(body, _charset_of(http_type))
-        if repaired:
-            self._repair(unit, ["invalid_utf8"])
+        self._repair(unit, ["invalid_utf8"] * repaired + ["content_length_adjusted"] * record.adjusted)
         url = headers.get("warc-target-uri", "").strip("<>") or None  # WARC/1.1 writers may bracket it
         return Document(text=text, id=headers.get("warc-record-id") or url or "",
                         metadata={"url": url, "date": headers.get("warc-date"),
@@ -288,6 +288,9 @@ class WebReader(PipelineStep):
                 rec, repairs = parse_json_line(line.raw)
             except ValueError as e:
                 yield where, Skip("errored", "malformed_json", str(e)[:300])
+                # a lost newline merges the next records into the bad one: read them on
+                for k, rec in enumerate(salvage_records(line.raw), 2):
+                    yield self._record(rec, unit, f"{where} (record {k} of a merged line)")
                 continue
             item = self._record(rec, unit, where)
             if repairs and not isinstance(item[1], Skip):
@@ -304,7 +307,7 @@ class WebReader(PipelineStep):
                 data += part.data
             else:
                 yield part.where, Skip("errored", part.reason, part.describe())
-        if not data.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+        if not _looks_like_array(bytes(data[:4096])) and _first_line_parses(data):
             yield from self._iter_line_records(unit)  # a `.json` file that holds JSON lines
             return
         text, bad_utf8 = decode_utf8(bytes(data))
@@ -376,6 +379,23 @@ class WebReader(PipelineStep):
                                    metadata={"url": page_url(html), FORMAT_KEY: "html"})
         except Skip as s:
             yield "file", s
+
+
+def _looks_like_array(head: bytes) -> bool:
+    """A JSON array: a `[` comes before the first `{` (stray bytes before it are tolerated)."""
+    bracket, brace = head.find(b"["), head.find(b"{")
+    return bracket >= 0 and (brace < 0 or bracket < brace)
+
+
+def _first_line_parses(data: bytearray) -> bool:
+    for raw in bytes(data[:1 << 20]).split(b"\n", 8)[:8]:
+        if raw.strip():
+            try:
+                parse_json_line(raw)
+                return True
+            except ValueError:
+                return False
+    return False
 
 
 def _size_note(path: str) -> str:

@@ -28,7 +28,9 @@ from pathlib import Path
 
 from pipeline.textio import Chunk, Gap, iter_decoded
 
-_RECORD_START = re.compile(rb"(?:\A|\n)(WARC/1\.[0-9]\r?\n)")
+# A record header: its version line, then a "Name:" field line. Not anchored to a newline, so a record whose
+# separator was damaged is still found.
+_RECORD_START = re.compile(rb"(WARC/1\.[0-9]\r?\n)[A-Za-z][A-Za-z0-9-]*:")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _NEWLINES = re.compile(rb"[\r\n]*")
 # Headers are short; a "header" that has not ended after this many bytes is not one.
@@ -43,6 +45,7 @@ class WarcRecord:
     headers: dict[str, str]
     block: bytes | None
     length: int
+    adjusted: bool = False  # the block was read whole past a Content-Length that fell short by newlines
 
     @property
     def type(self) -> str:
@@ -96,19 +99,15 @@ class _Buffer:
         return f"byte {member}" if first == self.base else f"byte {member} (+{self.base - first} decoded)"
 
     def find_record_start(self, frm: int) -> int:
-        """Index (>= frm) in buf of the next `WARC/1.x` header line, reading on as needed; -1 when none."""
-        scan = max(frm - 1, 0)
+        """Index (>= frm) in buf of the next record header, reading on as needed; -1 when there is none."""
+        scan = frm
         while True:
             m = _RECORD_START.search(self.buf, scan)
-            while m is not None and m.start(1) < frm:
-                m = _RECORD_START.search(self.buf, m.start(1) + 1)
             if m is not None:
                 return m.start(1)
-            scan = max(len(self.buf) - 16, frm - 1, 0)
+            scan = max(len(self.buf) - 64, frm)  # a header split by the read boundary is found next time
             if not self.fill(len(self.buf) + (1 << 20)):
                 m = _RECORD_START.search(self.buf, scan)
-                while m is not None and m.start(1) < frm:
-                    m = _RECORD_START.search(self.buf, m.start(1) + 1)
                 return -1 if m is None else m.start(1)
 
 
@@ -215,7 +214,7 @@ def _block(b: _Buffer, where: str, headers: dict[str, str], start: int, length: 
     if length > max_block:
         yield from _skip_large(b, where, headers, start, length)
         return
-    complete = b.fill(end + 4)
+    b.fill(end + 4096)
     inner = _embedded_start(b.buf, start, min(end, len(b.buf)))
     if inner >= 0:  # Content-Length too long: it runs into the next record
         b.consume(inner)
@@ -228,12 +227,13 @@ def _block(b: _Buffer, where: str, headers: dict[str, str], start: int, length: 
         if b.gap is None:  # else the broken member that cut it is reported as one error
             yield WarcError(where, "truncated_warc_record", f"{missing} of {length} block bytes missing")
         return
-    if not complete or _separator_ok(b.buf, end):
-        block = bytes(b.buf[start:end])
+    block_end = _block_end(b.buf, start, end)
+    if block_end is not None:
+        block = bytes(b.buf[start:block_end])
         b.consume(end)
-        yield WarcRecord(where, headers, block, length)
+        yield WarcRecord(where, headers, block, length, adjusted=block_end != end)
         return
-    nxt = b.find_record_start(end)
+    nxt = b.find_record_start(start)  # from the block start: a damaged header can end inside the next record
     stop = len(b.buf) if nxt < 0 else nxt
     found = stop - start - (4 if b.buf[start:stop].endswith(b"\r\n\r\n") else 0)
     b.consume(stop)
@@ -241,13 +241,30 @@ def _block(b: _Buffer, where: str, headers: dict[str, str], start: int, length: 
                     f"Content-Length {length}, but the block before the next record is {found} bytes")
 
 
-def _separator_ok(buf: bytearray, end: int) -> bool:
-    """The block is followed by CRLF CRLF, or by a shorter run of newlines and then a header or the end."""
-    tail = bytes(buf[end:end + 16])
-    if tail.startswith(b"\r\n\r\n"):
-        return True
-    rest = tail.lstrip(b"\r\n")
-    return len(tail) - len(rest) >= 1 and (not rest or rest.startswith(b"WARC/1."[:len(rest)]))
+def _block_end(buf: bytearray, start: int, end: int) -> int | None:
+    """Where the block buf[start:...] really ends, judged by the separator after the declared end; None when
+    the declared length cannot be right (the record is then errored).
+
+    The separator is CRLF CRLF (LF LF in hand-made files) followed by the next header or the end of the data.
+    A longer run of newlines means the Content-Length fell short by newline bytes (or the writer added blank
+    lines): the extra newlines belong to the block, which is read whole. A shorter run after a block that
+    itself ends in a newline byte means the Content-Length swallowed part of the separator."""
+    run_end = _NEWLINES.match(buf, end).end()  # type: ignore[union-attr]
+    run = bytes(buf[end:run_end])
+    after = bytes(buf[run_end:run_end + 7])
+    at_end = not after
+    if not at_end and not b"WARC/1.".startswith(after) and not after.startswith(b"WARC/1."):
+        # bytes that are neither separator nor header: CL short, unless a full separator came first
+        return end if run.startswith(b"\r\n\r\n") else None
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        if run == sep:
+            return end
+        if run.endswith(sep) and len(run) > len(sep):
+            return end + len(run) - len(sep)  # read whole: the block's own trailing newlines
+    if at_end:
+        ends_in_newline = end > start and bytes(buf[end - 1:end]) in (b"\r", b"\n")
+        return end if not ends_in_newline else None  # a last record with a short or no separator
+    return None
 
 
 def _embedded_start(buf: bytearray, start: int, end: int) -> int:
