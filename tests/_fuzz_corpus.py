@@ -819,6 +819,7 @@ class ReaderWorker:
     def __init__(self, timeout: float = 20.0, log: str | Path | None = None, root: str | Path | None = None) -> None:
         self.timeout = timeout
         self.root = str(Path(root).resolve()) if root else None  # another checkout's `pipeline` (e.g. an old commit)
+        self._own_log = log is None  # a log of our own is removed on close
         self.log = Path(log) if log else Path(tempfile.mkstemp(prefix="reader-fuzz-worker-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -887,6 +888,8 @@ class ReaderWorker:
             except (OSError, subprocess.TimeoutExpired):
                 pass
             self._stop()
+        if self._own_log:
+            self.log.unlink(missing_ok=True)
 
 
 def job_for(c: Clean, path: Path, out: Path) -> dict:
