@@ -5,6 +5,14 @@ a configurable latency distribution and rates of 429 (with Retry-After), 500, dr
 the client's timeout and malformed JSON. The answer to a request is a deterministic function of its body, and
 the server COUNTS successful answers per request body (`/_stats`, `.stats()`), which is how tests prove that
 nothing was asked twice. A body containing `FAIL_ALWAYS` always gets a 500 (to test exhausted retries).
+An answer whose client has already gone (closed its connection: timed out, killed) is neither sent nor counted.
+
+A gate lets a test stop the client at a point it can OBSERVE instead of guessing one with a clock:
+`GET /_hold?after=N` (`.hold(after=N)`): once N answers have been sent in total, every later completion request
+waits at the gate, and `/_stats` reports how many wait (`held`, clients still connected); `GET /_release`
+(`.release()`) opens it. So "a request is held" means the client is blocked mid-run on an answer it has not had,
+which is where a kill test kills it. A held request whose client goes away is dropped, never answered
+(`abandoned`). Both controls are plain HTTP, so they work the same in "thread" and "process" mode.
 
 Written on bare asyncio streams (not a web framework) so that faults are real: a dropped connection is a socket
 closed mid-request, a malformed body is bytes on the wire. Runs in a subprocess (default, so it does not share
@@ -22,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -67,6 +76,11 @@ class _App:
         self.answered: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.received = 0
+        self.answered_total = 0
+        self.hold_after: int | None = None  # the gate: closed to completion requests once this many were answered
+        self.gate: asyncio.Event | None = None  # set = open; a fresh one per hold, so a release is never lost
+        self.held = 0  # requests waiting at the gate now, their clients still connected
+        self.abandoned = 0  # requests never answered because their client went away first
         self.auth: Counter[str] = Counter()  # sha256 of bearer tokens seen: proves a key was sent, never stores it
 
     def _latency(self) -> float:
@@ -86,9 +100,41 @@ class _App:
         return None
 
     def stats(self) -> dict:
-        return {"received": self.received, "answered_total": sum(self.answered.values()),
+        return {"received": self.received, "answered_total": self.answered_total,
                 "distinct_answered": len(self.answered), "answered": dict(self.answered),
-                "faults": dict(self.faults), "auth_sha256": dict(self.auth)}
+                "faults": dict(self.faults), "auth_sha256": dict(self.auth), "held": self.held,
+                "hold_after": self.hold_after, "abandoned": self.abandoned}
+
+    def hold(self, after: int) -> None:
+        if self.gate is None or self.gate.is_set():
+            self.gate = asyncio.Event()
+        self.hold_after = after
+
+    def release(self) -> None:
+        self.hold_after = None
+        if self.gate is not None:
+            self.gate.set()
+
+    def _closed(self) -> bool:
+        return self.hold_after is not None and self.answered_total >= self.hold_after
+
+    async def wait_at_gate(self, reader: asyncio.StreamReader) -> bool:
+        """Wait while the gate is closed to this request; False if its client went away meanwhile."""
+        if self.gate is None or not self._closed():
+            return True
+        gate = self.gate  # this hold's gate: a later hold does not re-close it on us
+        self.held += 1
+        try:
+            while not gate.is_set() and self._closed():  # released, or re-held with a higher `after`
+                if reader.at_eof():  # the client closed the connection (timed out, was killed)
+                    return False
+                try:
+                    await asyncio.wait_for(gate.wait(), 0.05)  # a poll of the connection, not a synchronisation
+                except TimeoutError:
+                    pass
+            return not reader.at_eof()
+        finally:
+            self.held -= 1
 
     def completion(self, key: str, body: dict) -> dict:
         max_tokens = int(body.get("max_tokens") or 10**9)
@@ -120,7 +166,7 @@ class _App:
                 token = headers.get("authorization", "").removeprefix("Bearer ").strip()
                 if token and method == "POST":
                     self.auth[hashlib.sha256(token.encode()).hexdigest()] += 1
-                keep = await self.route(method, path.split("?", 1)[0], raw, writer)
+                keep = await self.route(method, path, raw, reader, writer)
                 if not keep or headers.get("connection", "").lower() == "close":
                     break
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
@@ -139,8 +185,18 @@ class _App:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
         await writer.drain()
 
-    async def route(self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter) -> bool:
-        if method == "GET" and path == "/_stats":
+    async def route(self, method: str, target: str, raw: bytes, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> bool:
+        path, _, query = target.partition("?")
+        if method == "GET" and path in ("/_stats", "/_hold", "/_release"):
+            if path == "/_hold":
+                after = urllib.parse.parse_qs(query).get("after", ["0"])[0]
+                if not after.isdigit():
+                    await self._send(writer, 400, b'{"error": {"message": "after must be an integer >= 0"}}')
+                    return True
+                self.hold(int(after))
+            elif path == "/_release":
+                self.release()
             await self._send(writer, 200, json.dumps(self.stats()).encode())
             return True
         if method == "GET" and path in ("/v1/models", "/health"):
@@ -157,6 +213,9 @@ class _App:
         except json.JSONDecodeError:
             await self._send(writer, 400, b'{"error": {"message": "invalid JSON body"}}')
             return True
+        if not await self.wait_at_gate(reader):
+            self.abandoned += 1
+            return False
         await asyncio.sleep(self._latency())
         forced = b"FAIL_ALWAYS" in raw or arrival <= self.cfg.fail_first
         fault = "500" if forced else self._fault()
@@ -184,9 +243,13 @@ class _App:
         if self.cfg.ratelimit_headers:
             headers = {"x-ratelimit-remaining-requests": "1000", "x-ratelimit-reset-requests": "1s",
                        "x-ratelimit-remaining-tokens": "100000", "x-ratelimit-reset-tokens": "1s"}
+        if reader.at_eof():  # the client is gone (timed out, killed): it would never see this answer
+            self.abandoned += 1
+            return False
         await self._send(writer, 200, payload, headers)
         # counted only once the answer is on the wire: a client that sees it will not ask again
         self.answered[key] += 1
+        self.answered_total += 1
         return True
 
 
@@ -199,7 +262,8 @@ async def _serve(cfg: FaultConfig, port: int, ready: Any) -> None:
 
 
 class FaultyOpenAIServer:
-    """Context manager; `.base_url` (…/v1), `.stats()`, `.port`. `mode="process"` (default) or `"thread"`."""
+    """Context manager; `.base_url` (…/v1), `.stats()`, `.hold(after=N)`, `.release()`, `.port`.
+    `mode="process"` (default) or `"thread"`."""
 
     def __init__(self, mode: str = "process", **config: Any) -> None:
         self.cfg = FaultConfig(**config)
@@ -247,9 +311,21 @@ class FaultyOpenAIServer:
         except asyncio.CancelledError:
             pass
 
-    def stats(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_stats", timeout=30) as r:
+    def _get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as r:
             return json.loads(r.read())
+
+    def stats(self) -> dict:
+        return self._get("/_stats")
+
+    def hold(self, after: int = 0) -> dict:
+        """From now on, once `after` answers have been sent in total (this server's life), completion requests
+        wait at a gate until `release()`; `stats()["held"]` counts those waiting."""
+        return self._get(f"/_hold?after={int(after)}")
+
+    def release(self) -> dict:
+        """Open the gate: every held request goes on (those whose client went away are dropped)."""
+        return self._get("/_release")
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is not None:
