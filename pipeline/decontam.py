@@ -1,12 +1,17 @@
 """The `decontaminate` stage and its index: n-gram overlap with evaluation benchmarks.
 
-Benchmark texts and documents are normalised the same way (`minhash.words`: case, punctuation and whitespace
-folded), then every run of `ngram` (default 13) words is hashed. A benchmark text shorter than `ngram` words
-but at least `min_words` long is matched whole. A document containing `min_matches` indexed n-grams is
+Benchmark texts and documents are normalised the same way (`minhash.words`: Unicode forms, case, whitespace and
+LaTeX markup folded, punctuation inside a token joined: `U.S.` = `US`), then every run of `ngram` (default 13)
+words is hashed. Each benchmark text is indexed in up to three forms (`index_forms`): as it is, punctuation
+stripped, and punctuation replaced by spaces, so both kinds of punctuation-free copy match it word for word.
+A text of at least `min_words` words (in its longest form) is indexed; a form shorter than `ngram` words is
+matched whole (short items: an MMLU or ARC question of 8-12 words has no 13-gram), also when stripping glued
+its tokens below `min_words` (down to half of it). A document containing `min_matches` indexed n-grams is
 contaminated: removed (reason `contaminated`) or, with `mode: flag`, kept with `meta.contamination`.
 
-The index is a sorted uint64 array of n-gram hashes with the benchmark item each came from; n-grams shared by
-more than `max_items_per_ngram` items are template text (instructions, answer formats) and are left out.
+The index is a sorted uint64 array of n-gram hashes with the benchmark item each came from, and a small one of
+the short forms matched whole (searched once per short length: cheap); hashes shared by more than
+`max_items_per_ngram` items are template text (instructions, answer formats) and are left out.
 `check_texts(index, texts)` is the same test for prompts and seed texts before any money is spent on them.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -30,6 +36,24 @@ from pipeline.minhash import NORMALIZATION_VERSION, batch_ngram_hashes, ngram_ha
 from pipeline.stats import StageStats
 
 INDEX_FORMAT = "textbook-decontam-index"
+_NON_WORD = re.compile(r"[^\w\s]")
+
+
+def index_forms(text: str) -> list[list[str]]:
+    """The word sequences a benchmark text is indexed under (distinct ones; the text's own `words` first).
+
+    `words` joins punctuation inside a token (`U.S.` -> us, `3.14` -> 314, `don't` -> dont), so a copy with
+    that punctuation deleted gives the item's own words. A copy with punctuation replaced by spaces (`U S`,
+    `3 14`, `don t`) cannot give the same words as well (that would erase word boundaries), and a stripper
+    also deletes the separators `words` splits on (`1/2` -> 12, `f(x)` -> fx): so the stripped and the
+    punctuation-to-space copies of the text are indexed too. A document is normalised once, as always.
+    """
+    forms = [words(text)]
+    for repl in ("", " "):
+        ws = words(_NON_WORD.sub(repl, text))
+        if ws not in forms:
+            forms.append(ws)
+    return forms
 
 
 @dataclass
@@ -48,11 +72,13 @@ class Match:
 class DecontamIndex:
     ngram: int
     min_words: int
-    hashes: np.ndarray  # uint64, sorted (a hash repeats once per item it belongs to)
+    hashes: np.ndarray  # uint64 `ngram`-gram hashes, sorted (a hash repeats once per item it belongs to)
     refs: np.ndarray  # uint32 item number per hash
     items: list[tuple[str, str]]  # (benchmark, item id)
-    short_lengths: list[int]  # lengths (< ngram) of benchmark texts indexed whole
+    short_lengths: list[int]  # lengths (< ngram) of benchmark text forms indexed whole
     info: dict[str, Any] = field(default_factory=dict)
+    whole_hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # those forms, sorted
+    whole_refs: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint32))
 
     # ------------------------------------------------------------------ build / save / load
 
@@ -64,6 +90,8 @@ class DecontamIndex:
 
         hash_parts: list[np.ndarray] = []
         ref_parts: list[np.ndarray] = []
+        whole_parts: list[np.ndarray] = []
+        whole_ref_parts: list[np.ndarray] = []
         items: list[tuple[str, str]] = []
         short: set[int] = set()
         per_bench: dict[str, dict[str, Any]] = {}
@@ -75,10 +103,10 @@ class DecontamIndex:
             hash_parts.append(h)
             ref_parts.append(np.asarray(pending_refs, dtype=np.uint32)[owner])
             for wh, ref in zip(pending, pending_refs, strict=True):
-                if min_words <= len(wh) < ngram:  # a short text is matched whole
+                if len(wh) < ngram:  # a short text (or form of one) is matched whole
                     short.add(len(wh))
-                    hash_parts.append(ngram_hashes(wh, len(wh)))
-                    ref_parts.append(np.full(1, ref, dtype=np.uint32))
+                    whole_parts.append(ngram_hashes(wh, len(wh)))
+                    whole_ref_parts.append(np.full(1, ref, dtype=np.uint32))
             pending.clear()
             pending_refs.clear()
 
@@ -89,37 +117,32 @@ class DecontamIndex:
                 items.append((name, str(item_id)))
                 fig["items"] += 1
                 for t in texts:
-                    wh = word_hashes(words(t))
                     fig["texts"] += 1
-                    if len(wh) < min_words:
+                    forms = index_forms(t)
+                    if max(map(len, forms)) < min_words:
                         fig["too_short"] += 1
                         continue
-                    pending.append(wh)
-                    pending_refs.append(ref)
+                    # A form may be shorter than the text's longest one where stripping glued tokens together
+                    # (`\dbinom{85}{82}` -> dbinom8582): rarer words, no less specific; tiny ones are left out.
+                    for ws in (ws for ws in forms if len(ws) >= max(1, min_words // 2)):
+                        pending.append(word_hashes(ws))
+                        pending_refs.append(ref)
                 if len(pending) >= 4096:
                     flush()
             flush()
-        hashes = np.concatenate(hash_parts) if hash_parts else np.empty(0, np.uint64)
-        refs = np.concatenate(ref_parts) if ref_parts else np.empty(0, np.uint32)
-        # one (hash, item) pair each, sorted by hash
-        order = np.lexsort((refs, hashes))
-        hashes, refs = hashes[order], refs[order]
-        if len(hashes):
-            first = np.concatenate([[True], (hashes[1:] != hashes[:-1]) | (refs[1:] != refs[:-1])])
-            hashes, refs = hashes[first], refs[first]
-        uniq, counts = np.unique(hashes, return_counts=True)
-        common = counts > max_items_per_ngram
-        keep = ~np.repeat(common, counts)
+        hashes, refs, common = _item_pairs(hash_parts, ref_parts, max_items_per_ngram)
+        whole_hashes, whole_refs, whole_common = _item_pairs(whole_parts, whole_ref_parts, max_items_per_ngram)
         bench_names = list(per_bench)
         bench_of_item = np.array([bench_names.index(b) for b, _ in items], dtype=np.int32) if items else \
             np.empty(0, np.int32)
-        kept_refs = refs[keep]
-        per_item_bench = bench_of_item[kept_refs] if len(kept_refs) else np.empty(0, np.int32)
+        all_refs = np.concatenate([refs, whole_refs])
+        per_item_bench = bench_of_item[all_refs] if len(all_refs) else np.empty(0, np.int32)
         for k, name in enumerate(bench_names):
             per_bench[name]["ngrams"] = int((per_item_bench == k).sum())
-        info = {"benchmarks": per_bench, "template_ngrams_dropped": int(common.sum()),
-                "ngrams": int(keep.sum()), "items": len(items), "max_items_per_ngram": max_items_per_ngram}
-        return cls(ngram, min_words, hashes[keep], kept_refs, items, sorted(short), info)
+        info = {"benchmarks": per_bench, "template_ngrams_dropped": common + whole_common,
+                "ngrams": len(all_refs), "whole": len(whole_refs), "items": len(items),
+                "max_items_per_ngram": max_items_per_ngram}
+        return cls(ngram, min_words, hashes, refs, items, sorted(short), info, whole_hashes, whole_refs)
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
@@ -128,6 +151,8 @@ class DecontamIndex:
         tmp.mkdir(parents=True)
         np.save(tmp / "hashes.npy", self.hashes)
         np.save(tmp / "refs.npy", self.refs)
+        np.save(tmp / "whole_hashes.npy", self.whole_hashes)
+        np.save(tmp / "whole_refs.npy", self.whole_refs)
         with open(tmp / "items.jsonl", "w", encoding="utf-8") as f:
             for b, i in self.items:
                 f.write(json.dumps([b, i]) + "\n")
@@ -148,16 +173,26 @@ class DecontamIndex:
             raise TextbookError(f"{d}: not a decontamination index (no index.json); build one with "
                                 "`textbook decontaminate index`")
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != INDEX_FORMAT or meta.get("normalization") != NORMALIZATION_VERSION:
-            raise TextbookError(f"{d}: index format {meta.get('format')} / normalisation {meta.get('normalization')} "
-                                f"is not this version's ({INDEX_FORMAT} / {NORMALIZATION_VERSION}); rebuild it")
+        if meta.get("format") != INDEX_FORMAT:
+            raise TextbookError(f"{d}: not a decontamination index (format {meta.get('format')!r}, expected "
+                                f"{INDEX_FORMAT!r}); build one with `textbook decontaminate index --out {d}`")
+        if meta.get("normalization") != NORMALIZATION_VERSION:
+            raise TextbookError(f"{d}: stale decontamination index: built with text normalisation "
+                                f"v{meta.get('normalization')}, this version normalises with v{NORMALIZATION_VERSION} "
+                                f"and would miss what the index holds; rebuild it with `textbook decontaminate index "
+                                f"--out {d}` (same --benchmarks/--file/--ngram)")
         items = [tuple(json.loads(line)) for line in (d / "items.jsonl").read_text(encoding="utf-8").splitlines()]
         info = {k: v for k, v in meta.items() if k not in ("format", "normalization", "ngram", "min_words",
                                                             "short_lengths", "created")}
         return cls(meta["ngram"], meta["min_words"], np.load(d / "hashes.npy"), np.load(d / "refs.npy"),
-                   items, list(meta["short_lengths"]), info)  # type: ignore[arg-type]
+                   items, list(meta["short_lengths"]), info,  # type: ignore[arg-type]
+                   np.load(d / "whole_hashes.npy"), np.load(d / "whole_refs.npy"))
 
     # ------------------------------------------------------------------ matching
+
+    def _table(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sorted hashes (and item refs) that runs of `n` words are looked up in."""
+        return (self.hashes, self.refs) if n == self.ngram else (self.whole_hashes, self.whole_refs)
 
     def match(self, text: str, max_examples: int = 5) -> Match | None:
         return self.match_many([text], max_examples)[0]
@@ -165,18 +200,21 @@ class DecontamIndex:
     def match_many(self, texts: list[str], max_examples: int = 5) -> list[Match | None]:
         """Benchmark overlap of each text; all texts are hashed together in one vectorised pass per length."""
         out: list[Match | None] = [None] * len(texts)
-        if not len(self.hashes) or not texts:
+        if not (len(self.hashes) or len(self.whole_hashes)) or not texts:
             return out
         ws_list = [words(t) for t in texts]
         wh_list = [word_hashes(ws) for ws in ws_list]
         hits: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # text -> (length, position, hash slot)
         for n in (self.ngram, *self.short_lengths):
+            table = self._table(n)[0]
+            if not len(table):
+                continue
             h, owner, pos = batch_ngram_hashes(wh_list, n)
             if not len(h):
                 continue
-            slot = np.searchsorted(self.hashes, h)
-            slot[slot >= len(self.hashes)] = len(self.hashes) - 1
-            hit = np.nonzero(self.hashes[slot] == h)[0]
+            slot = np.searchsorted(table, h)
+            slot[slot >= len(table)] = len(table) - 1
+            hit = np.nonzero(table[slot] == h)[0]
             for i in hit.tolist():
                 hits[int(owner[i])].append((n, int(pos[i]), int(slot[i])))
         for t, found in hits.items():
@@ -184,15 +222,33 @@ class DecontamIndex:
             examples: dict[str, list[str]] = defaultdict(list)
             for n, p, slot in found:
                 gram = " ".join(ws_list[t][p:p + n])
-                h = self.hashes[slot]
-                hi = int(np.searchsorted(self.hashes, h, side="right"))
-                for ref in self.refs[slot:hi].tolist():  # searchsorted gave the leftmost slot of this hash
+                table, table_refs = self._table(n)
+                h = table[slot]
+                hi = int(np.searchsorted(table, h, side="right"))
+                for ref in table_refs[slot:hi].tolist():  # searchsorted gave the leftmost slot of this hash
                     bench, item = self.items[ref]
                     benchmarks[bench].add(item)
                     if len(examples[bench]) < max_examples and gram not in examples[bench]:
                         examples[bench].append(gram)
             out[t] = Match(len(found), {b: sorted(v) for b, v in sorted(benchmarks.items())}, dict(examples))
         return out
+
+
+def _item_pairs(hash_parts: list[np.ndarray], ref_parts: list[np.ndarray], max_items: int
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+    """One (hash, item) pair each, sorted by hash, without hashes of more than `max_items` items (template
+    text); and how many hashes those were."""
+    hashes = np.concatenate(hash_parts) if hash_parts else np.empty(0, np.uint64)
+    refs = np.concatenate(ref_parts) if ref_parts else np.empty(0, np.uint32)
+    order = np.lexsort((refs, hashes))
+    hashes, refs = hashes[order], refs[order]
+    if len(hashes):
+        first = np.concatenate([[True], (hashes[1:] != hashes[:-1]) | (refs[1:] != refs[:-1])])
+        hashes, refs = hashes[first], refs[first]
+    _, counts = np.unique(hashes, return_counts=True)
+    common = counts > max_items
+    keep = ~np.repeat(common, counts)
+    return hashes[keep], refs[keep], int(common.sum())
 
 
 def check_texts(index: DecontamIndex, texts: Iterable[str], min_matches: int = 1) -> list[Match | None]:
@@ -270,10 +326,25 @@ def index_for_section(section: Any, cache_dir: Path) -> DecontamIndex:
     cached = cache_dir / f"index-{key}"
     if (cached / "index.json").is_file():
         return DecontamIndex.load(cached)
+    _drop_stale_caches(cache_dir)
     index = build_index(section.benchmarks, section.local_dir, section.files, section.ngram, section.min_words,
                         section.max_items_per_ngram, section.require_all)
     index.save(cached)
     return index
+
+
+def _drop_stale_caches(cache_dir: Path) -> None:
+    """Remove cached indexes built with another text normalisation: none can be loaded again (their cache key
+    holds the version), and saying so explains why this run builds the index afresh."""
+    for d in sorted(cache_dir.glob("index-*")):
+        try:
+            version = json.loads((d / "index.json").read_text()).get("normalization")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if version != NORMALIZATION_VERSION:
+            print(f"decontaminate: text normalisation changed (v{version} -> v{NORMALIZATION_VERSION}): removing the "
+                  f"stale cached index {d} and building a new one", file=sys.stderr)
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- the stage

@@ -16,16 +16,100 @@ from collections.abc import Iterable
 import numpy as np
 import xxhash
 
-NORMALIZATION_VERSION = 1  # bump when words() changes: stored indexes record it and refuse a mismatch
+# Bump when words() changes: stored decontamination and dedup indexes record it and refuse a mismatch.
+# 1: NFKC + casefold + \w+ runs. 2: punctuation inside a token joins it (U.S. -> us), LaTeX markup dropped.
+NORMALIZATION_VERSION = 2
 _WORD = re.compile(r"\w+")
+# LaTeX commands that are markup, or typeset a symbol whose Unicode/ASCII rendering is punctuation (dropped, so
+# `3 \times 4` = `3 × 4`); any other command (\sqrt, \log, \pi, \alpha) becomes its name, as a plain-text
+# rendering spells it. `\begin{env}` / `\end{env}` go with their environment name.
+_LATEX_DROP = re.compile(
+    r"\\(?:begin|end)\{[a-z*]*\}|\\(?:frac|dfrac|tfrac|cfrac|left|right|big|bigl|bigr|bigg|biggl|biggr|"
+    r"times|cdot|cdots|ldots|dots|div|pm|mp|le|leq|ge|geq|ne|neq|approx|equiv|sim|simeq|propto|to|rightarrow|"
+    r"leftarrow|leftrightarrow|implies|iff|in|notin|cup|cap|subset|subseteq|angle|triangle|perp|parallel|circ|"
+    r"degree|prime|infty|text|textbf|textit|textrm|mathrm|mathbf|mathbb|mathcal|mathit|mathsf|mathtt|"
+    r"operatorname|displaystyle|textstyle|quad|qquad|hline|boxed|overline|underline|hat|bar|vec|tilde|dot)"
+    r"(?![a-z])")
+_LATEX_SCRIPT = re.compile(r"([_^])\{([^{}]*)\}")  # x^{2} -> x^2 (then joined: x2, as x² and x^2)
+_ELLIPSIS = re.compile(r"\.\.+")
+_DASHES = re.compile(r"--+")
+_LINE_BREAK_HYPHEN = re.compile(r"-[^\S\n]*\n[^\S\n]*")  # exam-\nple -> exam-ple -> example
+_THOUSANDS = re.compile(r",(?=\d\d\d(?!\d))(?<=\d,)")  # 3,000 -> 3000 (the literal first: a fast scan)
+_CLOCK = re.compile(r":(?=\d\d(?!\d))(?<=\d:)")  # 10:30 -> 1030
+# Deleted wherever they are: inside a token they join it, beside a space or punctuation they were a boundary
+# anyway. Apostrophes (and the marks used for them), periods, hyphens and their Unicode forms (en dash, minus,
+# soft hyphen), underscore (a word character of \w), ^ and &, and zero-width characters.
+_JOINERS = (".-'_\u2019`^&\u2018\u02bc\u00b4\u2032\u2010\u2011\u2012\u2013\u2212\u00ad"
+            "\u200b\u200c\u200d\u2060\ufeff")
 # Odd 64-bit multipliers for combining word hashes into an n-gram hash (position-dependent, so order matters).
 _RNG = np.random.default_rng(0x7E87B00C)
 _NGRAM_MULT = (_RNG.integers(1, 2**63 - 1, size=64, dtype=np.int64).astype(np.uint64) << np.uint64(1)) | np.uint64(1)
 
 
+def normalize(text: str) -> str:
+    """The text `words` splits: Unicode compatibility forms and case folded, joining punctuation deleted.
+
+    See `words` for the rules; exposed so a caller can see what a text became (`words` = `\\w+` runs of it).
+    """
+    t = unicodedata.normalize("NFKC", text).casefold()
+    # Each step is gated by a substring test (a fast scan); most texts need only a few of them.
+    if "\\" in t:
+        t = _LATEX_DROP.sub(" ", t)
+    if "{" in t:
+        t = _LATEX_SCRIPT.sub(r"\1\2", t)
+    if ".." in t:
+        t = _ELLIPSIS.sub(" ", t)
+    if "-" in t:
+        if "--" in t:
+            t = _DASHES.sub(" ", t)
+        if "\n" in t:
+            t = _LINE_BREAK_HYPHEN.sub("-", t)
+    if "," in t:
+        t = _THOUSANDS.sub("", t)
+    if ":" in t:
+        t = _CLOCK.sub("", t)
+    if "\u221a" in t:  # √2 = \sqrt{2} = sqrt(2)
+        t = t.replace("\u221a", " sqrt ")
+    for c in _JOINERS:
+        if c in t:
+            t = t.replace(c, "")
+    return t
+
+
 def words(text: str) -> list[str]:
-    """Case, punctuation and whitespace folded: `Hello,  World!` and `hello world` give the same words."""
-    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+    """The words of a text, folded so that a reformatted copy gives the same words as the original.
+
+    One normalisation for dedup shingles, the decontamination index and the documents checked against it.
+    A reformatter strips punctuation, changes case, re-spaces, swaps Unicode punctuation for ASCII, removes
+    LaTeX markup; each must land on the same word sequence:
+
+    - Unicode: NFKC (full-width letters, ligatures `ﬁ`, `x²` -> x2, `…` -> ...), then casefold (`US` = `us`,
+      necessarily: a lower-cased copy is a copy). Words are runs of letters and digits; every other character
+      is a boundary and whitespace amount never matters.
+    - Punctuation INSIDE a token joins it instead of splitting it, as when a stripper deletes it (the
+      decontamination Janitor of lm-evaluation-harness, after GPT-3's 13-gram filter, lowercases and deletes
+      `string.punctuation`, then splits on whitespace): apostrophes (`don't`, `don’t`, `dont` -> dont), periods (`U.S.` = `US` -> us; `e.g.` -> eg, `Ph.D.` -> phd, `a.m.` -> am), hyphens and
+      en dashes (`well-known` = `wellknown`; `1990–2000`), underscores (`foo_bar`; `____` is no word), `^` and
+      `&` (`x^2` = `x²` = `$x^{2}$` -> x2; `AT&T` -> att). Beside a space these marks were a boundary anyway.
+    - Numbers: digits stay joined: `3.14` -> 314 (as its stripped copy `314`), `$1.50` -> 150, and thousands
+      separators and clock colons between digits are deleted (`3,000` = `3000`; `10:30` -> 1030; `1,2,3`
+      stays three numbers). So `3.14` and `31.4` collapse: both strip to `314`, no rule can keep them apart
+      and still match stripped copies. `3 . 14` (spaces inserted inside a number) stays two words.
+    - Line-break hyphenation: `exam-\\nple` -> example (also `well-\\nknown` -> wellknown, as `well-known`).
+    - Separators split: `/`, em dash `—`, `--`, ellipsis `...`, brackets, operators, commas, colons, quotes
+      (`and/or` -> and or; `cat—a` = `cat -- a` -> cat a; `½` -> 1⁄2 -> 1 2 = `1/2` = `\\frac{1}{2}`).
+    - LaTeX: markup and symbol commands dropped, braces and `$` are boundaries, other commands keep their name
+      (`$\\frac{1}{2}$` -> 1 2, `3 \\times 4` = `3 × 4` -> 3 4, `\\left( x \\right)` -> x, `\\sqrt{2}` = `√2` =
+      `sqrt(2)` -> sqrt 2).
+
+    Unlike the Janitor, separators are not deleted: re-spacing around them (`f(a,b)` vs `f( a, b )`, `x=1`
+    vs `x = 1`) changes nothing, and Unicode punctuation is handled. Not equal by design (a space where
+    there was none is another word split; no rule can have `US` = `U.S.` = `U S` without erasing word
+    boundaries): `well known` vs `well-known`, `U S` vs `U.S.`, `end.Next` (-> endnext) vs `end. Next`. A
+    punctuation-to-space or fully stripped copy of a benchmark item is caught anyway: the decontamination
+    index also holds those forms of every item (`decontam.index_forms`).
+    """
+    return _WORD.findall(normalize(text))
 
 
 def exact_hash(ws: list[str]) -> bytes:
@@ -182,7 +266,7 @@ def memory_per_million(num_perm: int, bands: int) -> dict[str, float]:
 
 
 __all__ = [
-    "NORMALIZATION_VERSION", "words", "exact_hash", "word_hashes", "fmix64", "ngram_hashes", "batch_ngram_hashes",
-    "shingles", "MinHasher", "band_hashes", "collision_probability", "implied_threshold", "threshold_curve",
+    "NORMALIZATION_VERSION", "normalize", "words", "exact_hash", "word_hashes", "fmix64", "ngram_hashes",
+    "batch_ngram_hashes", "shingles", "MinHasher", "band_hashes", "collision_probability", "implied_threshold", "threshold_curve",
     "format_curve", "memory_per_million",
 ]
