@@ -185,6 +185,10 @@ def load_index(path: str | Path, p: DedupParams) -> tuple[np.ndarray, np.ndarray
         raise TextbookError(f"{d}: not a {INDEX_FORMAT}")
     want = p.fingerprint()
     diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if "normalization" in diff:
+        raise TextbookError(f"{d}: dedup index made with text normalisation v{meta.get('normalization')}, this "
+                            f"version normalises with v{NORMALIZATION_VERSION}: its signatures cannot be compared; "
+                            "rebuild it by re-running the dedup stage of the run that made it (with --force)")
     if diff:
         detail = ", ".join(f"{k}: index {a} vs config {b}" for k, (a, b) in diff.items())
         raise TextbookError(f"{d}: dedup index made with other parameters ({detail}); use the same dedup "

@@ -40,6 +40,8 @@ class StageSpec:
     input_files: str | None = None
     # the stage reads its `inputs` itself (raw WARC/HTML/hub names), not as document files
     raw_inputs: bool = False
+    # "module:NAME" constants whose value changes the stage's output (a new text normalisation re-runs it)
+    code_versions: tuple[str, ...] = ()
 
 
 STAGES: dict[str, StageSpec] = {
@@ -52,9 +54,11 @@ STAGES: dict[str, StageSpec] = {
                   input_files="pipeline.generate.stage:input_files",
                   depends_on=("llm",), help="synthetic textbooks from a topic taxonomy through an LLM"),
         StageSpec("dedup", "pipeline.dedup:run_stage", upstream=(("generate", "web"),),
+                  code_versions=("pipeline.minhash:NORMALIZATION_VERSION",),
                   help="exact and MinHash near-duplicate removal across sources"),
         StageSpec("decontaminate", "pipeline.decontam:run_stage",
-                  upstream=(("dedup",), ("generate", "web")), help="remove benchmark n-gram overlaps"),
+                  upstream=(("dedup",), ("generate", "web")), code_versions=("pipeline.minhash:NORMALIZATION_VERSION",),
+                  help="remove benchmark n-gram overlaps"),
         StageSpec("shard", "pipeline.mix:run_stage",
                   upstream=(("decontaminate",), ("dedup",), ("generate", "web")), depends_on=("tokenizer",),
                   help="mix, tokenize and write the final parquet shards"),
@@ -171,6 +175,8 @@ def stage_hash(cfg: RunConfig, name: str, inputs: list[Path], upstream: list[str
         "seed": cfg.run.seed,
         "upstream": {u: completed_hash(run_dir, u) for u in upstream},
     }
+    if spec.code_versions:
+        parts["code_versions"] = {t: _import_target(t) for t in spec.code_versions}
     files = [] if upstream else list(inputs)
     if spec.input_files:
         files = sorted(set(files) | set(_import_target(spec.input_files)(getattr(cfg, name))))
