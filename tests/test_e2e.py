@@ -140,8 +140,9 @@ def test_whole_pipeline_completes_and_every_document_is_accounted_for(full_run):
     # bad inputs mixed into the real ones are counted with their reasons, never a crash
     w = stats["web"]
     reasons = set(w["errored"]) | set(w["dropped"])
-    planted = {"malformed_json", "invalid_utf8", "unreadable_file", "truncated_warc_record", "too_large", "empty"}
+    planted = {"malformed_json", "unreadable_file", "truncated_gzip_member", "too_large", "empty"}
     assert planted <= reasons, planted - reasons
+    assert w["repaired"] == {"invalid_utf8": 1}  # the text with bad bytes is kept, its bytes become U+FFFD
     assert w["read"] == w["kept"] + sum(w["dropped"].values()) + sum(w["errored"].values())
     # the chain reconciles: each stage reads what the previous one kept
     assert stats["dedup"]["read"] == stats["web"]["kept"] + stats["generate"]["kept"]
