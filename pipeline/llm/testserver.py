@@ -72,7 +72,8 @@ def _answer_text(key: str, n_words: int) -> str:
 class _App:
     def __init__(self, cfg: FaultConfig) -> None:
         self.cfg = cfg
-        self.rng = random.Random(cfg.seed)
+        self.rng = random.Random(cfg.seed)  # faults: drawn in arrival order, so a seed gives the same fault sequence
+        self.latency_rng = random.Random(cfg.seed + 1)  # apart, so timing never reorders the fault draws
         self.answered: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.received = 0
@@ -86,7 +87,7 @@ class _App:
     def _latency(self) -> float:
         c = self.cfg
         if c.latency == "lognormal" and c.latency_s > 0:
-            return self.rng.lognormvariate(math.log(c.latency_s), c.sigma)
+            return self.latency_rng.lognormvariate(math.log(c.latency_s), c.sigma)
         return c.latency_s
 
     def _fault(self) -> str | None:
@@ -213,12 +214,13 @@ class _App:
         except json.JSONDecodeError:
             await self._send(writer, 400, b'{"error": {"message": "invalid JSON body"}}')
             return True
+        # drawn on arrival, before any wait: the n-th request gets the n-th draw however the waits interleave
+        forced = b"FAIL_ALWAYS" in raw or arrival <= self.cfg.fail_first
+        fault = "500" if forced else self._fault()
         if not await self.wait_at_gate(reader):
             self.abandoned += 1
             return False
         await asyncio.sleep(self._latency())
-        forced = b"FAIL_ALWAYS" in raw or arrival <= self.cfg.fail_first
-        fault = "500" if forced else self._fault()
         if fault is not None:
             self.faults[fault] += 1
         if fault == "429":
