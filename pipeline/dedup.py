@@ -76,14 +76,14 @@ REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate"}
 
 @dataclass(frozen=True)
 class DedupParams:
-    shingle_size: int = 3
+    shingle_size: int = 2
     num_perm: int = 112
-    bands: int = 37
-    rows: int = 3
+    bands: int = 22
+    rows: int = 5
     seed: int = 1
     exact: bool = True
     near: bool = True
-    verify_threshold: float | None = 0.3
+    verify_threshold: float | None = 0.8
 
     @classmethod
     def from_section(cls, s: Any) -> DedupParams:

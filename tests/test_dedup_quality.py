@@ -1,4 +1,4 @@
-"""Near-dedup quality on real documents: planted near-copies and GSM8K's natural near-duplicate pairs."""
+"""Near-dedup quality on real documents: real site pages with planted near-copies, GSM8K's natural pairs."""
 
 from __future__ import annotations
 
@@ -6,25 +6,41 @@ import json
 
 from _dedup_planting import planted_corpus
 
-from pipeline.dedup import DedupParams, dedup_texts
+from pipeline.dedup import EXACT, KEEP, DedupParams, dedup_texts
 
 
 def pairs_found(ids, result):
     return {(ids[result.survivor[i]], ids[i]) for i in range(len(ids)) if result.survivor[i] != i}
 
 
-def test_planted_near_copies_recall_and_precision(shared_data):
-    # 5-10 % of words substituted, paragraphs reordered, boilerplate header/footer, whitespace changed;
-    # the base set has no natural near-duplicates (exhaustive check), so any other pair is a false positive.
-    docs, planted = planted_corpus(shared_data, n_planted=300, seed=1)
-    ids = [d["id"] for d in docs]
-    result = dedup_texts([d["text"] for d in docs], ids=ids, params=DedupParams())
-    found = {tuple(sorted(p, key=lambda x: x.startswith("copy"))) for p in pairs_found(ids, result)}
-    true_pos = found & planted
-    recall = len(true_pos) / len(planted)
-    precision = len(true_pos) / max(len(found), 1)
-    print(f"planted near-copies: recall {recall:.3f}, precision {precision:.3f} ({len(docs)} docs)")
-    assert recall >= 0.95 and precision >= 0.99
+def test_real_site_pages_with_planted_copies_none_removed_wrongly(shared_data, shared_cases):
+    """Issue 13 on real pages: two documentation sites (pages that share navigation and templates but are not
+    copies), 200 planted near-copies, GSM8K test/test_socratic and chain.jsonl in one run with the defaults.
+    No document is removed unless its survivor is its planted original/copy, its aligned GSM8K row, an exact
+    copy or a natural duplicate of it (pairs judged by hand in tests/_dedup_realsets.py)."""
+    import numpy as np
+    from _dedup_realsets import evaluation_corpus
+
+    ec = evaluation_corpus(shared_data, shared_cases, "full")
+    ids = [d["id"] for d in ec.docs]
+    n = len(ids)
+    result = dedup_texts([d["text"] for d in ec.docs], ids=ids, params=DedupParams())
+    excluded = set(ec.excluded.tolist())
+    planted = gsm8k = 0
+    wrong = []
+    for i in np.nonzero(result.reason != KEEP)[0].tolist():
+        s = int(result.survivor[i])
+        if ec.partner[i] == s:
+            planted += bool(ec.is_copy[i] or ec.is_copy[s])
+            gsm8k += not (ec.is_copy[i] or ec.is_copy[s])
+        elif result.reason[i] != EXACT and min(i, s) * n + max(i, s) not in excluded:
+            wrong.append((ids[i], ids[s], float(result.similarity[i])))
+    recall, gsm_recall = planted / ec.n_planted, gsm8k / ec.n_gsm8k
+    print(f"planted recall {recall:.3f}, GSM8K recall {gsm_recall:.3f}, wrong removals {len(wrong)}")
+    assert wrong == []
+    assert all(result.reason[k] == KEEP for k in range(n) if ids[k].startswith("chain/"))
+    # measured 0.685 / 0.782 (benchmarks/results/dedup_curve.md): a drop here is a regression
+    assert recall >= 0.65 and gsm_recall >= 0.75
 
 
 def test_datatrove_default_parameters_miss_heavier_edits(shared_data):
@@ -51,5 +67,5 @@ def test_gsm8k_test_vs_socratic_pairs(shared_data):
     wrong = found - aligned
     recall = len(aligned) / 400
     print(f"gsm8k test/test_socratic: {len(aligned)}/400 aligned pairs found, {len(wrong)} cross-question pairs")
-    assert recall >= 0.95
-    assert len(wrong) <= 0.01 * max(len(found), 1)
+    assert wrong == set()
+    assert recall >= 0.78  # measured 330/400 with the defaults chosen in issue 13 (precision first)

@@ -13,14 +13,18 @@ class DedupSection(StageSection):
     exact: bool = Field(default=True, description="remove exact duplicates (text equal after folding case, "
                                                   "punctuation and whitespace)")
     near: bool = Field(default=True, description="remove near-duplicates with MinHash-LSH")
-    shingle_size: int = Field(default=3, ge=1, le=32, description="words per shingle")
+    # Defaults chosen on real data (benchmarks/results/dedup_curve.md, issue 13): on two documentation sites
+    # (natural non-duplicates sharing boilerplate) they remove no page that is a copy of nothing, keep the
+    # chain.jsonl documents apart, and find GSM8K test/test_socratic pairs and planted near-copies; a lower
+    # threshold finds more copies but starts removing template-sharing pages of one site.
+    shingle_size: int = Field(default=2, ge=1, le=32, description="words per shingle")
     num_perm: int = Field(default=112, ge=8, le=1024, description="MinHash permutations (signature length)")
-    bands: int = Field(default=37, ge=1, description="LSH bands; bands * rows <= num_perm")
-    rows: int = Field(default=3, ge=1, description="signature values per band")
+    bands: int = Field(default=22, ge=1, description="LSH bands; bands * rows <= num_perm")
+    rows: int = Field(default=5, ge=1, description="signature values per band")
     verify_threshold: float | None = Field(
-        default=0.3, ge=0.0, le=1.0,
-        description="estimated Jaccard (from the whole signature) a candidate pair needs to be a duplicate; "
-                    "null accepts every band collision (datatrove's behaviour)")
+        default=0.8, ge=0.0, le=1.0,
+        description="estimated Jaccard (from the whole signature) a document needs with a kept document to be "
+                    "removed as its near-duplicate; null accepts every band collision (datatrove's behaviour)")
     seed: int = Field(default=1, description="seed of the MinHash functions; an index is only reusable with the same")
     source_priority: list[str] = Field(
         default_factory=lambda: ["synthetic", "web"],
