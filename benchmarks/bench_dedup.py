@@ -1,9 +1,9 @@
 """Issue 6 benchmark: near-dedup and the shard stage.
 
 (a) Near-dedup of N documents (default 100k) built from real text: our dedup stage (signatures on disk,
-    band-by-band clustering) vs `datasketch` MinHashLSH with the same 3-word shingles and the same
-    37 bands x 3 rows (112 permutations), each in a fresh subprocess: documents/s, CPU seconds, peak RSS.
-    datatrove's MinHash steps (same 3-word shingles, 37 x 3) are run too, since the issue asks for them unless
+    band-by-band clustering) vs `datasketch` MinHashLSH with the same shingles and the same bands x rows as the
+    stage's defaults (`DedupParams()`), each in a fresh subprocess: documents/s, CPU seconds, peak RSS.
+    datatrove's MinHash steps (same shingles and bands x rows) are run too, since the issue asks for them unless
     our own measures better.
 (b) Tokenize + shard throughput: the whole `shard` stage (read, tokenize, spill, bucket shuffle, write through
     ShardSetWriter) vs raw `tokenizers.encode_batch` + one `pyarrow.parquet.write_table`.
@@ -77,17 +77,20 @@ def run_ours(inp: Path, work: Path) -> dict:
 def run_datasketch(inp: Path) -> dict:
     from datasketch import MinHash, MinHashLSH
 
+    from pipeline.dedup import DedupParams
     from pipeline.documents import iter_documents
     from pipeline.minhash import words
 
+    p = DedupParams()
+    k = p.shingle_size
     docs = list(iter_documents([inp]))
     t, c = time.perf_counter(), time.process_time()
-    lsh = MinHashLSH(num_perm=112, params=(37, 3))
+    lsh = MinHashLSH(num_perm=p.num_perm, params=(p.bands, p.rows))
     removed = 0
     for d in docs:
         ws = words(d["text"])
-        sh = {" ".join(ws[i:i + 3]).encode() for i in range(max(1, len(ws) - 2))}
-        m = MinHash(num_perm=112, seed=1)
+        sh = {" ".join(ws[i:i + k]).encode() for i in range(max(1, len(ws) - k + 1))}
+        m = MinHash(num_perm=p.num_perm, seed=1)
         m.update_batch(list(sh))
         if lsh.query(m):
             removed += 1  # the usual streaming use: the first copy stays
@@ -110,9 +113,11 @@ def run_datatrove(inp: Path, work: Path) -> dict:
     from datatrove.pipeline.readers import ParquetReader
     from datatrove.pipeline.writers import JsonlWriter
 
+    from pipeline.dedup import DedupParams
     from pipeline.documents import count_rows
 
-    cfg = MinhashConfig(n_grams=3, num_buckets=37, hashes_per_bucket=3)
+    p = DedupParams()
+    cfg = MinhashConfig(n_grams=p.shingle_size, num_buckets=p.bands, hashes_per_bucket=p.rows)
     t, c = time.perf_counter(), time.process_time()
     steps = [
         [ParquetReader(str(inp)), MinhashDedupSignature(str(work / "sigs"), config=cfg)],
