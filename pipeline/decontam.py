@@ -367,7 +367,7 @@ def run_stage(ctx: Any) -> StageStats:
 
     def unreadable(reason: str, where: str) -> None:
         stats.read()
-        stats.error(reason)
+        stats.error_at(reason, where)
 
     removed = RemovedWriters(ctx.removed_dir, rows_per_file=STREAM_ROWS_PER_FILE)
 

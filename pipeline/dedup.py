@@ -518,7 +518,7 @@ def _hash_inputs(ctx: Any, p: DedupParams, work: Path, stats: StageStats, sectio
 
     def unreadable(reason: str, where: str) -> None:
         stats.read()
-        stats.error(reason)
+        stats.error_at(reason, where)
 
     files = {k: open(work / f"{k}", "wb") for k in ("sig.u32", "band.u64", "exact.u64", "ids.txt")}
     pool = None

@@ -28,6 +28,11 @@ from pipeline.io import atomic_path
 from pipeline.textio import (
     Gap,
     OnEvent,
+    concatenated_objects,
+    decode_utf8,
+    first_byte,
+    iter_decoded,
+    iter_json_array,
     iter_lines,
     meta_object,
     parse_json_line,
@@ -163,7 +168,8 @@ class RemovedWriters:
             w.close()
 
 
-DOC_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
+DOC_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst", ".ndjson",
+                ".ndjson.gz", ".ndjson.zst")
 
 
 def list_document_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -171,7 +177,7 @@ def list_document_files(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(DOC_SUFFIXES)
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(DOC_SUFFIXES)
                               and not f.name.startswith(".")))
         elif p.is_file():
             out.append(p)
@@ -207,7 +213,7 @@ def iter_documents(
     repaired = on_repair or (lambda reason, where: None)
     for path in list_document_files(paths):
         try:
-            if path.name.endswith(".parquet"):
+            if path.name.lower().endswith(".parquet"):
                 yield from _iter_parquet(path, text_field, id_field, report, repaired, batch_rows)
             else:
                 yield from _iter_jsonl(path, text_field, id_field, report, repaired)
@@ -281,6 +287,9 @@ def iter_json_lines(lines: Iterable[str], where: str | Path, report: Callable[[s
 
 
 def _iter_jsonl(path: Path, text_field: str, id_field: str, report: OnEvent, repaired: OnEvent) -> Iterator[dict]:
+    if first_byte(path) == b"[":  # a JSON array (a .json.gz dump, or misnamed .jsonl)
+        yield from _iter_json_array(path, text_field, id_field, report, repaired)
+        return
     for line in iter_lines(path):
         if isinstance(line, Gap):
             report(line.reason, f"{path}:{line.where}: {line.describe()}")
@@ -291,6 +300,12 @@ def _iter_jsonl(path: Path, text_field: str, id_field: str, report: OnEvent, rep
         try:
             rec, repairs = parse_json_line(line.raw)
         except ValueError:
+            several = concatenated_objects(line.raw)
+            if several is not None:  # records without newlines between them (e.g. CR-only line ends)
+                for k, rec in enumerate(several, 1):
+                    yield from _line_document(rec, [], text_field, id_field, report, repaired,
+                                              f"{where} (record {k} of the line)")
+                continue
             report("malformed_json", where)
             # a lost newline merges the next records into the bad one: read them on
             for k, rec in enumerate(salvage_records(line.raw), 2):
@@ -298,6 +313,26 @@ def _iter_jsonl(path: Path, text_field: str, id_field: str, report: OnEvent, rep
                                           f"{where} (record {k} of a merged line)")
             continue
         yield from _line_document(rec, repairs, text_field, id_field, report, repaired, where)
+
+
+def _iter_json_array(path: Path, text_field: str, id_field: str, report: OnEvent, repaired: OnEvent
+                     ) -> Iterator[dict]:
+    """A JSON array of records, element by element (the whole file is decoded in memory)."""
+    data = bytearray()
+    for part in iter_decoded(path):
+        if isinstance(part, Gap):
+            report(part.reason, f"{path}:{part.where}: {part.describe()}")
+        else:
+            data += part.data
+    text, bad_utf8 = decode_utf8(bytes(data))
+    for index, value in iter_json_array(text):
+        where = f"{path}:item {index}"
+        if isinstance(value, ValueError):
+            report("malformed_json", where)
+            continue
+        value, surrogates = repair_strings(value)
+        yield from _line_document(value, ["invalid_utf8"] * bad_utf8 + ["lone_surrogate"] * surrogates,
+                                  text_field, id_field, report, repaired, where)
 
 
 def _line_document(rec: Any, repairs: list[str], text_field: str, id_field: str, report: OnEvent,

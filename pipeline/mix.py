@@ -145,7 +145,7 @@ def run_stage(ctx: Any) -> StageStats:
 
     def unreadable(reason: str, where: str) -> None:
         stats.read()
-        stats.error(reason)
+        stats.error_at(reason, where)
 
     def drop(reason: str, doc: dict[str, Any]) -> None:
         stats.drop(reason)

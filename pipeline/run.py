@@ -227,6 +227,7 @@ def run_one(cfg: RunConfig, name: str, planned: list[str] | None = None, force: 
     # Outputs of an earlier attempt are rewritten; private state (state/) survives for resume.
     for sub in ("kept", "removed"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
+    (out_dir / "errors.jsonl").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(name=name, cfg=cfg, run_dir=run_dir, inputs=inputs, upstream=upstream, force=force)
     fn = load_stage_fn(name)
@@ -235,6 +236,7 @@ def run_one(cfg: RunConfig, name: str, planned: list[str] | None = None, force: 
     stats.set("seconds", round(time.time() - started, 3))
     stats.check()
     stats.write(out_dir / "stats.json")
+    stats.write_errors(out_dir / "errors.jsonl")
     atomic_write_text(success, json.dumps({"hash": digest, "version": __version__,
                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
     return stats.as_dict()

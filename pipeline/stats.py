@@ -22,6 +22,7 @@ class StageStats:
         self.dropped: Counter[str] = Counter()
         self.errored: Counter[str] = Counter()
         self.repaired: Counter[str] = Counter()
+        self.error_locations: list[dict[str, str]] = []  # the first MAX_LOCATIONS, for <stage>/errors.jsonl
         self.extra: dict[str, Any] = {}
 
     def read(self, n: int = 1) -> None:
@@ -35,6 +36,19 @@ class StageStats:
 
     def error(self, reason: str, n: int = 1) -> None:
         self.errored[reason] += n
+
+    MAX_LOCATIONS = 10_000
+
+    def error_at(self, reason: str, where: str) -> None:
+        """One errored record with its location (file:line, file:row ...); the locations go to errors.jsonl."""
+        self.error(reason)
+        if len(self.error_locations) < self.MAX_LOCATIONS:
+            self.error_locations.append({"reason": reason, "where": where})
+
+    def write_errors(self, path: Path) -> None:
+        """`errors.jsonl`: one line per errored record (up to MAX_LOCATIONS), when there are any."""
+        if self.error_locations:
+            atomic_write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.error_locations))
 
     def repair(self, reason: str, n: int = 1) -> None:
         self.repaired[reason] += n

@@ -145,7 +145,10 @@ def parse_json_line(raw: bytes) -> tuple[Any, list[str]]:
         text, bad_utf8 = decode_utf8(raw)
         if bad_utf8:
             repairs.append("invalid_utf8")
-        value = json.loads(text)  # ValueError (JSONDecodeError) for text that is not JSON
+        try:
+            value = json.loads(text)  # ValueError (JSONDecodeError) for text that is not JSON
+        except RecursionError:
+            raise ValueError("JSON nested too deeply to read") from None
     if _SURROGATE_ESCAPE.search(raw):
         value, changed = repair_strings(value)
         if changed:
@@ -183,7 +186,7 @@ def _new_decoder(codec: str) -> Any:
         return zlib.decompressobj(wbits=31)
     import zstandard
 
-    return zstandard.ZstdDecompressor().decompressobj()
+    return zstandard.ZstdDecompressor(max_window_size=2**31).decompressobj()  # `zstd --long` files too
 
 
 def _iter_members(data: Any, codec: str) -> Iterator[Chunk | Gap]:
@@ -335,6 +338,8 @@ def _element_at(decoder: Any, text: str, i: int) -> tuple[Any, int, ValueError |
         value, j = decoder.raw_decode(text, i)
     except ValueError as e:
         return None, i, e
+    except RecursionError:
+        return None, i, ValueError("JSON nested too deeply to read")
     k = _skip_ws(text, j)
     if k < len(text) and text[k] not in ",]{":  # '{': a lost comma (or JSON lines) still separates objects
         return None, i, ValueError(f"expected ',' or ']' at char {k}")
@@ -352,6 +357,25 @@ def _resync(decoder: Any, text: str, frm: int, attempts: int = 10_000) -> int:
     return -1
 
 
+def concatenated_objects(raw: bytes) -> list[Any] | None:
+    """The objects of a line that holds several whole JSON objects one after another (a file with CR-only
+    line ends, or records written without newlines); None unless the whole line is such a sequence."""
+    import json
+
+    text = decode_utf8(raw)[0]
+    decoder = json.JSONDecoder()
+    out: list[Any] = []
+    i = _skip_ws(text, 0)
+    while i < len(text):
+        try:
+            value, j = decoder.raw_decode(text, i)
+        except (ValueError, RecursionError):
+            return None
+        out.append(repair_strings(value)[0])
+        i = _skip_ws(text, j)
+    return out if len(out) > 1 else None
+
+
 def salvage_records(raw: bytes, max_attempts: int = 256) -> list[Any]:
     """Whole JSON objects at the end of a damaged line (a lost newline merged them into it), in order.
 
@@ -367,7 +391,7 @@ def salvage_records(raw: bytes, max_attempts: int = 256) -> list[Any]:
         max_attempts -= 1
         try:
             value, j = decoder.raw_decode(text, p)
-        except ValueError:
+        except (ValueError, RecursionError):
             p = text.find('{"', p + 1)
             continue
         rest = _skip_ws(text, j)

@@ -193,13 +193,34 @@ def test_broken_gzip_member_costs_its_record(shared_cases, tmp_path):
     assert web["fates"] == {("errored", "truncated_gzip_member"): 1} and len(web["docs"]) == 2
 
 
-def test_garbage_between_records_is_one_error(shared_cases, tmp_path):
+@pytest.mark.parametrize("repeats", [20, 100])
+def test_garbage_between_records_is_never_a_silent_cut(shared_cases, tmp_path, repeats):
+    """Bytes after a record's CRLF CRLF that are not the next header: a damaged header when header lines follow
+    closely (the record before is read, the garbage is one error); otherwise the record's Content-Length may
+    have cut its block short at a blank line, so the record is flagged. The records after are read."""
     pages = _pages(shared_cases)
     records = [warc_record(*p) for p in pages]
-    path = tmp_path / "garbage.warc"
-    path.write_bytes(records[0] + b"\x00\xffnot a record at all\r\n" * 20 + b"".join(records[1:]))
+    path = tmp_path / f"garbage{repeats}.warc"
+    path.write_bytes(records[0] + b"\x00\xffnot a record at all\r\n" * repeats + b"".join(records[1:]))
     web = read_web(path, tmp_path)
-    assert web["fates"] == {("errored", "unparseable_bytes"): 1} and len(web["docs"]) == len(pages)
+    if repeats == 20:  # 480 bytes: the next header's field lines are within reach
+        assert web["fates"] == {("errored", "unparseable_bytes"): 1} and len(web["docs"]) == len(pages)
+    else:
+        assert web["fates"] == {("errored", "content_length_mismatch"): 1}
+        assert [d.text for d in web["docs"]] == [b.decode() for _, b in pages[1:]]
+
+
+def test_short_content_length_landing_on_a_blank_line_is_flagged(shared_cases, tmp_path):
+    pages = _pages(shared_cases)
+    uri, body = pages[1]
+    body = body.replace(b"</h1>", b"</h1>\r\n\r\n", 1)  # a blank line inside the page
+    cut = len(body) - body.index(b"\r\n\r\n")  # the declared end lands right before it
+    records = [warc_record(*pages[0]), warc_record(uri, body, length_delta=-cut), warc_record(*pages[2])]
+    path = tmp_path / "blank-line.warc"
+    path.write_bytes(b"".join(records))
+    web = read_web(path, tmp_path)
+    assert web["fates"] == {("errored", "content_length_mismatch"): 1}
+    assert [d.text for d in web["docs"]] == [pages[0][1].decode(), pages[2][1].decode()]
 
 
 # --- siblings: JSON lines, arrays, parquet, HTML ------------------------------------------------------------------
@@ -370,3 +391,40 @@ def test_content_length_short_by_newlines_is_read_whole(shared_cases, tmp_path):
     web = read_web(path, tmp_path)
     assert web["fates"] == {} and web["repaired"] == {"content_length_adjusted": 1}
     assert web["docs"][1].text == (body + b"\r\n").decode()
+
+
+def test_deeply_nested_record_costs_that_record(shared_data, tmp_path):
+    recs = _real_records(shared_data, 3)
+    deep = '{"id": "deep", "text": "x", "meta": ' + '{"a": ' * 3000 + "1" + "}" * 3000 + "}"
+    path = tmp_path / "deep.jsonl"
+    path.write_text("\n".join([json.dumps(recs[0]), deep, json.dumps(recs[1]), json.dumps(recs[2])]) + "\n")
+    docs, errors, _ = read_docs([path])
+    assert [d["id"] for d in docs] == [r["id"] for r in recs] and [e[0] for e in errors] == ["malformed_json"]
+    assert [d.id for d in read_web(path, tmp_path)["docs"]] == [r["id"] for r in recs]
+
+
+def test_document_reader_reads_arrays_and_records_without_newlines(shared_data, tmp_path):
+    recs = _real_records(shared_data, 5)
+    array = tmp_path / "docs.json"
+    array.write_text(json.dumps(recs, indent=2))
+    gz = tmp_path / "docs.json.gz"
+    gz.write_bytes(gzip.compress(json.dumps(recs).encode()))
+    cr = tmp_path / "cr.jsonl"
+    cr.write_bytes(b"\r".join(json.dumps(r).encode() for r in recs) + b"\r")
+    for path in (array, gz, cr):
+        docs, errors, _ = read_docs([path])
+        assert [d["id"] for d in docs] == [r["id"] for r in recs] and errors == [], path.name
+    docs, errors, _ = read_docs([tmp_path])  # a folder: .json, .json.gz and .jsonl are all picked up
+    assert len(docs) == 15 and errors == []
+    assert [d.id for d in read_web(cr, tmp_path)["docs"]] == [r["id"] for r in recs]
+
+
+def test_document_stages_write_where_each_bad_record_was(shared_cases, tmp_path):
+    src = tmp_path / "in.jsonl"
+    good = (shared_cases / "readers" / "bom_crlf.jsonl").read_bytes()
+    src.write_bytes(good + b'{"id": "broken", "text": "no end\n{"id": "x"}\n')
+    sets = [f"run.out={tmp_path / 'out'}", "run.stages=[dedup]", f"dedup.inputs={json.dumps([str(src)])}"]
+    stats = run_pipeline(load_config(None, sets), log=lambda m: None)["dedup"]
+    assert stats["errored"] == {"malformed_json": 1, "missing_text": 1}
+    lines = [json.loads(x) for x in (tmp_path / "out/stages/dedup/errors.jsonl").read_text().splitlines()]
+    assert [(e["reason"], e["where"]) for e in lines] == [("malformed_json", f"{src}:4"), ("missing_text", f"{src}:5")]

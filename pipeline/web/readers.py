@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pipeline.io import atomic_write_text
 from pipeline.textio import (
     Gap,
+    concatenated_objects,
     decode_utf8,
     first_byte,
     iter_json_array,
@@ -287,6 +288,11 @@ class WebReader(PipelineStep):
             try:
                 rec, repairs = parse_json_line(line.raw)
             except ValueError as e:
+                several = concatenated_objects(line.raw)
+                if several is not None:  # records without newlines between them (e.g. CR-only line ends)
+                    for k, rec in enumerate(several, 1):
+                        yield self._record(rec, unit, f"{where} (record {k} of the line)")
+                    continue
                 yield where, Skip("errored", "malformed_json", str(e)[:300])
                 # a lost newline merges the next records into the bad one: read them on
                 for k, rec in enumerate(salvage_records(line.raw), 2):

@@ -33,6 +33,7 @@ from pipeline.textio import Chunk, Gap, iter_decoded
 _RECORD_START = re.compile(rb"(WARC/1\.[0-9]\r?\n)[A-Za-z][A-Za-z0-9-]*:")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _NEWLINES = re.compile(rb"[\r\n]*")
+_FIELD_LINE = re.compile(rb"\n(?:WARC-Type|WARC-Record-ID|WARC-Date|WARC-Target-URI): ")
 # Headers are short; a "header" that has not ended after this many bytes is not one.
 MAX_HEADER_BYTES = 1 << 16
 
@@ -254,8 +255,12 @@ def _block_end(buf: bytearray, start: int, end: int) -> int | None:
     after = bytes(buf[run_end:run_end + 7])
     at_end = not after
     if not at_end and not b"WARC/1.".startswith(after) and not after.startswith(b"WARC/1."):
-        # bytes that are neither separator nor header: CL short, unless a full separator came first
-        return end if run.startswith(b"\r\n\r\n") else None
+        # bytes that are neither separator nor header after the declared end: the block goes on (a Content-
+        # Length short enough to land on a blank line inside the body must not cut the page silently), unless
+        # what follows the CRLF CRLF is the next record's header with a damaged first line
+        if run.startswith(b"\r\n\r\n") and _FIELD_LINE.search(bytes(buf[run_end:run_end + 512])):
+            return end
+        return None
     for sep in (b"\r\n\r\n", b"\n\n"):
         if run == sep:
             return end
