@@ -224,7 +224,6 @@ def _window_pairs(members: np.ndarray, starts: np.ndarray, lengths: np.ndarray, 
     """Pairs inside each run of `members` (runs already in survivor order): every member with the first of
     its run and with the `window` members just before it. Small buckets give all their pairs; a huge bucket
     (shared boilerplate) gives O(size * window) pairs, not O(size^2)."""
-    run_of = np.repeat(np.arange(len(starts)), lengths)
     pos = np.concatenate([np.arange(n) for n in lengths.tolist()]) if len(lengths) else np.empty(0, np.int64)
     at = np.repeat(starts, lengths) + pos  # index in `members` of each run element
     a_parts, b_parts = [], []
@@ -237,7 +236,6 @@ def _window_pairs(members: np.ndarray, starts: np.ndarray, lengths: np.ndarray, 
             break
         a_parts.append(members[at[ok] - d])
         b_parts.append(members[at[ok]])
-    del run_of
     return np.concatenate(a_parts), np.concatenate(b_parts)
 
 
@@ -264,10 +262,10 @@ def _exact_groups(rows: Rows, n: int, figures: dict[str, Any]) -> np.ndarray:
     if not n:
         return group
     ex = np.concatenate([s["exact"] for s in rows.segments])
-    order = np.lexsort((order_key := np.arange(n), ex[:, 1], ex[:, 0]))
+    order = np.lexsort((np.arange(n), ex[:, 1], ex[:, 0]))  # ties by row: the group's first row leads it
     sv = ex[order]
     same = np.concatenate([[False], (sv[1:] == sv[:-1]).all(axis=1)])
-    del sv, order_key
+    del sv
     run_start = np.maximum.accumulate(np.where(~same, np.arange(n), 0))
     group[order] = order[run_start]
     figures["exact_duplicates"] = int(same.sum())

@@ -28,17 +28,10 @@ from pipeline.io import atomic_path
 from pipeline.textio import (
     Gap,
     OnEvent,
-    concatenated_objects,
-    decode_utf8,
-    first_byte,
-    iter_decoded,
-    iter_json_array,
-    iter_lines,
+    iter_json_records,
     meta_object,
-    parse_json_line,
     repair_strings,
     repair_surrogates,
-    salvage_records,
 )
 
 # Provenance columns: null where not applicable. Order is the on-disk order.
@@ -287,52 +280,15 @@ def iter_json_lines(lines: Iterable[str], where: str | Path, report: Callable[[s
 
 
 def _iter_jsonl(path: Path, text_field: str, id_field: str, report: OnEvent, repaired: OnEvent) -> Iterator[dict]:
-    if first_byte(path) == b"[":  # a JSON array (a .json.gz dump, or misnamed .jsonl)
-        yield from _iter_json_array(path, text_field, id_field, report, repaired)
-        return
-    for line in iter_lines(path):
-        if isinstance(line, Gap):
-            report(line.reason, f"{path}:{line.where}: {line.describe()}")
-            continue
-        if not line.raw.strip():
-            continue
-        where = f"{path}:{line.lineno}"
-        try:
-            rec, repairs = parse_json_line(line.raw)
-        except ValueError:
-            several = concatenated_objects(line.raw)
-            if several is not None:  # records without newlines between them (e.g. CR-only line ends)
-                for k, rec in enumerate(several, 1):
-                    yield from _line_document(rec, [], text_field, id_field, report, repaired,
-                                              f"{where} (record {k} of the line)")
-                continue
-            report("malformed_json", where)
-            # a lost newline merges the next records into the bad one: read them on
-            for k, rec in enumerate(salvage_records(line.raw), 2):
-                yield from _line_document(rec, [], text_field, id_field, report, repaired,
-                                          f"{where} (record {k} of a merged line)")
-            continue
-        yield from _line_document(rec, repairs, text_field, id_field, report, repaired, where)
-
-
-def _iter_json_array(path: Path, text_field: str, id_field: str, report: OnEvent, repaired: OnEvent
-                     ) -> Iterator[dict]:
-    """A JSON array of records, element by element (the whole file is decoded in memory)."""
-    data = bytearray()
-    for part in iter_decoded(path):
-        if isinstance(part, Gap):
-            report(part.reason, f"{path}:{part.where}: {part.describe()}")
+    """JSON lines or a JSON array, record by record (`pipeline.textio.iter_json_records`)."""
+    for rec in iter_json_records(path):
+        if isinstance(rec, Gap):
+            report(rec.reason, f"{path}:{rec.where}: {rec.describe()}")
+        elif rec.error is not None:
+            report("malformed_json", f"{path}:{rec.where.removeprefix('line ')}")
         else:
-            data += part.data
-    text, bad_utf8 = decode_utf8(bytes(data))
-    for index, value in iter_json_array(text):
-        where = f"{path}:item {index}"
-        if isinstance(value, ValueError):
-            report("malformed_json", where)
-            continue
-        value, surrogates = repair_strings(value)
-        yield from _line_document(value, ["invalid_utf8"] * bad_utf8 + ["lone_surrogate"] * surrogates,
-                                  text_field, id_field, report, repaired, where)
+            yield from _line_document(rec.value, list(rec.repairs), text_field, id_field, report, repaired,
+                                      f"{path}:{rec.where.removeprefix('line ')}")
 
 
 def _line_document(rec: Any, repairs: list[str], text_field: str, id_field: str, report: OnEvent,

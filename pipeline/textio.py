@@ -288,16 +288,6 @@ def iter_lines(path: str | Path, codec: str | None = None) -> Iterator[Line | Ga
         yield Line(lineno + 1, pending)
 
 
-def first_byte(path: str | Path, codec: str | None = None) -> bytes:
-    """The first byte that is not whitespace or a BOM in the decoded file (b"" when there is none)."""
-    for item in iter_decoded(path, codec):
-        if isinstance(item, Chunk):
-            rest = item.data.removeprefix(BOM).lstrip()
-            if rest:
-                return rest[:1]
-    return b""
-
-
 def iter_json_array(text: str) -> Iterator[tuple[int, Any | ValueError]]:
     """(index, value or the ValueError that stopped it) for each element of a JSON array given as text.
 
@@ -411,3 +401,84 @@ _WS = re.compile(r"\s*")
 
 def _skip_ws(text: str, i: int) -> int:
     return _WS.match(text, i).end()  # type: ignore[union-attr]
+
+
+# --- JSON records of a file: one reader for jsonl and JSON arrays -------------------------------------------------
+@dataclass(frozen=True)
+class JsonRecord:
+    """One record of a JSON file: its parsed value, or the error that stopped it (value None)."""
+
+    where: str  # "line 3", "line 3 (record 2 of the line)", "item 4"
+    value: Any
+    error: str | None
+    repairs: tuple[str, ...] = ()
+    raw_size: int = 0  # bytes of the source line (0 for array elements)
+
+
+def iter_json_records(path: str | Path) -> Iterator[JsonRecord | Gap]:
+    """Every record of a JSON-lines or JSON-array file (plain, .gz, .zst), whatever its name says.
+
+    Lines: a bad line is one error; a line holding several whole objects (CR-only line ends) gives each; a line
+    whose newline was lost gives the error and then the whole records merged into it. Arrays (a `[` before the
+    first `{`, or a first line that is not JSON) are read element by element (`iter_json_array`), in memory."""
+    if _json_layout(path) == "array":
+        yield from _array_records(path)
+        return
+    for line in iter_lines(path):
+        if isinstance(line, Gap):
+            yield line
+        elif line.raw.strip():
+            yield from _line_records(line)
+
+
+def _json_layout(path: str | Path) -> str:
+    """"array" when a `[` comes before the first `{`, or when the first line is not JSON (a pretty-printed
+    object, or an array that lost its `[`); else "lines"."""
+    for item in iter_decoded(path):
+        if isinstance(item, Chunk) and item.data.strip():
+            data = item.data.removeprefix(BOM)
+            bracket, brace = data.find(b"[", 0, 1 << 16), data.find(b"{", 0, 1 << 16)
+            if bracket >= 0 and (brace < 0 or bracket < brace):
+                return "array"
+            first = next((x for x in data.split(b"\n", 64) if x.strip()), b"")
+            try:
+                parse_json_line(first)
+                return "lines"
+            except ValueError:
+                return "array"
+    return "lines"
+
+
+def _line_records(line: Line) -> Iterator[JsonRecord]:
+    where, size = f"line {line.lineno}", len(line.raw)
+    try:
+        value, repairs = parse_json_line(line.raw)
+        yield JsonRecord(where, value, None, tuple(repairs), size)
+        return
+    except ValueError as e:
+        error = str(e)[:300]
+    several = concatenated_objects(line.raw)
+    if several is not None:  # records without newlines between them (e.g. CR-only line ends)
+        for k, value in enumerate(several, 1):
+            yield JsonRecord(f"{where} (record {k} of the line)", value, None, (), size)
+        return
+    yield JsonRecord(where, None, error, (), size)
+    for k, value in enumerate(salvage_records(line.raw), 2):  # a lost newline merged the next records in
+        yield JsonRecord(f"{where} (record {k} of a merged line)", value, None, (), size)
+
+
+def _array_records(path: str | Path) -> Iterator[JsonRecord | Gap]:
+    data = bytearray()
+    for part in iter_decoded(path):
+        if isinstance(part, Gap):
+            yield part
+        else:
+            data += part.data
+    text, bad_utf8 = decode_utf8(bytes(data))
+    for index, value in iter_json_array(text):
+        where = f"item {index}"
+        if isinstance(value, ValueError):
+            yield JsonRecord(where, None, str(value)[:300])
+            continue
+        value, surrogates = repair_strings(value)
+        yield JsonRecord(where, value, None, ("invalid_utf8",) * bad_utf8 + ("lone_surrogate",) * surrogates)

@@ -26,17 +26,7 @@ from datatrove.pipeline.base import PipelineStep
 from tqdm import tqdm
 
 from pipeline.io import atomic_write_text
-from pipeline.textio import (
-    Gap,
-    concatenated_objects,
-    decode_utf8,
-    first_byte,
-    iter_json_array,
-    iter_lines,
-    parse_json_line,
-    repair_strings,
-    salvage_records,
-)
+from pipeline.textio import Gap, decode_utf8, iter_json_records
 from pipeline.web.fates import FILE_KEY, FORMAT_KEY, WHERE_KEY, Fates, clear_rank_outputs, rank_tag
 from pipeline.web.units import Unit
 
@@ -269,64 +259,21 @@ class WebReader(PipelineStep):
             return where, s
 
     def _iter_jsonl(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
-        if first_byte(unit.path) == b"[":  # a JSON array, compressed or named .jsonl
-            yield from self._iter_json(unit)
-        else:
-            yield from self._iter_line_records(unit)
-
-    def _iter_line_records(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
-        for line in iter_lines(unit.path):
-            if isinstance(line, Gap):
-                yield line.where, Skip("errored", line.reason, line.describe())
-                continue
-            if not line.raw.strip():
-                continue
-            where = f"line {line.lineno}"
-            if len(line.raw) > self.max_page_bytes:
-                yield where, Skip("dropped", "too_large")
-                continue
-            try:
-                rec, repairs = parse_json_line(line.raw)
-            except ValueError as e:
-                several = concatenated_objects(line.raw)
-                if several is not None:  # records without newlines between them (e.g. CR-only line ends)
-                    for k, rec in enumerate(several, 1):
-                        yield self._record(rec, unit, f"{where} (record {k} of the line)")
-                    continue
-                yield where, Skip("errored", "malformed_json", str(e)[:300])
-                # a lost newline merges the next records into the bad one: read them on
-                for k, rec in enumerate(salvage_records(line.raw), 2):
-                    yield self._record(rec, unit, f"{where} (record {k} of a merged line)")
-                continue
-            item = self._record(rec, unit, where)
-            if repairs and not isinstance(item[1], Skip):
-                self._repair(unit, repairs)
-            yield item
-
-    def _iter_json(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
-        """A JSON array of records, element by element: a malformed element costs that element."""
-        from pipeline.textio import Chunk, iter_decoded
-
-        data = bytearray()
-        for part in iter_decoded(unit.path):
-            if isinstance(part, Chunk):
-                data += part.data
+        """JSON lines or a JSON array (whatever the name says), record by record (`iter_json_records`)."""
+        for rec in iter_json_records(unit.path):
+            if isinstance(rec, Gap):
+                yield rec.where, Skip("errored", rec.reason, rec.describe())
+            elif rec.raw_size > self.max_page_bytes:
+                yield rec.where, Skip("dropped", "too_large")
+            elif rec.error is not None:
+                yield rec.where, Skip("errored", "malformed_json", rec.error)
             else:
-                yield part.where, Skip("errored", part.reason, part.describe())
-        if not _looks_like_array(bytes(data[:4096])) and _first_line_parses(data):
-            yield from self._iter_line_records(unit)  # a `.json` file that holds JSON lines
-            return
-        text, bad_utf8 = decode_utf8(bytes(data))
-        for index, value in iter_json_array(text):
-            where = f"item {index}"
-            if isinstance(value, ValueError):
-                yield where, Skip("errored", "malformed_json", str(value)[:300])
-                continue
-            value, surrogates = repair_strings(value)
-            item = self._record(value, unit, where)
-            if not isinstance(item[1], Skip):
-                self._repair(unit, ["invalid_utf8"] * bad_utf8 + ["lone_surrogate"] * surrogates)
-            yield item
+                item = self._record(rec.value, unit, rec.where)
+                if not isinstance(item[1], Skip):
+                    self._repair(unit, list(rec.repairs))
+                yield item
+
+    _iter_json = _iter_jsonl
 
     def _iter_parquet(self, unit: Unit) -> Iterator[tuple[Any, Any]]:
         """Row group by row group: a row group that cannot be decoded is one errored record naming its rows."""
@@ -385,23 +332,6 @@ class WebReader(PipelineStep):
                                    metadata={"url": page_url(html), FORMAT_KEY: "html"})
         except Skip as s:
             yield "file", s
-
-
-def _looks_like_array(head: bytes) -> bool:
-    """A JSON array: a `[` comes before the first `{` (stray bytes before it are tolerated)."""
-    bracket, brace = head.find(b"["), head.find(b"{")
-    return bracket >= 0 and (brace < 0 or bracket < brace)
-
-
-def _first_line_parses(data: bytearray) -> bool:
-    for raw in bytes(data[:1 << 20]).split(b"\n", 8)[:8]:
-        if raw.strip():
-            try:
-                parse_json_line(raw)
-                return True
-            except ValueError:
-                return False
-    return False
 
 
 def _size_note(path: str) -> str:
