@@ -428,3 +428,19 @@ def test_document_stages_write_where_each_bad_record_was(shared_cases, tmp_path)
     assert stats["errored"] == {"malformed_json": 1, "missing_text": 1}
     lines = [json.loads(x) for x in (tmp_path / "out/stages/dedup/errors.jsonl").read_text().splitlines()]
     assert [(e["reason"], e["where"]) for e in lines] == [("malformed_json", f"{src}:4"), ("missing_text", f"{src}:5")]
+
+
+def test_case_files_through_the_whole_web_stage(shared_cases, tmp_path):
+    """The README's right behaviour end to end (extraction and filters included): every page of the WARC cases
+    and all three casings of the English paragraph are kept, whichever files share a task."""
+    cfg = {"run": {"name": "t", "out": str(tmp_path / "run"), "stages": ["web"]},
+           "web": {"sources": [{"path": str(shared_cases / "readers")}, {"path": str(shared_cases / "langid")}],
+                   "tasks": 1, "workers": 1, "edu": {"enabled": False, "filter": False}}}
+    (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))
+    stats = run_pipeline(load_config(str(tmp_path / "cfg.yaml"), []), log=lambda m: None)["web"]
+    assert stats["reconciled"]
+    files = {Path(k).name: v for k, v in stats["files"].items()}
+    for name, pages in (("single_member.warc.gz", 4), ("per_record.warc.gz", 4), ("brotli_encoded.warc", 8),
+                        ("case_variants.jsonl", 3), ("bom_crlf.jsonl", 3)):
+        assert files[name]["read"] == files[name]["kept"] == pages, (name, files[name])
+    assert files["content_length_short.warc"]["errored"] == {"content_length_mismatch": 1}

@@ -26,12 +26,18 @@ def build_pipeline(section: Any, units: list[Unit], out_root: str, edu_model: st
     from datatrove.pipeline.filters import (
         C4QualityFilter,
         FineWebQualityFilter,
-        GopherQualityFilter,
         GopherRepetitionFilter,
     )
 
     from pipeline.web.readers import WebReader
-    from pipeline.web.steps import Guarded, HtmlExtractor, KeepWriter, LanguageFilter, MinLengthFilter
+    from pipeline.web.steps import (
+        CaseFoldedGopherQuality,
+        Guarded,
+        HtmlExtractor,
+        KeepWriter,
+        LanguageFilter,
+        MinLengthFilter,
+    )
 
     f, rate = section.filters, section.removed_sample_rate
     lang = (f.language.languages or ["en"])[0] if f.language.enabled else "en"
@@ -51,7 +57,7 @@ def build_pipeline(section: Any, units: list[Unit], out_root: str, edu_model: st
         steps.append(guard(GopherRepetitionFilter(**_fields(f.gopher_repetition), language=lang),
                            "gopher_repetition"))
     if f.gopher_quality.enabled:
-        steps.append(guard(GopherQualityFilter(**_fields(f.gopher_quality), language=lang), "gopher_quality"))
+        steps.append(guard(CaseFoldedGopherQuality(**_fields(f.gopher_quality), language=lang), "gopher_quality"))
     if f.c4_quality.enabled:
         steps.append(guard(C4QualityFilter(**_fields(f.c4_quality), language=lang), "c4_quality"))
     if f.fineweb_quality.enabled:

@@ -10,7 +10,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.extractors.base import ExtractorSandbox
-from datatrove.pipeline.filters import URLFilter
+from datatrove.pipeline.filters import GopherQualityFilter, URLFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from pipeline.web.fates import ERROR_KEY, FILE_KEY, FORMAT_KEY, WHERE_KEY, Fates
@@ -24,7 +24,9 @@ class HtmlExtractor(Trafilatura):
 
     def __init__(self, out_root: str, timeout: float = 5.0, favour_precision: bool = True,
                  sample_rate: float = 1.0) -> None:
-        super().__init__(favour_precision=favour_precision, timeout=timeout, deduplicate=True)
+        # no trafilatura deduplication: its in-process cache empties repeated pages depending on which pages share
+        # a task (copies then vanish as extract_empty); removing copies is the dedup stage's job, with a record
+        super().__init__(favour_precision=favour_precision, timeout=timeout, deduplicate=False)
         self.fates = Fates(out_root, "extract", sample_rate)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
@@ -282,3 +284,13 @@ class KeepWriter(PipelineStep):
                 self.fates.keep(doc, rank)
                 self.stat_update("kept")
         yield from ()  # nothing goes further: a generator, like every step
+
+
+
+class CaseFoldedGopherQuality(GopherQualityFilter):
+    """datatrove's GopherQualityFilter judged on the lower-cased text: its stop-word count is case-sensitive, so
+    an ALL CAPS or Title Case English page failed `gopher_enough_stop_words` (the other Gopher rules do not
+    depend on case). Same thresholds, same reasons."""
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        return super().filter(Document(text=doc.text.lower(), id=doc.id, metadata=doc.metadata))
