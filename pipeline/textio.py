@@ -385,9 +385,9 @@ def salvage_records(raw: bytes, max_attempts: int = 256) -> list[Any]:
             p = text.find('{"', p + 1)
             continue
         rest = _skip_ws(text, j)
-        if rest >= len(text) or text.startswith("{", rest):
+        if rest >= len(text) or text.startswith("{", rest) or text[rest:].strip() in (",", "]", "],"):
             found.append(value)
-            if rest >= len(text):
+            if not text.startswith("{", rest):
                 break
             p = rest
             continue
@@ -432,8 +432,8 @@ def iter_json_records(path: str | Path) -> Iterator[JsonRecord | Gap]:
 
 
 def _json_layout(path: str | Path) -> str:
-    """"array" when a `[` comes before the first `{`, or when the first line is not JSON (a pretty-printed
-    object, or an array that lost its `[`); else "lines"."""
+    """"array" when a `[` comes before the first `{`, or when the first line opens a pretty-printed object;
+    else "lines" (a broken first line is then one bad line, not a reason to read the file another way)."""
     for item in iter_decoded(path):
         if isinstance(item, Chunk) and item.data.strip():
             data = item.data.removeprefix(BOM)
@@ -441,11 +441,7 @@ def _json_layout(path: str | Path) -> str:
             if bracket >= 0 and (brace < 0 or bracket < brace):
                 return "array"
             first = next((x for x in data.split(b"\n", 64) if x.strip()), b"")
-            try:
-                parse_json_line(first)
-                return "lines"
-            except ValueError:
-                return "array"
+            return "array" if first.strip() == b"{" else "lines"
     return "lines"
 
 
@@ -457,6 +453,14 @@ def _line_records(line: Line) -> Iterator[JsonRecord]:
         return
     except ValueError as e:
         error = str(e)[:300]
+    element = line.raw.strip().lstrip(b"[").rstrip(b"],")  # one element per line of an array lost its brackets
+    if element != line.raw.strip():
+        try:
+            value, repairs = parse_json_line(element)
+            yield JsonRecord(where, value, None, tuple(repairs), size)
+            return
+        except ValueError:
+            pass
     several = concatenated_objects(line.raw)
     if several is not None:  # records without newlines between them (e.g. CR-only line ends)
         for k, value in enumerate(several, 1):
