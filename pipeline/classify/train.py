@@ -137,7 +137,9 @@ def train_classifier(train: TrainSection, keep_top: float | None = None, out_dir
                    "total_s": round(time.perf_counter() - t0, 3)},
     }
     target = Path(out_dir or train.out_dir) / train.name
-    write_model_dir(target, backend, train, metrics, calibration, classes)
+    # the texts fitted on, hashed beside the model (pipeline.classify.overlap): scoring them later says so
+    write_model_dir(target, backend, train, metrics, calibration, classes,
+                    train_texts=[e.text for e in splits["train"]])
     log(f"wrote {target} (test binary F1 {results['test']['binary']['f1']:.3f}, "
         f"macro-F1 {results['test']['macro_f1']:.3f})")
     return metrics
@@ -171,7 +173,7 @@ def _calibrate(backend: Any, train: TrainSection, splits: dict[str, list[Example
 
 
 def write_model_dir(target: Path, backend: Any, train: TrainSection, metrics: dict[str, Any],
-                    calibration: dict[str, Any], classes: list[int]) -> None:
+                    calibration: dict[str, Any], classes: list[int], train_texts: list[str] | None = None) -> None:
     """Build in a temporary sibling directory and swap it in: a crash never leaves half a model."""
     from pipeline.classify.card import confusion_png, model_card, threshold_markdown
 
@@ -179,6 +181,10 @@ def write_model_dir(target: Path, backend: Any, train: TrainSection, metrics: di
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model_file = backend.save(tmp)
+        if train_texts is not None:  # training_hashes.npz: the overlap warning of score/evaluate
+            from pipeline.classify.overlap import write_training_hashes
+
+            write_training_hashes(tmp, train_texts)
         meta = {
             "format": FORMAT, "name": train.name, "backend": train.backend, "mode": backend.mode,
             "model_file": model_file, "model_sha256": sha256_file(tmp / model_file),
