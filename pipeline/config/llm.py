@@ -19,15 +19,17 @@ from pipeline.config.core import StrictModel
 class LLMSection(StrictModel):
     provider: Literal["openai", "local"] = Field(
         default="openai",
-        description="openai: any OpenAI-compatible endpoint at base_url; local: start `transformers serve MODEL` "
-        "on a free loopback port for the run",
+        description="openai: any OpenAI-compatible endpoint at base_url; local: start a server on a free loopback "
+        "port for the run: llama.cpp's for a GGUF model, `transformers serve` for a Hugging Face model",
     )
     base_url: str | None = Field(
         default=None, description="endpoint, e.g. http://host:8000/v1; default $OPENAI_BASE_URL, then OpenAI's"
     )
     model: str = Field(
         default="HuggingFaceTB/SmolLM2-360M-Instruct",
-        description="model name sent to the endpoint (provider local: a hub name or a local model directory)",
+        description="model name sent to the endpoint (provider local: a GGUF file path, the file name of a GGUF "
+        "shipped in an installed package such as SmolLM2-135M-Instruct.Q4_1.gguf, a hub name or a local model "
+        "directory)",
     )
     api_key_env: str = Field(
         default="OPENAI_API_KEY",
@@ -75,6 +77,12 @@ class LLMSection(StrictModel):
     )
     local_port: int | None = Field(default=None, ge=1, le=65535, description="provider local: port (default free)")
     local_device: str = Field(default="auto", description="provider local: device for `transformers serve`")
+    local_threads: int | None = Field(
+        default=None, ge=1, description="provider local, GGUF: llama.cpp threads (default: the CPUs this process may use)"
+    )
+    local_ctx: int = Field(
+        default=2048, ge=256, description="provider local, GGUF: llama.cpp context (prompt + completion tokens)"
+    )
     local_startup_timeout_s: float = Field(
         default=600.0, gt=0, description="provider local: seconds to wait for the server to become healthy"
     )

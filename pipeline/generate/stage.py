@@ -120,7 +120,8 @@ def run_stage(ctx: Any) -> StageStats:
                                the_plan.specs, {k: f.prompt_id for k, f in the_plan.formats.items()}))
         summary = run_requests(requests, cfg.llm, cfg.budget, cfg.llm.ledger_path(),
                                should_send=lambda req: judge.should_send(req.tag["cell"]),
-                               on_result=judge.put, progress=True, pool=pool)
+                               on_result=judge.put, progress=True, pool=pool,
+                               server_log_dir=Path(ctx.state_dir) / "llm-server")
         judged = judge.close()
     except BaseException:
         judge.abort()

@@ -33,14 +33,16 @@ def _needs_local_server(llm: LLMSection) -> bool:
 
 
 @contextlib.contextmanager
-def open_endpoint(llm: LLMSection) -> Iterator[LLMSection]:
-    """Yield an `llm` section pointing at a live endpoint: for `provider: local` without a base_url, start
-    `transformers serve` for the duration. Wrap a whole stage in it to reuse one server across calls."""
+def open_endpoint(llm: LLMSection, log_dir: str | Path | None = None) -> Iterator[LLMSection]:
+    """Yield an `llm` section pointing at a live endpoint: for `provider: local` without a base_url, start a local
+    server for the duration (`server.local_server`: llama.cpp for GGUF, else `transformers serve`), its log in
+    `log_dir` (kept) or a temporary file. Wrap a whole stage in it to reuse one server across calls."""
     if _needs_local_server(llm):
-        from pipeline.llm.server import LocalServer
+        from pipeline.llm.server import local_server
 
-        with LocalServer(llm.model, port=llm.local_port, device=llm.local_device,
-                         startup_timeout_s=llm.local_startup_timeout_s) as server:
+        server = local_server(llm.model, port=llm.local_port, device=llm.local_device, threads=llm.local_threads,
+                              n_ctx=llm.local_ctx, startup_timeout_s=llm.local_startup_timeout_s, log_dir=log_dir)
+        with server:
             yield llm.model_copy(update={"base_url": server.base_url})
         return
     yield llm
@@ -281,6 +283,7 @@ def run_requests(
     on_result: Callable[[LLMResult], None] | None = None,
     progress: bool = True,
     pool: WorkerPool | None = None,
+    server_log_dir: str | Path | None = None,
 ) -> RunSummary:
     """Run every request; `on_result` is called in this thread exactly once per request (ok, failed or skipped).
 
@@ -289,10 +292,11 @@ def run_requests(
     On the budget cap the run stops dispatching, lets requests in flight finish (they are recorded), reports
     the rest as skipped `budget`, and sets `summary.stopped_reason`. Ctrl-C / kill loses nothing recorded.
     `pool` (from `prestart_workers(llm)`, same `llm`) is used instead of starting workers, and closed at the end.
+    `server_log_dir`: where a local server (provider local) writes `server.log`, kept after the run.
     """
     if pool is not None and pool.llm != llm:
         raise TextbookError("run_requests: the worker pool was started for another llm section")
-    with open_endpoint(llm) as live:
+    with open_endpoint(llm, server_log_dir) as live:
         return _Driver(requests, live, budget, Path(ledger_path), should_send, on_result, progress, pool).run()
 
 
