@@ -2,9 +2,12 @@
 
     <out>/data/train-00000-of-00004.parquet   id, text, input_ids, num_tokens, source, edu_score, provenance
     <out>/data/validation-00000-of-00001.parquet
-    <out>/manifest.json                        schema version, tokenizer hash, counts, stage stats, config
+    <out>/manifest.json                        schema version, tokenizer hash, counts, file sha256s, fingerprint,
+                                               stage stats, config
     <out>/tokenizer.json                       the tokenizer the ids were made with
     <out>/README.md                            dataset card; its YAML header lets `datasets.load_dataset(<out>)` work
+                                               (it carries the fingerprint, so the `datasets` cache is keyed by
+                                               the rows, never by the folder's name)
 
 Writes are atomic: shards are built in a hidden temp directory and moved into `data/` only when all are
 complete; the manifest is removed first and written last, so it never counts a shard that is not there.
@@ -13,6 +16,7 @@ See shards/README.md for the full description.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -189,7 +193,8 @@ class ShardSetWriter:
                 name = f"{split}-{i:05d}-of-{n:05d}.parquet"
                 os.replace(e["tmp"], self.tmp_dir / "data" / name)
                 listed.append({"path": f"data/{name}", "documents": e["documents"], "tokens": e["tokens"],
-                               "bytes": (self.tmp_dir / "data" / name).stat().st_size})
+                               "bytes": (self.tmp_dir / "data" / name).stat().st_size,
+                               "sha256": file_sha256(self.tmp_dir / "data" / name)})
             sources = {k.split("\0", 1)[1]: dict(v) for k, v in sorted(self._per_source.items())
                        if k.startswith(split + "\0")}
             splits[split] = {"documents": sum(e["documents"] for e in listed),
@@ -204,6 +209,7 @@ class ShardSetWriter:
             "totals": {"documents": sum(s["documents"] for s in splits.values()),
                        "tokens": sum(s["tokens"] for s in splits.values())},
             "splits": splits,
+            "fingerprint": fingerprint_of(splits),
             "stages": stage_stats or {},
             "config_hash": config_hash,
             "config": config or {},
@@ -268,9 +274,38 @@ def check_compatible(out_dir: Path, tokenizer_sha256: str) -> None:
                             f"sha256 {old[:12]}…); choose another run.out or remove it")
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_of(splits: dict[str, Any]) -> str:
+    """Content fingerprint of a shard set: sha256 (hex, 16 chars) over each split's file paths and file sha256s.
+
+    `splits` is the manifest's `splits` mapping. Two shard sets with the same fingerprint hold the same rows; any
+    rewrite that changes a row changes it. Used as the `datasets` cache key (see `dataset_card`, `load_hf`).
+    """
+    h = hashlib.sha256()
+    for split in sorted(splits):
+        for f in splits[split]["files"]:
+            h.update(f"{split}\0{f['path']}\0{f['sha256']}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def dataset_card(m: dict[str, Any]) -> str:
-    """README.md with the `configs` header `datasets.load_dataset(dir)` reads, and a human summary."""
-    lines = ["---", "configs:", "- config_name: default", "  data_files:"]
+    """README.md with the `configs` header `datasets.load_dataset(dir)` reads, and a human summary.
+
+    The config's `description` carries the shard set's content fingerprint. `datasets` keys its cache of a
+    local folder by the folder's name and this header only, so without it two different shard sets in two
+    folders of the same name (or one folder rewritten) would load each other's cached rows.
+    """
+    lines = ["---", "configs:", "- config_name: default",
+             f"  description: textbook-shards {m['fingerprint']} (content fingerprint; keys the datasets cache)",
+             "  data_files:"]
     for split in m["splits"]:
         lines += [f"  - split: {split}", f"    path: data/{split}-*"]
     lines += ["tags:", "- textbook", "- pretraining", "---", "",
@@ -292,8 +327,11 @@ def dataset_card(m: dict[str, Any]) -> str:
         for name, st in m["stages"].items():
             lines.append(f"| {name} | {st.get('read', '')} | {st.get('kept', '')} | "
                          f"{sum(st.get('dropped', {}).values())} | {sum(st.get('errored', {}).values())} |")
-    lines += ["", "```python", "from datasets import load_dataset", "ds = load_dataset(\"<this directory>\")",
-              "from pipeline.shards import open_shards", "shards = open_shards(\"<this directory>\")", "```", ""]
+    lines += ["", "```python", "from datasets import load_dataset",
+              "ds = load_dataset(\"<this directory>\")   # the header's fingerprint keys the cache to these rows",
+              "from pipeline.shards import load_hf, open_shards",
+              "ds = load_hf(\"<this directory>\")         # the same, checked against manifest.json first",
+              "shards = open_shards(\"<this directory>\")", "```", ""]
     return "\n".join(lines)
 
 
@@ -344,11 +382,29 @@ class ShardSet:
                 frames.append(df)
         return pd.concat(frames, ignore_index=True)
 
-    def to_dataset(self) -> Any:
-        """A `datasets.DatasetDict` with the same splits."""
+    @property
+    def fingerprint(self) -> str:
+        """The manifest's content fingerprint (`fingerprint_of`); computed from the files for a manifest without one."""
+        fp = self.manifest.get("fingerprint")
+        if fp:
+            return str(fp)
+        return fingerprint_of({s: {"files": [{"path": f["path"], "sha256": file_sha256(self.path / f["path"])}
+                                             for f in self.manifest["splits"][s]["files"]]} for s in self.splits})
+
+    def to_dataset(self, split: str | None = None) -> Any:
+        """A `datasets.DatasetDict` with the same splits (a `Dataset` when `split` is given).
+
+        Always this directory's own rows: the files are named by absolute path and the `datasets` cache is
+        keyed by the shard set's content fingerprint as well, so a cached copy of another shard set (another
+        folder of the same name, or this folder before a rewrite) is never returned.
+        """
         from datasets import load_dataset
 
-        return load_dataset("parquet", data_files={s: [str(f) for f in self.files(s)] for s in self.splits})
+        if split is not None and split not in self.splits:
+            raise TextbookError(f"{self.path}: no split {split!r} (splits: {', '.join(self.splits)})")
+        data_files = {s: [str(f.resolve()) for f in self.files(s)] for s in ([split] if split else self.splits)}
+        ds = load_dataset("parquet", data_files=data_files, description=f"textbook-shards {self.fingerprint}")
+        return ds[split] if split else ds
 
     def iter_documents(self, split: str | None = None, columns: list[str] | None = None,
                        batch_size: int = 1024) -> Iterator[dict[str, Any]]:
@@ -393,6 +449,16 @@ def open_shards(path: str | os.PathLike[str]) -> ShardSet:
         if f not in listed:
             raise TextbookError(f"{f}: shard not listed in the manifest (left over from another run?)")
     return shards
+
+
+def load_hf(path: str | os.PathLike[str], split: str | None = None) -> Any:
+    """`datasets` view of a shard directory: a `DatasetDict` (train, validation), or one split's `Dataset`.
+
+    The safe way to load shards with `datasets`: the directory is checked like `open_shards` does (raises
+    `TextbookError` on a missing or inconsistent manifest), and the rows returned are always this directory's,
+    whatever the `datasets` cache holds for another folder of the same name.
+    """
+    return open_shards(path).to_dataset(split)
 
 
 def _read_file_meta(f: Path) -> dict[bytes, bytes]:

@@ -172,3 +172,47 @@ def test_writer_killed_mid_shard_leaves_no_visible_partial(tmp_path, tok):
     w.add("train", [{"text": "new", "source": "web"}])
     w.finalize()
     assert open_shards(out).manifest["totals"]["documents"] == 1
+
+
+def test_datasets_loads_each_folders_own_rows_whatever_its_cache_holds(tmp_path, tok, shared_data, monkeypatch):
+    """Issue 16: `datasets` caches a local folder by its name; two shard sets in two folders of the same name (and
+    one folder rewritten) must each load their own rows, through load_dataset(dir) and through load_hf."""
+    import datasets
+    from datasets import load_dataset
+
+    from pipeline.shards import file_sha256, load_hf
+
+    cache = tmp_path / "hf-datasets-cache"  # one cache shared by every load below
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    docs = real_docs(shared_data, 120)
+    sets = {tmp_path / "run-a" / "quickstart": docs[:80], tmp_path / "run-b" / "quickstart": docs[80:]}
+    for folder, own in sets.items():
+        m = write_set(folder, tok, own)
+        for f in (f for s in m["splits"].values() for f in s["files"]):
+            assert f["sha256"] == file_sha256(folder / f["path"])
+    fingerprints = {open_shards(folder).fingerprint for folder in sets}
+    assert len(fingerprints) == 2
+
+    def texts(ds) -> list[str]:
+        return sorted(t for split in ds for t in ds[split]["text"])
+
+    for folder, own in [*sets.items(), *sets.items()]:  # a, b, then a and b again from a warm cache
+        assert texts(load_dataset(str(folder))) == sorted(d["text"] for d in own), folder
+        assert texts(load_hf(folder)) == sorted(d["text"] for d in own), folder
+    assert load_hf(folder, "validation").num_rows == open_shards(folder).manifest["splits"]["validation"]["documents"]
+
+    # the same folder rewritten by a new run: the new rows, not the cached old ones
+    a = tmp_path / "run-a" / "quickstart"
+    write_set(a, tok, docs[10:50])
+    assert texts(load_dataset(str(a))) == sorted(d["text"] for d in docs[10:50])
+    assert texts(load_hf(a)) == sorted(d["text"] for d in docs[10:50])
+
+    # a shard set written before the fingerprint existed: load_hf still keys the cache by the files' content
+    old = tmp_path / "run-c" / "quickstart"
+    write_set(old, tok, docs[:30])
+    manifest = json.loads((old / "manifest.json").read_text())
+    fp = manifest.pop("fingerprint")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert open_shards(old).fingerprint == fp
+    assert texts(load_hf(old)) == sorted(d["text"] for d in docs[:30])
