@@ -5,8 +5,10 @@ training text pasted into another page can be recognised (`pipeline.classify.gua
 File `<model_dir>/training_hashes.npz` (written by `train_classifier`, or for an already trained model by
 `textbook classifier training-hashes CONFIG`), three arrays:
 
-- `documents`: sorted unique uint32, the first 4 bytes of blake2b of each training text, normalised
-  (`normalise`: lower case, every run of whitespace one space);
+- `documents`: sorted unique uint32, the first 4 bytes of blake2b of each training text's key (`document_key`:
+  its first `DOC_KEY_CHARS` characters once normalised, `normalise`: lower case, every run of whitespace one
+  space). A bounded key keeps the check cheap on every scored page; two texts that share their first 1,000
+  normalised characters are copies of one another for this purpose;
 - `paragraphs`: the same for every line of a training text that is at least `MIN_PARAGRAPH_CHARS` long once
   normalised (shorter lines, "Home", "Read more", are shared by unrelated pages);
 - `info`: a JSON string (format, counts, the normalisation and paragraph rule).
@@ -32,11 +34,18 @@ from pipeline.errors import TextbookError
 HASH_FILE = "training_hashes.npz"
 FORMAT = "textbook-training-hashes/1"
 MIN_PARAGRAPH_CHARS = 80
+DOC_KEY_CHARS = 1000
 
 
 def normalise(text: str) -> str:
     """Lower case, every run of whitespace (newlines included) one space, no leading/trailing space."""
     return " ".join(text.lower().split())
+
+
+def document_key(text: str) -> str:
+    """What identifies a document: its first DOC_KEY_CHARS characters, normalised. Reads a bounded prefix of
+    the raw text (however long the document)."""
+    return normalise(text[: 2 * DOC_KEY_CHARS])[:DOC_KEY_CHARS]
 
 
 def text_hash(normalised: str) -> int:
@@ -51,9 +60,10 @@ def paragraph_spans(text: str, min_chars: int = MIN_PARAGRAPH_CHARS) -> list[tup
     pos = 0
     for line in text.split("\n"):
         end = pos + len(line)
-        norm = normalise(line)
-        if len(norm) >= min_chars:
-            out.append((pos, end, text_hash(norm)))
+        if end - pos >= min_chars:  # normalising never lengthens a line (bar rare case mappings): skip short ones
+            norm = normalise(line)
+            if len(norm) >= min_chars:
+                out.append((pos, end, text_hash(norm)))
         pos = end + 1
     return out
 
@@ -80,12 +90,12 @@ class TrainingHashes:
             if not isinstance(t, str) or not t.strip():
                 continue
             n += 1
-            docs.append(text_hash(normalise(t)))
+            docs.append(text_hash(document_key(t)))
             paras.extend(h for _, _, h in paragraph_spans(t, min_paragraph_chars))
         d, p = _sorted_unique(docs), _sorted_unique(paras)
         info = {"format": FORMAT, "texts": n, "documents": int(len(d)), "paragraphs": int(len(p)),
                 "hash": "blake2b, first 4 bytes, of the text lower-cased with whitespace runs collapsed",
-                "min_paragraph_chars": min_paragraph_chars}
+                "document_key_chars": DOC_KEY_CHARS, "min_paragraph_chars": min_paragraph_chars}
         return cls(d, p, info)
 
     @property
@@ -115,8 +125,9 @@ class TrainingHashes:
                 docs, paras = z["documents"].astype(np.uint32), z["paragraphs"].astype(np.uint32)
         except Exception as e:  # noqa: BLE001 - zip/npy/json errors all mean "corrupt"
             raise TextbookError(f"{path}: corrupt training hashes ({type(e).__name__}: {e})") from None
-        if info.get("format") != FORMAT:
-            raise TextbookError(f"{path}: unsupported format {info.get('format')!r} (expected {FORMAT})")
+        if info.get("format") != FORMAT or info.get("document_key_chars") != DOC_KEY_CHARS:
+            raise TextbookError(f"{path}: unsupported format {info.get('format')!r} with document keys of "
+                                f"{info.get('document_key_chars')} characters (expected {FORMAT}, {DOC_KEY_CHARS})")
         return cls(docs, paras, info)
 
     def _member(self, table: np.ndarray, hashes: Sequence[int]) -> np.ndarray:
@@ -127,9 +138,9 @@ class TrainingHashes:
         return table[idx] == h
 
     def contains_documents(self, texts: Sequence[str]) -> np.ndarray:
-        """bool per text: its normalised whole text is a training text (non-strings and blanks: False)."""
+        """bool per text: its `document_key` is a training text's (non-strings and blanks: False)."""
         valid = np.array([isinstance(t, str) and bool(t.strip()) for t in texts], dtype=bool)
-        hashes = [text_hash(normalise(t)) if ok else 0 for t, ok in zip(texts, valid, strict=True)]
+        hashes = [text_hash(document_key(t)) if ok else 0 for t, ok in zip(texts, valid, strict=True)]
         return self._member(self.documents, hashes) & valid
 
     def memorised_spans(self, text: str) -> list[tuple[int, int]]:
@@ -148,14 +159,39 @@ def write_training_hashes(model_dir: str | Path, texts: Iterable[str]) -> dict[s
     return hashes.info
 
 
-def overlap_summary(in_training: np.ndarray, with_paragraphs: np.ndarray | None = None) -> dict[str, Any]:
-    """{'documents', 'in_training', 'fraction', 'with_training_paragraphs'} from per-document flags."""
+def hashes_from_config(train: Any, model_dir: str | Path, all_documents: bool = False) -> dict[str, Any]:
+    """Write the hashes of an already trained model from its training config (`classifier.train`): the
+    documents of the train split (`all_documents`: every labelled document, for a model refitted on all of them).
+
+    The split is recomputed exactly as `train_classifier` does (hash of the document id); when the model's
+    metrics.json records split sizes that differ from the recomputed ones, the config is not the one the
+    model was trained with and this raises TextbookError instead of writing wrong hashes."""
+    from pipeline.classify.data import load_labelled, split_of
+
+    model_dir = Path(model_dir)
+    examples, _, _ = load_labelled(train.sources, train.score_min, train.score_max, train.strict)
+    sizes = {"train": 0, "validation": 0, "test": 0}
+    chosen: list[str] = []
+    for e in examples:
+        part = split_of(e.id, train.split)
+        sizes[part] += 1
+        if all_documents or part == "train":
+            chosen.append(e.text)
+    metrics_path = model_dir / "metrics.json"
+    if metrics_path.is_file():
+        recorded = json.loads(metrics_path.read_text(encoding="utf-8")).get("data", {}).get("splits")
+        if recorded and {k: int(v) for k, v in recorded.items()} != sizes:
+            raise TextbookError(f"{model_dir}: the config's data splits {sizes} differ from the model's {recorded} "
+                                "(metrics.json): not the config this model was trained with")
+    info = write_training_hashes(model_dir, chosen)
+    return {**info, "splits": sizes, "hashed": "all documents" if all_documents else "train split"}
+
+
+def overlap_summary(in_training: np.ndarray) -> dict[str, Any]:
+    """{'documents', 'in_training', 'fraction'} from a bool per document."""
     n = int(len(in_training))
     k = int(np.sum(in_training))
-    out: dict[str, Any] = {"documents": n, "in_training": k, "fraction": k / n if n else 0.0}
-    if with_paragraphs is not None:
-        out["with_training_paragraphs"] = int(np.sum(with_paragraphs & ~in_training))
-    return out
+    return {"documents": n, "in_training": k, "fraction": k / n if n else 0.0}
 
 
 def overlap_warning(summary: dict[str, Any], what: str = "documents") -> str | None:
