@@ -301,7 +301,41 @@ class Trainer:
             (self.out / name).unlink(missing_ok=True)
 
     # -- the loop --------------------------------------------------------------------------------------------
+    def finished_summary(self) -> dict[str, Any] | None:
+        """OUT/summary.json when this very run already finished (same config and shards, newest checkpoint at
+        train.max_steps, losses recorded), else None. Resuming such a run has nothing to do."""
+        ckpt = self.resume
+        if ckpt is None or ckpt["step"] < self.cfg.train.max_steps:
+            return None
+        try:
+            done = json.loads((self.out / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        same = (done.get("config_hash") == config_hash(self.cfg) and done.get("shards") == self.shard_paths
+                and done.get("steps") == ckpt["step"])
+        return done if same and done.get("final_loss") is not None else None
+
+    def _logged(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The last training and evaluation records at or before `step` in OUT/log.jsonl ({} when none): what a
+        resumed run reports when it has no step left to train (its summary must not lose them)."""
+        last: dict[str, Any] = {}
+        last_eval: dict[str, Any] = {}
+        p = self.out / "log.jsonl"
+        for line in (p.read_text(encoding="utf-8").splitlines() if p.is_file() else []):
+            rec = json.loads(line) if line.strip() else {}
+            if rec.get("step", step + 1) <= step:
+                if "loss" in rec:
+                    last = rec
+                elif any(k.startswith("eval/") for k in rec):
+                    last_eval = rec
+        return last, last_eval
+
     def run(self) -> dict[str, Any]:
+        done = self.finished_summary()
+        if done is not None:  # resuming a finished run changes nothing (issue 16)
+            self.log(f"{self.out}: this run already finished ({done['steps']:,} steps = train.max_steps, same config "
+                     "and shards): nothing to train; summary.json and the checkpoints are left as they are")
+            return done
         cfg, t = self.cfg, self.cfg.train
         dist = setup_distributed(t.device)
         self.dist = dist
@@ -360,8 +394,7 @@ class Trainer:
                      f"{str(dtype).removeprefix('torch.')}; {split_tokens(self.sets, cfg.data.split):,} training tokens")
         prefetch = Prefetcher(loader, cfg.data.prefetch, pin=dist.device.type == "cuda")
         bar = self._bar(step)
-        last: dict[str, Any] = {}
-        last_eval: dict[str, Any] = {}
+        last, last_eval = self._logged(step) if ckpt is not None else ({}, {})
         window = {"wait": 0.0, "tokens": 0, "t0": time.perf_counter()}
         loader_state = loader.state_dict()
         try:
