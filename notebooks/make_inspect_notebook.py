@@ -9,13 +9,13 @@ cells = [
         "# Inspect a run's shards\n\n"
         "Opens the shards a `textbook run` wrote (default `shards/quickstart`; set `TEXTBOOK_SHARDS` to another run "
         "directory) and looks at them from every side: counts, samples by source / topic / score band, decoded "
-        "tokens next to the text, distributions, coverage, and the same data through `datasets`, pandas and DuckDB."
+        "tokens next to the text, distributions, coverage, and the same data through `datasets`, pandas and DuckDB.\n\n"
+        "Plots are drawn inline (`%matplotlib inline`), in Jupyter and in an executed copy alike."
     ),
     nbf.v4.new_code_cell(
+        "%matplotlib inline\n"
         "import os\n"
         "from pathlib import Path\n\n"
-        "import matplotlib\n"
-        "matplotlib.use('Agg')\n"
         "import matplotlib.pyplot as plt\n"
         "import pandas as pd\n\n"
         "from pipeline.shards import open_shards\n\n"
@@ -31,6 +31,14 @@ cells = [
         "counts = pd.DataFrame(rows)\n"
         "counts['tokens/doc'] = (counts['tokens'] / counts['documents']).round(1)\n"
         "counts"
+    ),
+    nbf.v4.new_code_cell(
+        "by_source = counts.groupby('source')[['documents', 'tokens']].sum()\n"
+        "fig, axes = plt.subplots(1, 2, figsize=(11, 3))\n"
+        "by_source.documents.plot.barh(ax=axes[0], color='#2b6cb0', title='documents per source')\n"
+        "by_source.tokens.plot.barh(ax=axes[1], color='#dd6b20', title='tokens per source')\n"
+        "fig.tight_layout()\n"
+        "plt.show()"
     ),
     nbf.v4.new_code_cell(
         "df = shards.to_pandas(columns=['id', 'text', 'input_ids', 'num_tokens', 'source', 'edu_score', 'topic', "
@@ -75,27 +83,59 @@ cells = [
         "fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))\n"
         "for source, group in df.groupby('source'):\n"
         "    axes[0].hist(group.num_tokens, bins=30, alpha=0.6, label=source)\n"
-        "axes[0].set_xlabel('tokens per document'); axes[0].legend()\n"
+        "axes[0].set_xlabel('tokens per document')\n"
+        "axes[0].legend()\n"
         "if df.edu_score.notna().any():\n"
         "    axes[1].hist(df.edu_score.dropna(), bins=20, color='#2b6cb0')\n"
         "axes[1].set_xlabel('edu_score')\n"
         "plt.show()"
     ),
     nbf.v4.new_code_cell(
+        "if scored.empty:\n"
+        "    print('no edu_score in these shards')\n"
+        "else:\n"
+        "    fig, ax = plt.subplots(figsize=(8, 3))\n"
+        "    groups = [(source, g.edu_score) for source, g in scored.groupby('source')]\n"
+        "    ax.boxplot([g for _, g in groups], vert=False)\n"
+        "    ax.set_yticks(range(1, len(groups) + 1), [s for s, _ in groups])\n"
+        "    ax.set_xlabel('edu_score')\n"
+        "    ax.set_title('educational value by source')\n"
+        "    plt.show()"
+    ),
+    nbf.v4.new_markdown_cell(
+        "## Coverage of the synthetic documents\n\n"
+        "How the kept synthetic textbooks spread over the taxonomy's subjects and the audiences (web-seeded ones "
+        "count under `(web-seeded)`): an empty row or column is a gap in the data."
+    ),
+    nbf.v4.new_code_cell(
         "if len(synthetic):\n"
-        "    grid = pd.crosstab(synthetic.topic.str.split('/').str[0], synthetic.audience)\n"
-        "    fig, ax = plt.subplots(figsize=(8, 0.35 * len(grid) + 1.5))\n"
+        "    subjects = synthetic.topic.str.split('/').str[0].replace({'web': '(web-seeded)'})\n"
+        "    grid = pd.crosstab(subjects, synthetic.audience.fillna('(none)'))\n"
+        "    fig, ax = plt.subplots(figsize=(max(6, 1.2 * grid.shape[1] + 3), 0.35 * len(grid) + 1.5))\n"
         "    im = ax.imshow(grid.values, cmap='Blues', aspect='auto')\n"
         "    ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30, ha='right')\n"
         "    ax.set_yticks(range(grid.shape[0]), grid.index)\n"
-        "    fig.colorbar(im); ax.set_title('topic × audience coverage'); plt.show()\n"
+        "    for (i, j), v in pd.DataFrame(grid.values).stack().items():\n"
+        "        ax.text(j, i, v, ha='center', va='center', fontsize=8, color='white' if v > grid.values.max() / 2 else 'black')\n"
+        "    fig.colorbar(im, label='documents')\n"
+        "    ax.set_title('topic × audience coverage')\n"
+        "    plt.show()\n"
         "else:\n"
-        "    print('no synthetic documents in these shards')"
+        "    print('no synthetic documents in these shards (the generate stage was skipped or kept nothing)')"
+    ),
+    nbf.v4.new_code_cell(
+        "if len(synthetic) and synthetic.format.notna().any():\n"
+        "    fmt = pd.crosstab(synthetic.format, synthetic.audience.fillna('(none)'))\n"
+        "    fmt.plot.barh(stacked=True, figsize=(8, 0.4 * len(fmt) + 1.5), title='format × audience', colormap='tab20')\n"
+        "    plt.xlabel('documents')\n"
+        "    plt.show()"
     ),
     nbf.v4.new_markdown_cell("## The same shards through `datasets`, pandas and DuckDB"),
     nbf.v4.new_code_cell(
-        "from datasets import load_dataset\n\n"
-        "ds = load_dataset(str(SHARDS))   # reads the dataset card's YAML header\n"
+        "from pipeline.shards import load_hf\n\n"
+        "# load_hf names the files and keys the datasets cache by the shards' content fingerprint, so it always returns\n"
+        "# this folder's rows (datasets.load_dataset(str(SHARDS)) does too, through the fingerprint in the card's header)\n"
+        "ds = load_hf(SHARDS)\n"
         "assert sum(ds[s].num_rows for s in ds) == len(df)\n"
         "ds"
     ),

@@ -48,3 +48,9 @@ def test_inspect_notebook_executes(tmp_path, shared_data, monkeypatch):
     assert "error" not in {o.get("output_type") for c in nb.cells for o in c.get("outputs", [])}
     assert f"{manifest['totals']['documents']:,}" in outputs  # the ShardSet repr shows the count
     assert "synthetic" in outputs and "most common subject: computing" in outputs
+    # issue 16: the plots are shown (inline), not drawn on a backend nobody sees
+    images = [c for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
+    assert len(images) >= 3, f"{len(images)} images in the executed notebook"
+    heatmap = [c for c in nb.cells if c.cell_type == "code" and "topic × audience coverage" in c.source]
+    assert len(heatmap) == 1 and heatmap[0] in images, "the topic × audience heatmap of the synthetic documents"
