@@ -105,14 +105,29 @@ class WebFilters(StrictModel):
 
 
 class EduConfig(StrictModel):
-    """Educational-value scoring: the score is stored on every kept document; filtering on it is optional."""
+    """Educational-value scoring: the score is stored on every kept document; filtering on it is optional.
+
+    The cut is taken after every page is scored (`pipeline.web.edu`), so changing threshold/keep_top reuses the
+    scores of a completed run."""
 
     enabled: bool = Field(default=False, description="score documents with the edu classifier (metadata edu_score)")
     model: str | None = Field(default=None, description="classifier model dir; default classifier.model")
     filter: bool = Field(default=False, description="drop documents below the cut-off (else only score them)")
     threshold: float | None = Field(default=None, description="cut-off on the rubric scale (e.g. 3)")
-    keep_top: float | None = Field(default=None, gt=0, le=1, description="or: keep this top fraction, calibrated "
-                                   "on the model's sample; neither: the model's recorded default cut-off")
+    keep_top: float | None = Field(default=None, gt=0, le=1, description="or: keep this top fraction of the pages "
+                                   "(see keep_top_of); neither: the model's recorded default cut-off")
+    keep_top_of: Literal["run", "calibration"] = Field(
+        default="run", description="run: the top keep_top of the pages this run scored (exactly, ties broken by "
+        "provenance); calibration: the score keeping keep_top of the model's calibration sample (the share of "
+        "this run it keeps varies)")
+    guards: bool = Field(default=True, description="keyword-list / word-salad / repetition gates and the "
+                         "pasted-training-paragraph rule (pipeline.classify.guards); gated pages are never kept")
+
+    @model_validator(mode="after")
+    def _one_cut(self) -> EduConfig:
+        if self.threshold is not None and self.keep_top is not None:
+            raise ValueError("web.edu: set threshold or keep_top, not both")
+        return self
 
 
 class WebSection(StageSection):

@@ -86,6 +86,11 @@ class Fates:
         self._count(rank, doc.metadata.get(FILE_KEY), "kept", "")
         self._writer(rank, "kept", rank_tag(rank)).write(doc_to_record(doc))
 
+    def hold(self, doc: Any, rank: int) -> None:
+        """A scored document whose fate the edu cut decides after every task is done (`pipeline.web.edu`)."""
+        self._count(rank, doc.metadata.get(FILE_KEY), "scored", "")
+        self._writer(rank, "scored", rank_tag(rank)).write(doc_to_record(doc))
+
     def drop(self, doc: Any, rank: int, reason: str, detail: str | None = None) -> None:
         self._count(rank, doc.metadata.get(FILE_KEY), "dropped", reason)
         if detail:
@@ -130,7 +135,7 @@ class Fates:
 def clear_rank_outputs(root: str, rank: int) -> None:
     """A task that is re-run (after a crash) first removes what its earlier attempt wrote."""
     tag = rank_tag(rank)
-    for sub in ("kept", "removed", "errors", "ledger", "read"):
+    for sub in ("kept", "removed", "errors", "ledger", "read", "scored", "edu"):
         d = Path(root, sub)
         if d.is_dir():
             for p in d.iterdir():

@@ -22,7 +22,8 @@ from pipeline.web.units import Unit, fingerprint, plan_units
 
 
 def build_pipeline(section: Any, units: list[Unit], out_root: str, edu_model: str | None) -> list[Any]:
-    """reader → URL → trafilatura → min length → language → Gopher repetition/quality → C4 → FineWeb → edu → kept."""
+    """reader → URL → trafilatura → min length → language → Gopher repetition/quality → C4 → FineWeb → edu score →
+    kept (or, with an edu filter, scored: the cut comes after the tasks, `pipeline.web.edu.apply_edu_cut`)."""
     from datatrove.pipeline.filters import (
         C4QualityFilter,
         FineWebQualityFilter,
@@ -63,13 +64,11 @@ def build_pipeline(section: Any, units: list[Unit], out_root: str, edu_model: st
     if f.fineweb_quality.enabled:
         steps.append(guard(FineWebQualityFilter(**_fields(f.fineweb_quality), language=lang), "fineweb_quality"))
     if section.edu.enabled:
-        from pipeline.classify.datatrove_steps import EduScoreFilter, EduScoreTagger
+        from pipeline.classify.datatrove_steps import EduScoreTagger
 
-        steps.append(EduScoreTagger(edu_model))
-        if section.edu.filter:
-            steps.append(guard(EduScoreFilter(threshold=section.edu.threshold, keep_top=section.edu.keep_top,
-                                              model_dir=edu_model), "edu"))
-    steps.append(KeepWriter(out_root))
+        steps.append(EduScoreTagger(edu_model, guards=section.edu.guards, summary_dir=str(Path(out_root, "edu"))))
+    # with an edu filter, pages are held in scored/ and the cut is taken after every task (pipeline.web.edu)
+    steps.append(KeepWriter(out_root, held=section.edu.enabled and section.edu.filter))
     return steps
 
 
@@ -216,11 +215,15 @@ def collect(out_root: Path, units: list[Unit]) -> tuple[StageStats, dict[str, An
             for reason, n in reasons.items():
                 stats.repair(reason, n)
     files: dict[str, dict[str, Any]] = {u.label: _file_row() for u in units}
+    scored: Counter[str] = Counter()
     filters: dict[str, dict[str, Any]] = defaultdict(lambda: {"dropped": 0, "reasons": Counter()})
     for p in sorted((out_root / "ledger").glob("*.json")):
         d = json.loads(p.read_text())
         for file, fate, reason, n in d["counts"]:
             row = files.setdefault(file, _file_row())
+            if fate == "scored":  # held for the edu cut, whose own ledger gives these pages their fate
+                scored[file] += n
+                continue
             if fate == "kept":
                 row["kept"] += n
                 stats.keep(n)
@@ -247,7 +250,28 @@ def collect(out_root: Path, units: list[Unit]) -> tuple[StageStats, dict[str, An
                 for k, v in sorted(files.items())}
     per_filter = {k: {"dropped": v["dropped"], "reasons": dict(v["reasons"].most_common())}
                   for k, v in sorted(filters.items())}
-    return stats, {"files": per_file, "filters": per_filter, "non_document_records": sum(non_docs.values())}
+    return stats, {"files": per_file, "filters": per_filter, "non_document_records": sum(non_docs.values()),
+                   "scored": dict(scored)}
+
+
+def edu_summary(out_root: Path) -> dict[str, Any]:
+    """The tagger's per-task summaries (`out/edu/r*.json`) summed: scored, gated per gate, training overlap."""
+    from pipeline.classify.datatrove_steps import SUMMARY_COUNTS
+
+    total: Counter[str] = Counter()
+    gated: Counter[str] = Counter()
+    model, hashes, guards = None, True, True
+    for p in sorted((out_root / "edu").glob("*.json")):
+        d = json.loads(p.read_text())
+        total.update({k: d.get(k, 0) for k in SUMMARY_COUNTS})
+        gated.update(d.get("gated", {}))
+        model, hashes, guards = d.get("model"), hashes and d.get("has_training_hashes", False), d.get("guards", True)
+    n = total["scored"]
+    out: dict[str, Any] = {"model": model, "scored": n, "guards": guards, "gated": dict(sorted(gated.items())),
+                           **{k: total[k] for k in SUMMARY_COUNTS if k != "scored"}}
+    out["training_overlap"] = ({"documents": n, "in_training": total["in_training"],
+                                "fraction": total["in_training"] / n if n else 0.0} if hashes else None)
+    return out
 
 
 def publish(out_root: Path, ctx: Any) -> list[dict[str, Any]]:
@@ -279,7 +303,10 @@ def run_stage(ctx: Any) -> StageStats:
         if not Path(edu_model).exists():
             raise TextbookError(f"web.edu: classifier model {edu_model} not found (train one with "
                                 "`textbook classifier train`, or set web.edu.model / web.edu.enabled=false)")
-    key = fingerprint(units, section, {"edu_model": edu_model})
+    # the edu cut is taken after the tasks: changing it reuses the scored pages (score once, filter many ways)
+    scoring = section.model_copy(update={"edu": section.edu.model_copy(
+        update={"threshold": None, "keep_top": None, "keep_top_of": "run"})})
+    key = fingerprint(units, scoring, {"edu_model": edu_model})
     work = ctx.state_dir / key
     if ctx.force and work.exists():
         shutil.rmtree(work)
@@ -287,7 +314,18 @@ def run_stage(ctx: Any) -> StageStats:
     out_root.mkdir(parents=True, exist_ok=True)
     steps = build_pipeline(section, units, str(out_root), edu_model)
     run_executor(section, steps, work / "logs")
+    edu: dict[str, Any] | None = None
+    if section.edu.enabled:
+        edu = edu_summary(out_root)
+        if section.edu.filter:
+            from pipeline.web.edu import apply_edu_cut
+
+            edu["filter"] = apply_edu_cut(out_root, section.edu, edu_model, section.removed_sample_rate)
     stats, detail = collect(out_root, units)
+    if section.edu.enabled and section.edu.filter:
+        from pipeline.web.edu import check_reconciled
+
+        check_reconciled(detail["scored"], out_root)
     errors = publish(out_root, ctx)
     stats.set("executor", section.executor)
     stats.set("tasks", section.tasks)
@@ -298,5 +336,7 @@ def run_stage(ctx: Any) -> StageStats:
     stats.set("files", detail["files"])
     stats.set("non_document_warc_records", detail["non_document_records"])
     stats.set("errors_sample", errors[:20])
+    if edu is not None:
+        stats.set("edu", edu)
     stats.set("state_dir", str(work))
     return stats

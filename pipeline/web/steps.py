@@ -269,20 +269,28 @@ class MinLengthFilter(BaseFilter):
 
 
 class KeepWriter(PipelineStep):
-    """Last step: what reaches it is kept, written as our document parquet (source web, url, edu_score, meta)."""
+    """Last step: what reaches it is kept, written as our document parquet (source web, url, edu_score, meta).
+
+    With `held=True` (the edu cut comes after the tasks, `pipeline.web.edu`) documents go to `scored/` with the
+    fate `scored` instead, for the cut to split into kept and removed."""
 
     name = "💾 kept documents"
     type = "💽 - WRITER"
 
-    def __init__(self, out_root: str) -> None:
+    def __init__(self, out_root: str, held: bool = False) -> None:
         super().__init__()
-        self.fates = Fates(out_root, "kept")
+        self.held = held
+        self.fates = Fates(out_root, "scored" if held else "kept")
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         with self.fates:
             for doc in data:
-                self.fates.keep(doc, rank)
-                self.stat_update("kept")
+                if self.held:
+                    self.fates.hold(doc, rank)
+                    self.stat_update("scored")
+                else:
+                    self.fates.keep(doc, rank)
+                    self.stat_update("kept")
         yield from ()  # nothing goes further: a generator, like every step
 
 
