@@ -169,6 +169,14 @@ class GuardedScores:
                 "rescored_without_training_paragraphs": int(self.rescored.sum()),
                 "training_overlap": overlap_summary(self.in_training) if self.has_hashes else None}
 
+    def metrics_fields(self, enabled: bool = True) -> dict[str, Any]:
+        """{'guards': {enabled, gated, with_training_paragraphs, rescored_...}, 'training_overlap': ...} for a
+        metrics dict (`evaluate_model`)."""
+        s = self.summary()
+        overlap = s.pop("training_overlap")
+        s.pop("documents")
+        return {"guards": {"enabled": enabled, **s}, "training_overlap": overlap}
+
 
 class GuardedScorer:
     """A loaded `EduClassifier` behind the gates and the memorised-paragraph rule.

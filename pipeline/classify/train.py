@@ -217,8 +217,10 @@ def write_model_dir(target: Path, backend: Any, train: TrainSection, metrics: di
 
 
 def evaluate_model(clf: EduClassifier, sources: list[Any], threshold: float | None = None,
-                   strict: bool = False) -> dict[str, Any]:
-    """Metrics of a trained model on labelled sources (all rows; no split)."""
+                   strict: bool = False, guards: bool = True) -> dict[str, Any]:
+    """Metrics of a trained model on labelled sources (all rows; no split), scored through the guards
+    (`pipeline.classify.guards`); `guards` and `training_overlap` (documents that are training texts) in the
+    result."""
     rep = LoadReport()
     rows: list[Example] = []
     for src in sources:
@@ -227,9 +229,13 @@ def evaluate_model(clf: EduClassifier, sources: list[Any], threshold: float | No
     if not examples:
         raise TextbookError(f"no usable labelled documents ({dict(rep.problems)})")
     thr = clf.threshold if threshold is None else threshold
-    pred = clf.score([e.text for e in examples])
+    from pipeline.classify.guards import GuardedScorer  # hook of issue 14 part B: guards + overlap figures
+
+    guarded = GuardedScorer(clf, enabled=guards).score([e.text for e in examples])
+    pred = guarded.scores
     truth = [e.score for e in examples]
     out = M.evaluate(truth, pred, thr, clf.score_min, clf.score_max)
+    out.update(guarded.metrics_fields(guards))
     out["thresholds"] = M.threshold_table(truth, pred, thr, clf.score_min, clf.score_max)
     out["annotator_agreement"] = M.agreement([e.scores for e in examples], thr, clf.score_min, clf.score_max)
     out["load"] = rep.as_dict()

@@ -98,6 +98,8 @@ def evaluate_cmd(
     keep_top: str | None = typer.Option(None, "--keep-top", help="Calibrate a keep-top cut-off on DATA, e.g. 10%."),
     record: bool = typer.Option(False, "--record", help="With --keep-top: store the cut-off in the model."),
     out: str | None = typer.Option(None, "--out", help="Write the metrics JSON here."),
+    no_guards: bool = typer.Option(False, "--no-guards", help="The model's own scores, without the keyword-list "
+                                   "/ word-salad / repetition gates and the pasted-training-paragraph rule."),
 ) -> None:
     """Evaluate a trained model on labelled data: P/R/F1 at the threshold, macro-F1, confusion, Spearman.
 
@@ -111,7 +113,8 @@ def evaluate_cmd(
     clf = load_classifier(model)
     sources = [LabelSource(path=p, text_column=text_column, score_column=score_column, id_column=id_column)
                for p in data]
-    m = evaluate_model(clf, sources, threshold)
+    m = evaluate_model(clf, sources, threshold, guards=not no_guards)
+    _warn_overlap(m.get("training_overlap"), "labelled documents")
     frac = parse_fraction(keep_top)
     if frac is not None:
         from pipeline.classify.data import LoadReport, load_source
@@ -143,6 +146,8 @@ def score_cmd(
     text_column: str = typer.Option("text", help="Column with the text."),
     batch_size: int = typer.Option(512, help="Documents per model call."),
     max_chars: int | None = typer.Option(None, help="Score this prefix (default: the model's)."),
+    no_guards: bool = typer.Option(False, "--no-guards", help="Store the model's own scores (no gates, no "
+                                   "pasted-training-paragraph rule)."),
 ) -> None:
     """Score documents: writes them with `edu_score` (and the model in meta) plus stats.json.
 
@@ -150,8 +155,44 @@ def score_cmd(
     """
     from pipeline.classify.score import score_files
 
-    stats = score_files(model, inputs, out, text_column=text_column, batch_size=batch_size, max_chars=max_chars)
+    stats = score_files(model, inputs, out, text_column=text_column, batch_size=batch_size, max_chars=max_chars,
+                        guards=not no_guards)
     console.print_json(json.dumps(stats))
+    _warn_overlap(stats.get("training_overlap"), "documents")
+
+
+def _warn_overlap(summary: dict | None, what: str) -> None:
+    from pipeline.classify.overlap import overlap_warning
+
+    line = overlap_warning(summary, what) if summary else None
+    if line:
+        console.print(f"[yellow]{line}[/yellow]", highlight=False)
+
+
+@app.command("training-hashes")
+@user_errors
+def training_hashes_cmd(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    model: str | None = typer.Option(None, "--model", help="Model directory (default train.out_dir/train.name)."),
+    all_documents: bool = typer.Option(False, "--all", help="Hash every labelled document (a model refitted "
+                                       "on all of them), not only the train split."),
+) -> None:
+    """Write training_hashes.npz for a model trained before training runs wrote it, from its training config.
+
+    Example: textbook classifier training-hashes configs/classifier/legal-fasttext.yaml
+    """
+    from pathlib import Path
+
+    from pipeline.classify.model import resolve_model_dir
+    from pipeline.classify.overlap import hashes_from_config
+
+    cfg = load(config, set_)
+    t = cfg.classifier.train
+    target = resolve_model_dir(model or str(Path(t.out_dir) / t.name))
+    info = hashes_from_config(t, target, all_documents=all_documents)
+    console.print(f"{target}: hashed {info['texts']:,} texts ({info['hashed']}): {info['documents']:,} document "
+                  f"and {info['paragraphs']:,} paragraph hashes", highlight=False)
 
 
 def register(parent: typer.Typer) -> None:
