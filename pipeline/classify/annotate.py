@@ -2,8 +2,10 @@
 
 Uses the project's LLM layer (`pipeline.llm.runner.run_requests`: Ray workers, shared limits, request ledger,
 budget, progress), so a re-run resumes: answered requests come from the ledger and cost nothing. Score
-extraction is strict: no `Educational score: N`, several different scores, or a score outside the rubric's
-range is a *failed* annotation recorded with the raw response, never a guess.
+extraction is strict and reads only the model's own verdict, its final non-blank line: a page that itself says
+"Educational score: 5" is text to judge, and an answer that quotes it keeps its own final score. No score on
+the final line, several different scores on it, or a score outside the rubric's range is a *failed*
+annotation (`parse_score` names the reason) recorded with the raw response, never a guess.
 
 Outputs: `<out>` parquet of successful annotations (id, text, score, rubric_id, model, raw_response, ...),
 `<out stem>.failed.parquet` with the failures and their raw text, `<out stem>.stats.json`.
@@ -42,13 +44,25 @@ def load_rubric(path: str) -> tuple[str, str]:
     return template, f"{p.stem}@{hashlib.sha256(template.encode()).hexdigest()[:12]}"
 
 
+PARSE_FAILURES = ("empty_response", "unparseable", "score_not_on_final_line", "conflicting_scores",
+                  "score_out_of_range")
+
+
 def parse_score(raw: str | None, pattern: str, lo: float, hi: float) -> tuple[float | None, str | None]:
-    """(score, None) or (None, reason): strict, never guessed."""
+    """(score, None) or (None, reason), reason one of PARSE_FAILURES: strict, never guessed.
+
+    Only the final non-blank line of the answer counts (the rubric asks for the score there): scores on earlier
+    lines (the model quoting the page, or thinking aloud) are ignored. `pattern` is a regex whose group 1 is
+    the score. Reasons: `empty_response`; `unparseable` (no score anywhere); `score_not_on_final_line` (scores
+    only before the final line); `conflicting_scores` (different values on the final line);
+    `score_out_of_range` (outside [lo, hi])."""
     if not raw or not raw.strip():
         return None, "empty_response"
-    values = {float(m) for m in re.findall(pattern, raw, flags=re.IGNORECASE)}
+    final = raw.strip().splitlines()[-1]
+    values = {float(m) for m in re.findall(pattern, final, flags=re.IGNORECASE)}
     if not values:
-        return None, "unparseable"
+        earlier = re.search(pattern, raw, flags=re.IGNORECASE)
+        return None, "score_not_on_final_line" if earlier else "unparseable"
     if len(values) > 1:
         return None, "conflicting_scores"
     score = values.pop()

@@ -96,7 +96,8 @@ class AnnotateSection(StrictModel):
     repeats: int = Field(default=1, ge=1, description="annotations per document (agreement ceiling)")
     score_pattern: str = Field(
         default=r"Educational score:\s*\**\s*(\d+(?:\.\d+)?)",
-        description="regex whose group 1 is the score; no match or several different values = failed",
+        description="regex whose group 1 is the score, searched on the answer's final non-blank line only (a "
+        "score the page itself states is text, not the answer); no match there or several different values = failed",
     )
     score_min: float = Field(default=0, description="lowest valid score")
     score_max: float = Field(default=5, description="highest valid score")
