@@ -1,4 +1,4 @@
-"""`textbook pretrain`, `textbook export-hf`, `textbook ablate`."""
+"""`textbook pretrain`, `textbook export-hf`, `textbook ablate`, `textbook eval-mc`."""
 
 from __future__ import annotations
 
@@ -119,6 +119,54 @@ def export_hf(
 
 
 @user_errors
+def eval_mc(
+    model: str = typer.Argument(..., help="A checkpoint (step_*.pt), a pretrain output directory (newest "
+                                "checkpoint) or a Hugging Face model directory (e.g. from export-hf)."),
+    sets: str = typer.Option("arc_easy,arc_challenge,hellaswag,mmlu", "--sets",
+                             help="Comma-separated tasks: arc_easy, arc_challenge, hellaswag, mmlu, mmlu_cloze, piqa."),
+    items: int = typer.Option(300, "--items", min=1, help="Items per task, chosen deterministically (0: all)."),
+    benchmarks: str | None = typer.Option(None, "--benchmarks", help="Benchmarks folder (default "
+                                          "$TEXTBOOK_BENCHMARKS or ../shared/data/benchmarks)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Answers per forward pass."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default $OMP_NUM_THREADS "
+                                       "or all cores)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, auto."),
+    dtype: str = typer.Option("float32", "--dtype", help="Hugging Face models: float32, bfloat16 or float16."),
+    out: str | None = typer.Option(None, "--out", help="Also write the results as JSON here."),
+) -> None:
+    """Multiple-choice accuracy (acc, acc_norm) and bits per byte of the right answer, lm-evaluation-harness
+    conventions, on our checkpoint or an exported Hugging Face model (so figures can be checked with lm-eval).
+
+    Example: textbook eval-mc runs/pretrain/small --sets arc_easy,hellaswag --items 500
+    """
+    import json
+
+    from rich.table import Table
+
+    from pipeline.train.evals import evaluate_tasks, load_scoring_model, set_threads
+
+    n_threads = set_threads(threads)
+    lm = load_scoring_model(model, device=device, dtype=dtype)
+    tasks = [t.strip() for t in sets.split(",") if t.strip()]
+    results = evaluate_tasks(lm, tasks, items=items or None, path=benchmarks, batch_size=batch_size,
+                             log=lambda m: console.print(m, highlight=False))
+    table = Table(title=f"eval-mc: {lm.label} ({n_threads} threads)")
+    for col in ("task", "items", "acc", "acc_norm", "± stderr", "chance", "answer bpb", "seconds"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, r in results.items():
+        table.add_row(task, str(r["n"]), f"{r['acc']:.4f}", f"{r['acc_norm']:.4f}", f"{r['acc_stderr']:.4f}",
+                      f"{r['chance']:.4f}", f"{r['answer_bpb']:.4f}", f"{r['seconds']:.1f}")
+    console.print(table)
+    if out:
+        from pipeline.io import atomic_write_text
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out), json.dumps({"model": lm.info, "threads": n_threads, "items": items,
+                                                 "tasks": results}, indent=2) + "\n")
+        console.print(f"results: {out}", highlight=False)
+
+
+@user_errors
 def ablate(
     config: str = typer.Argument(..., help="Ablation YAML: arms (shard sets), seeds, token budget, common eval sets."),
     set_: list[str] = typer.Option([], "--set", help="Override a key of the ablation YAML: --set tokens=2000000."),
@@ -150,3 +198,4 @@ def register(app: typer.Typer) -> None:
     app.command("pretrain")(pretrain)
     app.command("export-hf")(export_hf)
     app.command("ablate")(ablate)
+    app.command("eval-mc")(eval_mc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from pipeline.config.core import StrictModel
 from pipeline.errors import ConfigError
@@ -39,10 +39,41 @@ class ModelSection(StrictModel):
     init_std: float = Field(default=0.02, gt=0)
 
 
+EVAL_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "mmlu", "mmlu_cloze", "piqa")  # pipeline/train/benchmarks.py
+
+
 class EvalSetSection(StrictModel):
-    name: str = Field(description="label in logs and tables, e.g. heldout-edu")
-    path: str = Field(description="a shard directory (with manifest.json)")
-    split: str = Field(default="validation", description="which split of that shard set to evaluate on")
+    """One evaluation set: bits per byte on text (a shard directory, or jsonl/parquet documents read
+    directly), or a multiple-choice benchmark (`task:`) scored by log-likelihood (pipeline/train/evals.py).
+
+    Kinds: `task` set -> multiple choice, `path` optional (a benchmark file or folder; default the benchmarks
+    folder, $TEXTBOOK_BENCHMARKS or ../shared/data/benchmarks); else `path` a directory with manifest.json ->
+    shard set (its `split`); else `path` document files or a folder of them (.jsonl, .json, .parquet, .gz/.zst).
+    """
+
+    name: str = Field(default="", description="label in logs and tables, e.g. heldout-edu; default the task")
+    path: str | None = Field(
+        default=None,
+        description="a shard directory (with manifest.json), jsonl/parquet documents (file or folder), or, "
+        "with task:, a benchmark file or folder")
+    split: str = Field(default="validation", description="shard sets: which split to evaluate on")
+    text_field: str = Field(default="text", description="document sets: the field holding the text")
+    tokens: int | None = Field(default=None, ge=64, description="text sets: tokens evaluated; default eval.tokens")
+    task: Literal[EVAL_TASKS] | None = Field(  # type: ignore[valid-type]
+        default=None, description="multiple-choice benchmark: " + ", ".join(EVAL_TASKS))
+    items: int | None = Field(default=None, ge=1, description="task sets: items scored; default eval.items")
+
+    @model_validator(mode="after")
+    def _kind(self) -> EvalSetSection:
+        if self.task is None and not self.path:
+            raise ValueError("an eval set needs a path (shards or documents) or a task (multiple choice)")
+        if self.task is None and self.items is not None:
+            raise ValueError(f"eval set {self.name or self.path}: items: applies to task sets only")
+        if self.task is not None and self.tokens is not None:
+            raise ValueError(f"eval set {self.name or self.task}: tokens: applies to text sets only (use items:)")
+        if not self.name:
+            self.name = self.task or Path(str(self.path)).name.split(".")[0]
+        return self
 
 
 class DataSection(StrictModel):
@@ -88,11 +119,14 @@ class TrainSection(StrictModel):
 
 class EvalSection(StrictModel):
     every: int = Field(default=100, ge=1, description="steps between evaluations (and at the end)")
-    tokens: int = Field(default=65536, ge=64, description="tokens evaluated per evaluation set")
+    tokens: int = Field(default=65536, ge=64, description="tokens evaluated per text evaluation set")
+    items: int = Field(default=300, ge=1, description="items scored per multiple-choice set (task:), chosen "
+                       "deterministically (pipeline/train/benchmarks.py)")
     batch_size: int | None = Field(default=None, ge=1, description="default train.batch_size")
     sets: list[EvalSetSection] = Field(
         default_factory=list,
-        description="extra evaluation shard sets (e.g. a held-out educational set shared by ablation arms)")
+        description="extra evaluation sets: shard sets, jsonl/parquet documents (e.g. a held-out educational "
+        "set shared by ablation arms) and multiple-choice benchmarks ({task: arc_easy})")
     own_validation: bool = Field(default=True, description="also evaluate on the training shards' validation split")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,14 +258,21 @@ def _documents(sets: list[Any], split: str) -> Iterator[tuple[np.ndarray, str]]:
 
 
 def eval_data(name: str, sets: list[Any], split: str, max_tokens: int, seq_len: int) -> EvalData | None:
-    """The first `max_tokens` target tokens of a split, in file order (fixed across runs and arms).
+    """The first `max_tokens` target tokens of a split, in file order (fixed across runs and arms)."""
+    return pack_eval(name, _documents(sets, split), max_tokens, seq_len)
+
+
+def pack_eval(name: str, documents: Iterable[tuple[np.ndarray, str]], max_tokens: int, seq_len: int
+              ) -> EvalData | None:
+    """Evaluation sequences from the first `max_tokens` target tokens of `documents` ((token ids with EOS
+    appended, text) in order); None when there are fewer than seq_len + 1 tokens.
 
     Bits per byte = (mean loss in nats / ln 2) * tokens_per_byte: the ratio is measured on the documents
     the sequences come from (UTF-8 bytes of their text; the EOS token costs no bytes but counts as a token).
     """
     chunks: list[np.ndarray] = []
     n_bytes = n_tokens = 0
-    for ids, text in _documents(sets, split):
+    for ids, text in documents:
         chunks.append(ids)
         n_tokens += len(ids)
         n_bytes += len(text.encode("utf-8"))

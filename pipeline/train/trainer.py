@@ -250,23 +250,24 @@ class Trainer:
         self.resume = self._resume_policy(resume)
 
     # -- set-up ------------------------------------------------------------------------------------------
-    def _eval_sets(self) -> list[tuple[str, list[Any], str]]:
+    def _eval_sets(self) -> list[Any]:
+        """The evaluation sets, located and checked before training (pipeline/train/evals.py)."""
+        from pipeline.config.pretrain import EvalSetSection
+        from pipeline.train.evals import EvalSpec, check_eval_set
+
         out = []
         if self.cfg.eval.own_validation:
             if any("validation" in s.manifest["splits"] for s in self.sets):
-                out.append(("validation", self.sets, "validation"))
+                own = EvalSetSection(name="validation", path=self.shard_paths[0], split="validation")
+                out.append(EvalSpec("validation", "shards", own, sets=self.sets))
             else:
                 self.log("note: the training shards have no validation split; only eval.sets are evaluated")
         sha = self.sets[0].manifest["tokenizer"]["sha256"]
-        for e in self.cfg.eval.sets:
-            eset = open_sets([e.path])
-            if eset[0].manifest["tokenizer"]["sha256"] != sha:
-                raise TextbookError(f"eval set {e.name} ({e.path}) was made with another tokenizer than the "
-                                    "training shards: its loss would not be comparable")
-            if e.split not in eset[0].manifest["splits"]:
-                raise TextbookError(f"eval set {e.name} ({e.path}) has no '{e.split}' split "
-                                    f"(splits: {', '.join(eset[0].manifest['splits'])})")
-            out.append((e.name, eset, e.split))
+        out += [check_eval_set(e, sha) for e in self.cfg.eval.sets]
+        names = [e.name for e in out]
+        if len(set(names)) != len(names):
+            raise TextbookError(f"eval sets: names must be unique (got {', '.join(names)}; the training shards' "
+                                "own split is called validation)")
         return out
 
     def _resume_policy(self, resume: bool | str) -> Any:
@@ -297,7 +298,7 @@ class Trainer:
         if not is_main_process():  # under torchrun only rank 0 touches the files
             return
         shutil.rmtree(checkpoint_dir(self.out), ignore_errors=True)
-        for name in ("log.jsonl", "summary.json"):
+        for name in ("log.jsonl", "summary.json", "eval_items.json"):
             (self.out / name).unlink(missing_ok=True)
 
     # -- the loop --------------------------------------------------------------------------------------------
@@ -382,7 +383,7 @@ class Trainer:
         amp = (torch.autocast(device_type=dist.device.type, dtype=dtype) if dtype != torch.float32
                else contextlib.nullcontext())
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-        evals = [e for e in (self._eval_data(name, sets, split) for name, sets, split in self.evals_cfg) if e]
+        evals, mc_sets = self._eval_data(raw)
 
         tokens_per_step = t.batch_size * self.seq_len * t.grad_accum * dist.world
         fpt = raw.flops_per_token(self.seq_len)
@@ -451,8 +452,9 @@ class Trainer:
                                     wait=f"{last['data_wait']:.0%}")
                 bar.update(1)
                 final = step == t.max_steps
-                if evals and (step % cfg.eval.every == 0 or final):
-                    last_eval = self._evaluate(model, evals, amp, step, tokens_seen)
+                if (evals or mc_sets) and (step % cfg.eval.every == 0 or final):
+                    last_eval = self._evaluate(model, evals, amp, step, tokens_seen, raw=raw, mc_sets=mc_sets,
+                                               final=final)
                     self._write_log(last_eval)
                 if step % t.checkpoint_every == 0 or final:
                     self._save(raw, optimizer, scheduler, loader_state, step, tokens_seen)
@@ -476,15 +478,44 @@ class Trainer:
         return tqdm(total=self.cfg.train.max_steps, initial=step, desc="pretrain", unit="step",
                     disable=not (self.progress and self.dist.main), dynamic_ncols=True)
 
-    def _eval_data(self, name: str, sets: list[Any], split: str) -> EvalData | None:
-        data = eval_data(name, sets, split, self.cfg.eval.tokens, self.seq_len)
-        if data is None:
-            self.log(f"note: eval set {name} has fewer than {self.seq_len + 1} tokens: not evaluated")
-        return data
+    def _eval_data(self, raw: Transformer) -> tuple[list[EvalData], list[Any]]:
+        """Bits-per-byte sequences of the text sets (each with its own token budget) and the tokenized
+        multiple-choice sets (each with its own item budget), built once for the whole run."""
+        from pipeline.tokenizer import load_tokenizer
+        from pipeline.train.benchmarks import read_task
+        from pipeline.train.evals import document_eval_data, encode_mc, tokenizer_encoder
+
+        tok_file = self.sets[0].path / "tokenizer.json"
+        texts: list[EvalData] = []
+        tasks: list[Any] = []
+        for spec in self.evals_cfg:
+            sec = spec.section
+            if spec.kind == "task":
+                encode, eos = tokenizer_encoder(tok_file.read_text(encoding="utf-8"))
+                items = read_task(sec.task, sec.path, sec.items or self.cfg.eval.items)
+                mc = encode_mc(spec.name, sec.task, items, encode, raw.args.max_seq_len, eos)
+                if mc.skipped or mc.truncated:
+                    self.log(f"note: eval set {spec.name}: {mc.skipped} of {len(items)} items left out (an answer "
+                             f"longer than {raw.args.max_seq_len} tokens), {mc.truncated} contexts cut on the left")
+                if mc.items:
+                    tasks.append(mc)
+                continue
+            budget = sec.tokens or self.cfg.eval.tokens
+            data = (eval_data(spec.name, spec.sets, sec.split, budget, self.seq_len) if spec.kind == "shards" else
+                    document_eval_data(spec.name, spec.files, load_tokenizer(tok_file), budget, self.seq_len,
+                                       sec.text_field))
+            if data is None:
+                self.log(f"note: eval set {spec.name} has fewer than {self.seq_len + 1} tokens: not evaluated")
+            else:
+                texts.append(data)
+        return texts, tasks
 
     @torch.no_grad()
-    def _evaluate(self, model: Any, evals: list[EvalData], amp: Any, step: int, tokens: int) -> dict[str, Any]:
-        """Loss (nats/token) and bits per byte of each eval set; ranks split the sequences and sum."""
+    def _evaluate(self, model: Any, evals: list[EvalData], amp: Any, step: int, tokens: int,
+                  raw: Transformer | None = None, mc_sets: list[Any] | None = None, final: bool = False
+                  ) -> dict[str, Any]:
+        """Loss (nats/token) and bits per byte of each text set, accuracy of each multiple-choice set
+        (pipeline/train/evals.py); ranks split the sequences (answers) and sum."""
         model.eval()
         dist, bs = self.dist, self.cfg.eval.batch_size or self.cfg.train.batch_size
         rec: dict[str, Any] = {"step": step, "tokens": tokens}
@@ -505,7 +536,33 @@ class Trainer:
             rec[f"eval/{e.name}/bpb"] = round(bpb, 6)
             if e.name == "validation":
                 rec["val_loss"], rec["val_bpb"] = rec[f"eval/{e.name}/loss"], rec[f"eval/{e.name}/bpb"]
+        if mc_sets:
+            rec.update(self._evaluate_mc(raw if raw is not None else model, mc_sets, amp, bs, final))
         model.train()
+        return rec
+
+    def _evaluate_mc(self, raw: Any, mc_sets: list[Any], amp: Any, bs: int, final: bool) -> dict[str, Any]:
+        """eval/<set>/{acc, acc_norm, acc_stderr, answer_bpb, chance, n} of each multiple-choice set. The
+        uncompiled model runs (answer windows vary in length: a compiled one would recompile); under DDP each
+        rank scores every world-th answer and the log-likelihoods are summed. The final evaluation also writes
+        each item's outcome to OUT/eval_items.json (for item-level paired comparisons)."""
+        from pipeline.train.evals import item_outcomes, mc_metrics, row_loglikelihoods, transformer_hidden
+
+        dist, rec, items = self.dist, {}, {}
+        hidden = transformer_hidden(raw)
+        for d in mc_sets:
+            ll = row_loglikelihoods(hidden, d, bs, dist.device, rows=range(dist.rank, d.rows, dist.world),
+                                       amp=amp, progress=self.progress and dist.main, head=raw.output)
+            if dist.ddp:
+                t = torch.from_numpy(ll).to(dist.device)
+                torch.distributed.all_reduce(t)
+                ll = t.cpu().numpy()
+            for k, v in mc_metrics(d, ll).items():
+                rec[f"eval/{d.name}/{k}"] = v
+            if final:
+                items[d.name] = {"task": d.task, "skipped": d.skipped, **item_outcomes(d, ll)}
+        if final and dist.main:
+            atomic_write_text(self.out / "eval_items.json", json.dumps(items) + "\n")
         return rec
 
     def _save(self, raw: Transformer, optimizer: Any, scheduler: Any, loader_state: dict[str, Any],
@@ -562,6 +619,7 @@ class Trainer:
             "data_epochs": loader_state["epoch"] + 1 if loader_state else None,
             "train_tokens_available": split_tokens(self.sets, self.cfg.data.split),
             "checkpoint": str(ckpts[-1]) if ckpts else None, "log": str(self.out / "log.jsonl"),
+            "eval_items": str(self.out / "eval_items.json") if (self.out / "eval_items.json").is_file() else None,
             "shards": self.shard_paths, "config_hash": config_hash(self.cfg),
         }
 
