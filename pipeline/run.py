@@ -67,7 +67,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("report", "pipeline.report:run_stage", help="static HTML report of the run"),
     ]
 }
-# The generate stage only uses the web stage's output for web-seeded prompts; it is optional.
+# The generate stage only uses the web stage's output for web-seeded prompts; it is optional: until web has
+# completed, generate plans its topic prompts and leaves the web-seeded share for later (pipeline/generate/stage.py).
 OPTIONAL_UPSTREAM = {"generate"}
 
 
@@ -147,6 +148,8 @@ def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str],
     for group in spec.upstream:
         present = [s for s in group
                    if s not in skipped and (s in planned or completed_hash(run_dir, s) is not None)]
+        if name in OPTIONAL_UPSTREAM:  # an optional upstream feeds the stage once it has completed, not before
+            present = [s for s in present if completed_hash(run_dir, s) is not None]
         if present:
             files: list[Path] = []
             for s in present:

@@ -50,22 +50,24 @@ def _dry_run(config: str, sets: list[str], samples: int) -> None:
     from pipeline.cli.common import load
     from pipeline.errors import TextbookError
     from pipeline.generate.sampler import coverage
-    from pipeline.generate.stage import plan
+    from pipeline.generate.stage import plan, web_pending
     from pipeline.llm.runner import estimate
     from pipeline.run import resolve_inputs, run_dir_of
 
     cfg = load(config, sets)
     try:
-        inputs, _ = resolve_inputs(cfg, "generate", run_dir_of(cfg), [s for s in cfg.run.stages])
+        inputs, upstream = resolve_inputs(cfg, "generate", run_dir_of(cfg), [s for s in cfg.run.stages])
     except TextbookError:
-        inputs = []  # the web stage has not run yet: a dry run plans without web seeds
-    p = plan(cfg, inputs)
+        inputs, upstream = [], []  # generate.inputs that cannot be read: a dry run plans without web seeds
+    p = plan(cfg, inputs, pending_web=web_pending(cfg, inputs, upstream))
     cov = coverage(p.specs, p.grid_cells, p.taxonomy)
     console.print(f"[bold]generate (dry run)[/]: {len(p.specs):,} prompt specs × {cfg.llm.n} sample(s) = "
                   f"{len(p.requests):,} requests to {cfg.llm.model} ({cfg.llm.api} API)")
     console.print(f"grid: {cov['cells_filled']}/{cov['cells_total']} audience × format cells, "
                   f"{cov['subjects_covered']}/{cov['subjects_total']} subjects, "
                   f"{cov['leaves_covered']:,}/{cov['leaves_total']:,} leaf topics, {cov['web_seeded']} web-seeded")
+    if p.seeds_info.get("note"):
+        console.print(f"[yellow]note[/]: {p.seeds_info['note']}", highlight=False)
     for req in p.requests[: max(samples, 0)]:
         spec = p.specs[req.tag["spec"]]
         body = req.messages[-1]["content"] if req.messages else req.prompt

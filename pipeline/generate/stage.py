@@ -45,9 +45,33 @@ def build_request(cfg: RunConfig, spec: PromptSpec, fmt: Format, sample_index: i
                               params=cfg.llm.sampling_params(), sample_index=sample_index,
                               template_version=fmt.prompt_id, tag=tag)
 
-def plan(cfg: RunConfig, inputs: list[Path], n: int | None = None, on_error: Any = None) -> Plan:
-    """Everything decided before the first call: the specs, their requests, the grid."""
+def web_seeded_share(n: int, fraction: float) -> int:
+    """How many of `n` specs the sampler seeds with web pages when it has pages enough (its interleaving rule:
+    spec i is seeded while the seeded count is below (i + 1) * fraction)."""
+    used = 0
+    for i in range(n):
+        if used < (i + 1) * fraction:
+            used += 1
+    return used
+
+
+def web_pending(cfg: RunConfig, inputs: list[Path], upstream: list[str]) -> bool:
+    """True when the web stage of this run is still to run: no web output feeds generate yet (`upstream` holds
+    the completed upstream stages, `inputs` their files or generate.inputs), web is among run.stages and
+    generate.seed_inputs names no pages of its own."""
+    return not upstream and not inputs and "web" in cfg.run.stages and not cfg.generate.seed_inputs
+
+
+def plan(cfg: RunConfig, inputs: list[Path], n: int | None = None, on_error: Any = None,
+         pending_web: bool = False) -> Plan:
+    """Everything decided before the first call: the specs, their requests, the grid.
+
+    `pending_web` (see `web_pending`): the web stage has not run yet, so the web-seeded share of the `n` specs
+    (`web_seeded_share`) is left out rather than filled with topic prompts; once web has run, a re-run plans
+    it, and the topic prompts planned now are the same requests (ledger hits). `seeds_info["note"]` says so.
+    """
     g = cfg.generate
+    n = n or g.n
     taxonomy = load_taxonomy(g.taxonomy)
     if g.subjects:
         taxonomy = taxonomy.restrict(g.subjects)
@@ -74,15 +98,25 @@ def plan(cfg: RunConfig, inputs: list[Path], n: int | None = None, on_error: Any
             if seeds and (g.decontaminate_seeds or "decontaminate" in cfg.run.stages):
                 seeds, contaminated = drop_contaminated_seeds(cfg, seeds)
                 seeds_info.update(pages_available=len(seeds), pages_contaminated=contaminated)
+        elif pending_web:
+            share = web_seeded_share(n, g.web_seed_fraction)
+            seeds_info.update(pending=True, share_skipped=share)
+            seeds_info["note"] = (
+                f"the web stage has not run yet: the web-seeded share ({share} of {n} prompts, "
+                f"generate.web_seed_fraction={g.web_seed_fraction}) is skipped until web has run; planning the "
+                f"{n - share} topic prompts (after web has run, a re-run adds the web-seeded ones and takes these "
+                f"from the ledger). Set generate.web_seed_fraction=0 to plan all {n} as topic prompts")
+            n -= share
         else:
-            seeds_info["note"] = "no web pages (web stage not run and generate.seed_inputs empty)"
+            seeds_info["note"] = ("no web pages to seed prompts from (web is not among run.stages, or kept no page, "
+                                  "and generate.seed_inputs is empty): every prompt is a topic prompt")
         formats = {**formats, seed_format.name: seed_format}
     seed = g.seed if g.seed is not None else cfg.run.seed
     sampler = SpecSampler(taxonomy, {k: f for k, f in formats.items() if not f.seeded}, g.audiences, seed=seed,
                           audience_weights=g.weights.audience, format_weights=g.weights.format,
                           subject_weights=g.weights.subject, seeds=seeds, seed_format=seed_format,
                           web_seed_fraction=g.web_seed_fraction)
-    specs = sampler.sample(n or g.n)
+    specs = sampler.sample(n) if n > 0 else []
     cell_by = g.diversity.cell_by
     requests = [build_request(cfg, s, formats[s.format], i, " × ".join(s.field(f) for f in cell_by))
                 for s in specs for i in range(cfg.llm.n)]
@@ -114,7 +148,10 @@ def run_stage(ctx: Any) -> StageStats:
     judge = JudgeProcess()  # the judging interpreter and the Ray workers start while we plan
     pool = prestart_workers(cfg.llm)
     try:
-        the_plan = plan(cfg, list(ctx.inputs), on_error=lambda reason, where: input_errors.update([reason]))
+        the_plan = plan(cfg, list(ctx.inputs), on_error=lambda reason, where: input_errors.update([reason]),
+                        pending_web=web_pending(cfg, list(ctx.inputs), list(ctx.upstream)))
+        if the_plan.seeds_info.get("note"):
+            print(f"generate: {the_plan.seeds_info['note']}", file=sys.stderr)
         requests = the_plan.requests
         judge.start(JudgeSetup(cfg, Path(ctx.kept_dir).resolve(), Path(ctx.removed_dir).resolve(),
                                the_plan.specs, {k: f.prompt_id for k, f in the_plan.formats.items()}))
