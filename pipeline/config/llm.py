@@ -68,6 +68,33 @@ class LLMSection(StrictModel):
     cooldown_s: float = Field(
         default=1.0, ge=0, description="cool-down length when a saturating 429 carries no Retry-After"
     )
+    max_wait_s: float = Field(
+        default=120.0, gt=0,
+        description="ceiling on any single server-directed wait (Retry-After, x-ratelimit-reset-*, ...; 120 s as "
+        "the openai SDK): a request asked to wait longer fails with a reason naming the header, and the run stops "
+        "dispatching (skipped `server_wait`); a re-run sends what was not answered",
+    )
+    content_filter_retries: int = Field(
+        default=0, ge=0,
+        description="extra answers a request may get after an unusable one (finish_reason content_filter, null "
+        "content, refusal, no choices); each is billed. Counted across runs in the ledger: a request that used them "
+        "up is answered from the ledger as failed, not paid for again; raise this to ask again",
+    )
+    mode: Literal["online", "batch"] = Field(
+        default="online",
+        description="online: requests in flight at once (concurrency); batch: the OpenAI-style batch API "
+        "(/v1/files + /v1/batches, answers within the completion window at the batch price)",
+    )
+    batch_max_requests: int = Field(
+        default=50_000, ge=1, description="batch mode: requests per batch (OpenAI's limit: 50,000)"
+    )
+    batch_max_bytes: int = Field(
+        default=200 * 1024 * 1024, ge=1024, description="batch mode: bytes per input file (OpenAI's limit: 200 MB)"
+    )
+    batch_poll_s: float = Field(
+        default=30.0, gt=0, description="batch mode: seconds between status polls of a batch in flight"
+    )
+    batch_completion_window: str = Field(default="24h", description="batch mode: the batch's completion window")
     ray_address: str | None = Field(
         default=None, description="join a Ray cluster (default $RAY_ADDRESS, else a local Ray on this machine)"
     )
@@ -117,6 +144,12 @@ class BudgetSection(StrictModel):
     max_tokens: int | None = Field(
         default=None, gt=0, description="hard cap on prompt + completion tokens in this run"
     )
+    batch_discount: float = Field(
+        default=0.5, ge=0, lt=1,
+        description="share taken off both prices for llm.mode: batch (OpenAI and most batch APIs: 0.5, half price)",
+    )
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.price_input_per_1m + completion_tokens * self.price_output_per_1m) / 1e6
+    def cost(self, prompt_tokens: int, completion_tokens: int, *, batch: bool = False) -> float:
+        """USD for that many tokens at the configured prices per 1M; `batch=True` applies `batch_discount`."""
+        usd = (prompt_tokens * self.price_input_per_1m + completion_tokens * self.price_output_per_1m) / 1e6
+        return usd * (1 - self.batch_discount) if batch else usd

@@ -1,24 +1,37 @@
 """One request, done properly: `AsyncOpenAI` plus our own retry loop.
 
-The openai client's built-in retries are switched off so that every attempt is counted, `Retry-After` and
-`x-ratelimit-*` are honoured, 429s pause the whole worker (and, through the limiter, every worker), and a
-request that exhausts its retries comes back as a failed `LLMResult` carrying its error.
+The openai client's built-in retries are switched off so that every attempt is counted, server-directed waits
+(`waits.server_wait`: Retry-After in any form, x-ratelimit-reset-*, anthropic-ratelimit-*-reset, ...) are
+honoured up to `llm.max_wait_s` (above it the request fails at once with outcome `server_wait`, naming the header),
+429s pause the whole worker (and, through the limiter, every worker), and a request that exhausts its retries comes
+back as a failed `LLMResult` carrying its error.
+
+Every answer is billed (`usage`, else the estimate), usable or not: an answer whose content cannot be used
+(`read_answer`: finish_reason content_filter, null content, refusal, no choices) is a named outcome, its tokens
+carried on the result as `unusable_*`, and asked again at most `llm.content_filter_retries` times.
+Waits of `VISIBLE_WAIT_S` or more and one-time warnings are queued in `notices` for the driver's progress line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import email.utils
 import json
 import random
-import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config.llm import LLMSection
 from pipeline.llm.limiter import Limiter
 from pipeline.llm.types import LLMRequest, LLMResult
+from pipeline.llm.waits import ServerWait, parse_duration, ratelimit_pause, retry_after, server_wait
+
+__all__ = ["LLMClient", "Secret", "redact", "read_answer", "Answer", "parse_duration", "ratelimit_pause",
+           "retry_after", "VISIBLE_WAIT_S", "UNUSABLE_OUTCOMES"]
+
+VISIBLE_WAIT_S = 2.0  # a wait this long or longer is shown in the progress line ("waiting 45 s: ...")
+UNUSABLE_OUTCOMES = ("content_filter", "refusal", "null_content", "no_choices")
 
 _RETRYABLE_STATUS = {408, 409, 425, 429}
 
@@ -44,50 +57,56 @@ def redact(text: str, secret: Secret | None) -> str:
     return text
 
 
-def parse_duration(value: str | None) -> float | None:
-    """`Retry-After` seconds or HTTP date; `x-ratelimit-reset-*` durations like '1s', '6m0s', '250ms'."""
-    if not value:
-        return None
-    value = value.strip()
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP 200 completion body, read. `outcome` None: usable (`text` is a string); else the named reason it is
+    not (one of `UNUSABLE_OUTCOMES`), `detail` saying what was seen. Tokens are the body's `usage` (None when it
+    reports none)."""
+
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    outcome: str | None
+    detail: str = ""
+
+
+def _int_or_none(value: Any) -> int | None:
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", value)
-    if parts and "".join(n + u for n, u in parts) == value.replace(" ", ""):
-        scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-        return sum(float(n) * scale[u] for n, u in parts)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
+        return int(value) if value is not None else None
     except (TypeError, ValueError):
         return None
 
 
-def retry_after(headers: Any) -> float | None:
-    if headers is None:
+def read_answer(chat: bool, body: Any) -> Answer | None:
+    """Read a chat (`chat=True`) or completions body as the OpenAI API returns it (and as each line of a batch
+    output file carries it in `response.body`). None when it is no answer at all (not an object, or neither
+    `choices` nor `usage`): a glitch to retry, not billed. Content filter first: a filtered answer is unusable
+    even with partial text (Azure sends some)."""
+    if not isinstance(body, dict):
         return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    return parse_duration(headers.get("retry-after"))
-
-
-def ratelimit_pause(headers: Any) -> float | None:
-    """When the server says a limit is exhausted (`x-ratelimit-remaining-*: 0`), how long until it resets."""
-    if headers is None:
+    usage = body.get("usage")
+    choices = body.get("choices")
+    if not choices and not isinstance(usage, dict):
         return None
-    waits = []
-    for kind in ("requests", "tokens"):
-        remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-        if remaining is not None and remaining.strip() in {"0", "0.0"}:
-            reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-            if reset:
-                waits.append(reset)
-    return max(waits) if waits else None
+    usage = usage if isinstance(usage, dict) else {}
+    p_tok, c_tok = _int_or_none(usage.get("prompt_tokens")), _int_or_none(usage.get("completion_tokens"))
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return Answer(None, None, p_tok, c_tok, "no_choices", "the answer has no choices")
+    choice = choices[0]
+    finish = choice.get("finish_reason")
+    message = choice.get("message") if chat else None
+    message = message if isinstance(message, dict) else {}
+    text = message.get("content") if chat else choice.get("text")
+    refusal = message.get("refusal")
+    shown = "null" if text is None else f"{len(text)} characters" if isinstance(text, str) else type(text).__name__
+    if finish == "content_filter":
+        return Answer(None, finish, p_tok, c_tok, "content_filter", f"finish_reason content_filter, content {shown}")
+    if isinstance(refusal, str) and refusal and not (isinstance(text, str) and text.strip()):
+        return Answer(None, finish, p_tok, c_tok, "refusal", f"the model refused ({refusal[:80]!r}), content {shown}")
+    if not isinstance(text, str):
+        return Answer(None, finish, p_tok, c_tok, "null_content", f"content {shown}, finish_reason {finish}")
+    return Answer(text, finish, p_tok, c_tok, None)
 
 
 class LLMClient:
@@ -118,43 +137,52 @@ class LLMClient:
                                   timeout=llm.timeout_s, http_client=http)
         self._response_cls = httpx.Response  # `post` hands back the raw response: we parse the JSON ourselves
         self.recent_429: collections.deque[bool] = collections.deque(maxlen=20)
+        # for the driver (drained by the worker's poll): ("wait", seconds, reason, until epoch s) and ("warning", text)
+        self.notices: list[tuple] = []
+        self._warned: set[str] = set()
 
     async def close(self) -> None:
         await self.client.close()
+
+    def drain_notices(self) -> list[tuple]:
+        out, self.notices = self.notices, []
+        return out
+
+    def _unknown_header(self, name: str, value: str) -> None:
+        """Once per header name: a rate-limit header in no known form is ignored, and said so."""
+        if name in self._warned:
+            return
+        self._warned.add(name)
+        shown = redact(value, self.secret)[:80]
+        self.notices.append(("warning", f"ignored rate-limit header {name}: {shown!r} (a form this client does "
+                                        "not know; it waits by its own backoff instead)"))
+
+    def _notice_wait(self, seconds: float, reason: str) -> None:
+        if seconds >= VISIBLE_WAIT_S:
+            self.notices.append(("wait", float(seconds), reason, time.time() + seconds))
+
+    def _exhausted_limit_wait(self, headers: Any) -> float | None:
+        """After an answer: seconds until a limit the headers call exhausted (`…remaining…: 0`) resets."""
+        if not headers:
+            return None
+        limits = {k: v for k, v in headers.items() if "ratelimit" in k.lower()}
+        wait = server_wait(limits, 200, on_unknown=self._unknown_header) if limits else None
+        return wait.seconds if wait is not None and wait.seconds > 0 else None
 
     def _backoff(self, attempt: int) -> float:
         cap = min(self.llm.backoff_max_s, self.llm.backoff_base_s * (2 ** attempt))
         return random.uniform(cap / 2, cap)  # "equal jitter": never zero, never synchronised
 
-    async def _send(self, req: LLMRequest) -> tuple[Any, dict]:
+    async def _send(self, req: LLMRequest) -> tuple[Any, Any]:
         """One attempt. The body goes through the SDK's documented low-level `post` (same auth, base URL,
         timeouts, error classes) rather than `chat.completions.create`: `create` first walks the body through
         its TypedDict transform and builds pydantic models of the answer, about a third of the client's CPU per
         request, which at a few hundred requests/s is what limits one worker. Our bodies are plain JSON already."""
-        body: dict[str, Any] = {"model": self.llm.model}
-        if req.messages is not None:
-            path, body["messages"] = "/chat/completions", list(req.messages)
-        else:
-            path, body["prompt"] = "/completions", req.prompt
-        body.update((k, v) for k, v in req.sent_params().items() if v is not None)
+        path, body = request_body(req, self.llm.model)
         response = await self.client.post(path, body=body, cast_to=self._response_cls)
         return self._headers, json.loads(response.content)
 
-    @staticmethod
-    def _extract(req: LLMRequest, completion: dict) -> tuple[str, str | None, int | None, int | None]:
-        choices = completion.get("choices") if isinstance(completion, dict) else None
-        if not choices:
-            raise ValueError("response has no choices")
-        choice = choices[0]
-        text = (choice.get("message") or {}).get("content") if req.messages is not None else choice.get("text")
-        if not isinstance(text, str):
-            raise ValueError("response choice has no content")
-        usage = completion.get("usage") or {}
-        p_tok, c_tok = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        return (text, choice.get("finish_reason"), int(p_tok) if p_tok is not None else None,
-                int(c_tok) if c_tok is not None else None)
-
-    def _error(self, e: BaseException) -> tuple[str, bool, float | None]:
+    def _error(self, e: BaseException) -> tuple[str, bool, ServerWait | None]:
         """(message, retryable, server-requested wait)."""
         import openai
 
@@ -170,25 +198,46 @@ class LLMClient:
         if isinstance(e, openai.APIConnectionError):
             return msg, True, None
         if isinstance(e, openai.APIStatusError):
-            return msg, status in _RETRYABLE_STATUS or (status or 0) >= 500, retry_after(headers)
-        # 200 with a body that is not the JSON we expect (truncated, wrong shape): a server glitch, retry
+            wait = server_wait(headers, status, on_unknown=self._unknown_header)
+            retryable = status in _RETRYABLE_STATUS or (status or 0) >= 500
+            should = (headers.get("x-should-retry") or "").lower() if headers is not None else ""
+            if should in ("true", "false"):  # the server's explicit word, as the openai SDK obeys it
+                retryable = should == "true"
+            return msg, retryable, wait
+        # 200 with a body that is not JSON (truncated, garbage): a server glitch, retry
         if isinstance(e, openai.APIResponseValidationError | json.JSONDecodeError | ValueError | KeyError
                       | TypeError | AttributeError):
             return msg, True, None
         return msg, False, None
 
-    async def call(self, req: LLMRequest, key: str) -> LLMResult:
+    def _failed(self, key: str, t0: float, attempts: int, error: str, unusable: tuple[int, int, int],
+                outcome: str | None = None) -> LLMResult:
+        return LLMResult(key=key, ok=False, text=None, finish_reason=None, prompt_tokens=0, completion_tokens=0,
+                         latency_s=time.monotonic() - t0, attempts=attempts,
+                         error=f"after {attempts} attempt(s): {error}", model=self.llm.model,
+                         unusable_prompt_tokens=unusable[0], unusable_completion_tokens=unusable[1],
+                         unusable_answers=unusable[2], outcome=outcome)
+
+    async def call(self, req: LLMRequest, key: str, allowance: int | None = None) -> LLMResult:
+        """Send `req` until it has a usable answer, a failure that is not retryable, `llm.max_retries` retries of
+        failures, or `allowance` unusable answers (default 1 + `llm.content_filter_retries`; the driver passes
+        less when the ledger holds unusable answers of earlier runs). Never raises for a request's own failure."""
+        llm = self.llm
+        allowance = 1 + llm.content_filter_retries if allowance is None else max(1, allowance)
         est_prompt = req.estimated_prompt_tokens()
-        est = est_prompt + req.max_completion_tokens(self.llm.max_tokens)
+        est = est_prompt + req.max_completion_tokens(llm.max_tokens)
         t0 = time.monotonic()
         error = "not attempted"
-        attempts = 0
-        for attempt in range(self.llm.max_retries + 1):
+        attempts = failures = 0
+        un_p = un_c = un_n = 0
+        while True:
             await self.limiter.acquire(est)
             attempts += 1
             try:
-                headers, completion = await self._send(req)
-                text, finish, p_tok, c_tok = self._extract(req, completion)
+                headers, body = await self._send(req)
+                answer = read_answer(req.messages is not None, body)
+                if answer is None:
+                    raise ValueError("the response is not a completion (neither choices nor usage)")
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - every failure becomes a classified, recorded error
@@ -196,28 +245,60 @@ class LLMClient:
                 error, retryable, wait = self._error(e)
                 status = getattr(e, "status_code", None)
                 self.recent_429.append(status == 429)
+                if wait is not None and wait.seconds > llm.max_wait_s:
+                    reason = (f"server_wait: the server asked to wait {wait.seconds:,.0f} s ({wait.header}), above "
+                              f"llm.max_wait_s={llm.max_wait_s:g}; {error}")
+                    return self._failed(key, t0, attempts, reason, (un_p, un_c, un_n), "server_wait")
+                what = "server rate limit" if status == 429 else "server overloaded" if status == 503 else \
+                    f"server asked (HTTP {status})"
                 # scattered 429s only delay their own request; mostly-429s means back off together
-                if status == 429 and sum(self.recent_429) >= self.llm.cooldown_429_share * 20:
+                if status == 429 and sum(self.recent_429) >= llm.cooldown_429_share * 20:
                     self.recent_429.clear()
-                    self.limiter.pause(wait if wait is not None else self.llm.cooldown_s)
-                if not retryable or attempt == self.llm.max_retries:
+                    pause = wait.seconds if wait is not None else llm.cooldown_s
+                    self.limiter.pause(pause)
+                    self._notice_wait(pause, f"{what}, all requests paused")
+                if not retryable or failures >= llm.max_retries:
                     break
-                delay = self._backoff(attempt)
+                delay = self._backoff(failures)
+                failures += 1
                 if wait is not None:
-                    delay = max(wait, min(delay, wait + 1.0))
+                    delay = max(wait.seconds, min(delay, wait.seconds + 1.0))
+                    self._notice_wait(delay, f"{what} ({wait.header})")
+                else:
+                    self._notice_wait(delay, "backing off after errors")
                 await asyncio.sleep(delay)
                 continue
             self.recent_429.append(False)
-            pause = ratelimit_pause(headers)
+            pause = self._exhausted_limit_wait(headers)
             if pause:
+                pause = min(pause, llm.max_wait_s)  # ours to cap: the answer came; a too-long wait fails later
                 self.limiter.pause(pause)
+                self._notice_wait(pause, "rate limit exhausted, waiting for its reset")
             # no usage reported: count the estimate so budgets still bind
-            p_tok = p_tok if p_tok is not None else est_prompt
-            c_tok = c_tok if c_tok is not None else len(text) // 3 + 1
+            p_tok = answer.prompt_tokens if answer.prompt_tokens is not None else est_prompt
+            c_tok = answer.completion_tokens if answer.completion_tokens is not None else (
+                len(answer.text) // 3 + 1 if answer.text else 0)
             self.limiter.settle(est, p_tok + c_tok)
-            return LLMResult(key=key, ok=True, text=text, finish_reason=finish, prompt_tokens=p_tok,
-                             completion_tokens=c_tok, latency_s=time.monotonic() - t0, attempts=attempts,
-                             error=None, model=self.llm.model)
-        return LLMResult(key=key, ok=False, text=None, finish_reason=None, prompt_tokens=0, completion_tokens=0,
-                         latency_s=time.monotonic() - t0, attempts=attempts,
-                         error=f"after {attempts} attempt(s): {error}", model=self.llm.model)
+            if answer.outcome is None:
+                return LLMResult(key=key, ok=True, text=answer.text, finish_reason=answer.finish_reason,
+                                 prompt_tokens=p_tok, completion_tokens=c_tok, latency_s=time.monotonic() - t0,
+                                 attempts=attempts, error=None, model=llm.model, unusable_prompt_tokens=un_p,
+                                 unusable_completion_tokens=un_c, unusable_answers=un_n)
+            un_p, un_c, un_n = un_p + p_tok, un_c + c_tok, un_n + 1
+            if un_n >= allowance:
+                reason = (f"{answer.outcome}: {answer.detail}; {un_n} unusable answer(s) billed ({un_p} prompt + "
+                          f"{un_c} completion tokens), llm.content_filter_retries={llm.content_filter_retries}")
+                return self._failed(key, t0, attempts, reason, (un_p, un_c, un_n), answer.outcome)
+            error = f"{answer.outcome}: {answer.detail}"  # asked again at once: the limiter paces it
+        return self._failed(key, t0, attempts, error, (un_p, un_c, un_n))
+
+
+def request_body(req: LLMRequest, model: str) -> tuple[str, dict[str, Any]]:
+    """(path under the base URL, JSON body) of a request, as sent online and as written in a batch input file."""
+    body: dict[str, Any] = {"model": model}
+    if req.messages is not None:
+        path, body["messages"] = "/chat/completions", list(req.messages)
+    else:
+        path, body["prompt"] = "/completions", req.prompt
+    body.update((k, v) for k, v in req.sent_params().items() if v is not None)
+    return path, body

@@ -5,13 +5,25 @@ answers ledger hits at once (`cached=True`), asks `should_send` just before disp
 queue topped up to its share of `concurrency` (+ a small prefetch so a slot never waits on the driver).
 Workers are Ray actors (or, with `llm.workers: 0`, one in-process thread) running `worker.WorkerCore`.
 Results are written to the ledger in one transaction per arrival batch, then handed to `on_result`.
+With `llm.mode: batch` the same accounting (`DriverBase`) drives the batch API instead (`pipeline.llm.batch`).
+
+Budget (`budget.max_usd` / `budget.max_tokens`, this run's spend): every answer with `usage` is billed, usable
+or not. A request is dispatched only if spent + the reserved worst case of everything in flight + its own worst
+case fits under the cap; its worst case is (1 + unusable answers it may still take) x (estimated prompt tokens x
+the largest billed/estimated prompt ratio seen so far + max_tokens) at the configured prices. So the cap is
+overshot only where a provider bills more prompt tokens than that estimate, and never by more than the in-flight
+requests' billed cost: overshoot <= sum over requests in flight when spend crossed the cap of (billed - reserved),
+<= `concurrency` (batch: the requests of the batches in flight) x one request's maximum billed cost.
+`summary.max_inflight_usd` is the largest reservation that was in flight at once.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import math
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -162,9 +174,9 @@ class WorkerPool:
 
 def prestart_workers(llm: LLMSection) -> WorkerPool | None:
     """Start Ray worker actors now, for a `run_requests(..., pool=...)` that follows the caller's planning.
-    None where there is nothing to gain or it cannot start yet: the thread worker (starts instantly), a local
-    server not started yet, or no API key (run_requests then reports what is missing)."""
-    if llm.workers == 0 or _needs_local_server(llm):
+    None where there is nothing to gain or it cannot start yet: the thread worker (starts instantly), batch mode
+    (no workers), a local server not started yet, or no API key (run_requests then reports what is missing)."""
+    if llm.workers == 0 or llm.mode == "batch" or _needs_local_server(llm):
         return None
     try:
         secret = api_key(llm)
@@ -174,63 +186,105 @@ def prestart_workers(llm: LLMSection) -> WorkerPool | None:
 
 
 # --------------------------------------------------------------------------------------------- budget
-class _Budget:
-    """Hard caps. A request is dispatched only if spend so far + worst case of everything in flight + its own
-    worst case (estimated prompt + max_tokens) stays within the cap, so the cap cannot be overshot."""
+class Budget:
+    """Hard caps on this run's spend, counting what was billed and what is in flight (see the module docstring).
 
-    def __init__(self, budget: BudgetSection, llm: LLMSection) -> None:
+    `take(key, req, allowance)` reserves a request's worst case if it fits (`force=True`: reserve whatever, for
+    requests already at the provider, e.g. a resumed batch); `settle(key, req, result)` swaps the reservation for
+    the result's billed cost (`result.cost_usd`, set by `cost`); `release(key)` drops a reservation unused."""
+
+    def __init__(self, budget: BudgetSection, llm: LLMSection, batch: bool = False) -> None:
         self.b = budget
+        self.batch = batch
         self.default_max_tokens = llm.max_tokens
         # uncapped (the usual case): nothing to reserve against, so the driver's per-request path only adds spend
         self.capped = budget.max_usd is not None or budget.max_tokens is not None
         self.spent_usd = self.reserved_usd = 0.0
         self.spent_tok = self.reserved_tok = 0
+        self.held: dict[str, tuple[float, int]] = {}
+        self.prompt_scale = 1.0  # the largest billed / estimated prompt tokens seen: estimates learn from bills
+        self.max_inflight_usd = 0.0
 
-    def _worst(self, req: LLMRequest) -> tuple[float, int]:
-        p, c = req.estimated_prompt_tokens(), req.max_completion_tokens(self.default_max_tokens)
-        return self.b.cost(p, c), p + c
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD at the configured prices (batch mode: with `budget.batch_discount`)."""
+        return self.b.cost(prompt_tokens, completion_tokens, batch=self.batch)
 
-    def take(self, req: LLMRequest) -> bool:
+    def worst(self, req: LLMRequest, allowance: int = 1) -> tuple[float, int]:
+        """(USD, tokens) the request may be billed at most, `allowance` answers of it."""
+        p = math.ceil(req.estimated_prompt_tokens() * self.prompt_scale)
+        c = req.max_completion_tokens(self.default_max_tokens)
+        n = max(1, allowance)
+        return self.cost(p, c) * n, (p + c) * n
+
+    def take(self, key: str, req: LLMRequest, allowance: int = 1, force: bool = False) -> bool:
         """Reserve the request's worst case if it fits under the caps; False (nothing reserved) if not."""
         if not self.capped:
             return True
-        usd, tok = self._worst(req)
-        if self.b.max_usd is not None and self.spent_usd + self.reserved_usd + usd > self.b.max_usd:
-            return False
-        if self.b.max_tokens is not None and self.spent_tok + self.reserved_tok + tok > self.b.max_tokens:
-            return False
+        usd, tok = self.worst(req, allowance)
+        if not force:
+            if self.b.max_usd is not None and self.spent_usd + self.reserved_usd + usd > self.b.max_usd:
+                return False
+            if self.b.max_tokens is not None and self.spent_tok + self.reserved_tok + tok > self.b.max_tokens:
+                return False
+        self.held[key] = (usd, tok)
         self.reserved_usd += usd
         self.reserved_tok += tok
+        self.max_inflight_usd = max(self.max_inflight_usd, self.reserved_usd)
         return True
 
-    def release(self, req: LLMRequest) -> None:
-        if self.capped:
-            usd, tok = self._worst(req)
-            self.reserved_usd -= usd
-            self.reserved_tok -= tok
+    def release(self, key: str) -> None:
+        usd, tok = self.held.pop(key, (0.0, 0))
+        self.reserved_usd -= usd
+        self.reserved_tok -= tok
 
-    def settle(self, req: LLMRequest, result: LLMResult) -> None:
-        self.release(req)
-        self.spent_usd += self.b.cost(result.prompt_tokens, result.completion_tokens)
-        self.spent_tok += result.prompt_tokens + result.completion_tokens
+    def settle(self, key: str, req: LLMRequest | None, result: LLMResult) -> None:
+        self.release(key)
+        self.spent_usd += result.cost_usd
+        self.spent_tok += result.billed_prompt_tokens + result.billed_completion_tokens
+        answers = result.unusable_answers + (1 if result.ok else 0)
+        if self.capped and req is not None and answers and result.billed_prompt_tokens:
+            est = req.estimated_prompt_tokens() * answers
+            self.prompt_scale = max(self.prompt_scale, result.billed_prompt_tokens / est)
+
+    def price(self, result: LLMResult) -> None:
+        """Set the result's `cost_usd` (all it was billed) and `unusable_cost_usd` at this run's prices."""
+        result.cost_usd = self.cost(result.billed_prompt_tokens, result.billed_completion_tokens)
+        result.unusable_cost_usd = self.cost(result.unusable_prompt_tokens, result.unusable_completion_tokens)
+
+    def exhausted(self) -> bool:
+        """Spend alone has reached a cap (a provider billed more than its reservation): stop at once."""
+        if not self.capped:
+            return False
+        return ((self.b.max_usd is not None and self.spent_usd >= self.b.max_usd)
+                or (self.b.max_tokens is not None and self.spent_tok >= self.b.max_tokens))
 
     def message(self) -> str:
         caps = []
         if self.b.max_usd is not None:
-            caps.append(f"budget.max_usd={self.b.max_usd} (spent ${self.spent_usd:.4f})")
+            caps.append(f"budget.max_usd={self.b.max_usd} (spent ${self.spent_usd:.4f}, at most "
+                        f"${self.max_inflight_usd:.4f} was reserved in flight at once)")
         if self.b.max_tokens is not None:
             caps.append(f"budget.max_tokens={self.b.max_tokens} (used {self.spent_tok})")
         return "budget cap reached: " + ", ".join(caps) + "; results so far are in the ledger, " \
             "raise the cap and re-run to continue"
 
 
+_Budget = Budget  # the first name, kept for callers
+
+
 # --------------------------------------------------------------------------------------------- progress
+def wait_text(seconds_left: float, reason: str) -> str:
+    """The progress line's wait notice: 'waiting 45 s: server rate limit (retry-after: 45)'."""
+    return f"waiting {max(0.0, seconds_left):,.0f} s: {reason}"
+
+
 class _Progress:
     def __init__(self, enabled: bool, total: int | None) -> None:
         self.total = total
         self.bar = None
         self.t0 = time.monotonic()
         self._last = 0.0
+        self.wait: tuple[float, str] | None = None  # (until, epoch s; reason) of the longest wait announced
         if enabled:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -239,7 +293,37 @@ class _Progress:
             self.bar.start()
             self.task = self.bar.add_task("llm", total=total, info="")
 
-    def update(self, s: RunSummary, spent: float, force: bool = False) -> None:
+    def announce_wait(self, seconds: float, reason: str, until: float) -> None:
+        if self.wait is None or until > self.wait[0] or self.wait[0] < time.time():
+            self.wait = (until, reason)
+
+    def wait_line(self) -> str:
+        """The active wait's notice, '' when none is running."""
+        if self.wait is None:
+            return ""
+        left = self.wait[0] - time.time()
+        if left <= 0:
+            self.wait = None
+            return ""
+        return wait_text(left, self.wait[1])
+
+    def info(self, s: RunSummary, spent: float, extra: str = "") -> str:
+        now = time.monotonic()
+        done = s.ok + s.failed + s.skipped
+        dt = max(now - self.t0, 1e-6)
+        rate = s.sent / dt
+        eta = ""
+        if self.total and rate > 0:
+            eta = f" eta {max(0, self.total - done) / rate:,.0f}s"
+        unusable = f" (unusable ${s.unusable['cost_usd']:.4f})" if s.unusable["answers"] else ""
+        info = (f"{rate:.1f} req/s {s.completion_tokens / dt:,.0f} out tok/s | ok {s.ok} (cached {s.cached}) "
+                f"failed {s.failed} skipped {s.skipped} retries {s.retries} | ${spent:.4f}{unusable}{eta}")
+        for part in (extra, self.wait_line()):
+            if part:
+                info += f" | {part}"
+        return info
+
+    def update(self, s: RunSummary, spent: float, force: bool = False, extra: str = "") -> None:
         if self.bar is None:
             return
         now = time.monotonic()
@@ -247,14 +331,7 @@ class _Progress:
             return
         self._last = now
         done = s.ok + s.failed + s.skipped
-        dt = max(now - self.t0, 1e-6)
-        rate = s.sent / dt
-        eta = ""
-        if self.total and rate > 0:
-            eta = f" eta {max(0, self.total - done) / rate:,.0f}s"
-        info = (f"{rate:.1f} req/s {s.completion_tokens / dt:,.0f} out tok/s | ok {s.ok} (cached {s.cached}) "
-                f"failed {s.failed} skipped {s.skipped} retries {s.retries} | ${spent:.4f}{eta}")
-        self.bar.update(self.task, completed=done, total=self.total, info=info)
+        self.bar.update(self.task, completed=done, total=self.total, info=self.info(s, spent, extra))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -290,36 +367,54 @@ def run_requests(
     Ledger hits come back at once with `cached=True` and cost nothing. Requests are pulled lazily, so a
     generator works; `should_send(req)` may return a reason to skip it, checked just before dispatch.
     On the budget cap the run stops dispatching, lets requests in flight finish (they are recorded), reports
-    the rest as skipped `budget`, and sets `summary.stopped_reason`. Ctrl-C / kill loses nothing recorded.
+    the rest as skipped `budget`, and sets `summary.stopped_reason`; the same when the server asks for a wait
+    above `llm.max_wait_s` (skipped `server_wait`). Ctrl-C / kill loses nothing recorded.
     `pool` (from `prestart_workers(llm)`, same `llm`) is used instead of starting workers, and closed at the end.
     `server_log_dir`: where a local server (provider local) writes `server.log`, kept after the run.
+    `llm.mode: batch` sends the requests through the batch API (`pipeline.llm.batch.BatchDriver`) instead.
     """
     if pool is not None and pool.llm != llm:
         raise TextbookError("run_requests: the worker pool was started for another llm section")
+    if llm.mode == "batch":
+        if pool is not None:
+            pool.close()
+        if _needs_local_server(llm):
+            raise TextbookError("llm.mode: batch needs an endpoint with the OpenAI batch API (/v1/files, "
+                                "/v1/batches); provider local starts a server without one: use mode online")
+        from pipeline.llm.batch import BatchDriver
+
+        return BatchDriver(requests, llm, budget, Path(ledger_path), should_send, on_result, progress).run()
     with open_endpoint(llm, server_log_dir) as live:
         return _Driver(requests, live, budget, Path(ledger_path), should_send, on_result, progress, pool).run()
 
 
-class _Driver:
+class DriverBase:
+    """What the online and the batch drivers share: pulling requests (duplicates, ledger hits, requests whose
+    unusable answers are used up), the budget, recording results in the ledger and the summary, one result per
+    request to `on_result`, and the reconciliation at the end."""
+
     def __init__(self, requests: Iterable[LLMRequest], llm: LLMSection, budget: BudgetSection, ledger_path: Path,
                  should_send: Callable[[LLMRequest], str | None] | None,
-                 on_result: Callable[[LLMResult], None] | None, progress: bool, pool: WorkerPool | None) -> None:
-        self.llm, self.should_send, self.on_result, self.pool = llm, should_send, on_result, pool
+                 on_result: Callable[[LLMResult], None] | None, progress: bool) -> None:
+        self.llm, self.should_send, self.on_result = llm, should_send, on_result
         total = len(requests) if hasattr(requests, "__len__") else None  # type: ignore[arg-type]
         self.requests = iter(requests)
         self.ledger = Ledger(ledger_path)
         # one query up front instead of one per request: most requests of a run are not in the ledger yet
         self.ok_keys = self.ledger.ok_keys()
-        self.budget = _Budget(budget, llm)
-        self.s = RunSummary(total=0, model=llm.model, ledger=str(ledger_path))
+        self.unusable_before = self.ledger.unusable_counts()
+        self.budget = Budget(budget, llm, batch=llm.mode == "batch")
+        self.s = RunSummary(total=0, model=llm.model, ledger=str(ledger_path), mode=llm.mode)
         self.progress = _Progress(progress, total)
         self.skipped: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter()
         self.latencies: list[float] = []
         self.seen: set[str] = set()
         self.inflight: dict[str, LLMRequest] = {}
-        self.held: tuple[str, LLMRequest] | None = None  # next request, waiting for budget room
+        self.held: tuple[str, LLMRequest, int] | None = None  # next request, waiting for budget room
         self.exhausted = False
+        self.stop_skip = "budget"  # the skip reason of what is not sent after a stop
         self.t0 = time.monotonic()
 
     # -- emitting results (exactly one per request)
@@ -334,7 +429,8 @@ class _Driver:
             self.skipped[result.skipped] += 1
         else:
             s.failed += 1
-            self.failed[(result.error or "unknown").split(":", 2)[-1].strip()[:80]] += 1
+            self.failed[(result.error or "unknown").split(":", 2)[-1].strip()[:80]
+                        if result.outcome is None else result.outcome] += 1
         if self.on_result is not None:
             self.on_result(result)
 
@@ -343,12 +439,23 @@ class _Driver:
                              completion_tokens=0, latency_s=0.0, attempts=0, error=None, model=self.llm.model,
                              tag=req.tag, skipped=reason))
 
+    def _unsent(self, key: str, req: LLMRequest, reason: str) -> None:
+        """A request that will not be sent in this run (the batch driver's retries carry what they cost)."""
+        self._skip(key, req, reason)
+
+    def _stop(self, reason: str, skip: str) -> None:
+        if self.s.stopped_reason is None:
+            self.s.stopped_reason = reason
+            self.stop_skip = skip
+
     # -- pulling requests
-    def _next(self) -> tuple[str, LLMRequest] | None:
-        """Next request that needs a call, answering ledger hits and duplicates on the way."""
+    def _next(self) -> tuple[str, LLMRequest, int] | None:
+        """Next request that needs a call, with the unusable answers it may still take; answers ledger hits
+        and duplicates on the way."""
         if self.held is not None:
             item, self.held = self.held, None
             return item
+        allowed = 1 + self.llm.content_filter_retries
         for req in self.requests:
             self.s.total += 1
             key = req.key(self.llm.model)
@@ -357,63 +464,137 @@ class _Driver:
                 continue
             self.seen.add(key)
             hit = self.ledger.get_ok(key) if key in self.ok_keys else None
+            if hit is None and self.unusable_before.get(key, 0) >= allowed:
+                hit = self.ledger.get_failed(key)  # its unusable answers are used up: not paid for again
             if hit is not None:
                 hit.tag = req.tag
                 self._emit(hit)
                 continue
-            return key, req
+            return key, req, allowed - self.unusable_before.get(key, 0)
         self.exhausted = True
         return None
 
-    def _fill(self, capacity: int) -> list[tuple[str, LLMRequest]]:
-        batch: list[tuple[str, LLMRequest]] = []
+    def _admit(self, item: tuple[str, LLMRequest, int], pending: bool, ask: bool = True) -> bool | None:
+        """should_send (unless `ask` is False), then the budget. True: dispatch it (reserved, in flight); False:
+        skipped; None: no room now (it is held while `pending` requests may free room, else the run stops on the
+        budget)."""
+        key, req, allowance = item
+        if ask and self.should_send is not None:
+            reason = self.should_send(req)
+            if reason:
+                self._unsent(key, req, reason)
+                return False
+        if not self.budget.take(key, req, allowance):
+            if pending:
+                self.held = item  # room may free up when in-flight requests report real usage
+            else:
+                self._stop(self.budget.message(), "budget")
+                self._unsent(key, req, "budget")
+            return None
+        self.inflight[key] = req
+        return True
+
+    def _drain_unsent(self) -> None:
+        """After a stop: every request not sent is reported (ledger hits still count as they are)."""
+        if self.held is not None:
+            key, req, _ = self.held
+            self.held = None
+            self._unsent(key, req, self.stop_skip)
+        while (item := self._next()) is not None:
+            self._unsent(item[0], item[1], self.stop_skip)
+
+    # -- results
+    def _record(self, results: list[LLMResult], requests: dict[str, LLMRequest] | None = None) -> None:
+        """Price, record (ledger first), account and emit results of requests in flight (`self.inflight`, or
+        `requests` for results the caller tracks itself)."""
+        pairs = []
+        for r in results:
+            req = self.inflight.pop(r.key) if requests is None else requests[r.key]
+            r.tag = req.tag
+            self.budget.price(r)
+            pairs.append((r, req))
+        self.ledger.put_many(pairs)  # durable before anyone downstream sees it
+        for r, req in pairs:
+            self._account(r, req)
+            self._emit(r)
+        self._check_spend()
+
+    def _account(self, r: LLMResult, req: LLMRequest | None) -> None:
+        s = self.s
+        self.budget.settle(r.key, req, r)
+        s.sent += 1
+        s.attempts += r.attempts
+        s.retries += max(0, r.attempts - 1)
+        s.prompt_tokens += r.billed_prompt_tokens
+        s.completion_tokens += r.billed_completion_tokens
+        if r.unusable_answers:
+            u = s.unusable
+            u["answers"] += r.unusable_answers
+            u["prompt_tokens"] += r.unusable_prompt_tokens
+            u["completion_tokens"] += r.unusable_completion_tokens
+            u["cost_usd"] += r.unusable_cost_usd
+        if not r.ok and r.outcome:
+            self.outcomes[r.outcome] += 1
+        if r.outcome == "server_wait":
+            self._stop(f"the server asked for a wait above llm.max_wait_s: {(r.error or '').split(': ', 1)[-1]}",
+                       "server_wait")
+        self.latencies.append(r.latency_s)
+
+    def _check_spend(self) -> None:
+        if self.budget.exhausted():
+            self._stop(self.budget.message(), "budget")
+
+    def _notices(self, notices: list[tuple]) -> None:
+        """Waits and warnings the workers announced: progress line, summary, one line on stderr per warning."""
+        for n in notices:
+            if n[0] == "wait":
+                _, seconds, reason, until = n
+                w = self.s.waits
+                w["count"] = w.get("count", 0) + 1
+                w["total_s"] = round(w.get("total_s", 0.0) + seconds, 3)
+                w["longest_s"] = round(max(w.get("longest_s", 0.0), seconds), 3)
+                self.progress.announce_wait(seconds, reason, until)
+            elif n[0] == "warning" and n[1] not in self.s.warnings:
+                self.s.warnings.append(n[1])
+                print(f"llm: warning: {n[1]}", file=sys.stderr)
+
+    def _summary(self) -> RunSummary:
+        s = self.s
+        s.skipped_reasons = dict(self.skipped)
+        s.failed_reasons = dict(self.failed)
+        s.outcomes = dict(self.outcomes)
+        s.cost_usd = round(self.budget.spent_usd, 6)
+        s.unusable["cost_usd"] = round(s.unusable["cost_usd"], 6)
+        s.max_inflight_usd = round(self.budget.max_inflight_usd, 6)
+        s.elapsed_s = round(time.monotonic() - self.t0, 3)
+        s.requests_per_s = round(s.sent / s.elapsed_s, 3) if s.elapsed_s else 0.0
+        s.output_tokens_per_s = round(s.completion_tokens / s.elapsed_s, 3) if s.elapsed_s else 0.0
+        s.latency_s = _percentiles(self.latencies)
+        if not s.reconciled:  # a bug, not a user error: say so loudly
+            raise TextbookError(f"LLM run does not reconcile: total {s.total} != ok {s.ok} + failed {s.failed} "
+                                f"+ skipped {s.skipped}")
+        return s
+
+
+class _Driver(DriverBase):
+    def __init__(self, requests: Iterable[LLMRequest], llm: LLMSection, budget: BudgetSection, ledger_path: Path,
+                 should_send: Callable[[LLMRequest], str | None] | None,
+                 on_result: Callable[[LLMResult], None] | None, progress: bool, pool: WorkerPool | None) -> None:
+        super().__init__(requests, llm, budget, ledger_path, should_send, on_result, progress)
+        self.pool = pool
+
+    def _fill(self, capacity: int) -> list[tuple[str, LLMRequest, int]]:
+        batch: list[tuple[str, LLMRequest, int]] = []
         while len(batch) < capacity and self.s.stopped_reason is None:
             item = self._next()
             if item is None:
                 break
-            key, req = item
-            if self.should_send is not None:
-                reason = self.should_send(req)
-                if reason:
-                    self._skip(key, req, reason)
-                    continue
-            if not self.budget.take(req):
-                if self.inflight or batch:
-                    self.held = item  # room may free up when in-flight requests report real usage
-                else:
-                    self.s.stopped_reason = self.budget.message()
-                    self._skip(key, req, "budget")
+            admitted = self._admit(item, pending=bool(self.inflight or batch))
+            if admitted is None:
                 break
-            self.inflight[key] = req
-            batch.append(item)
+            if admitted:
+                batch.append(item)
         return batch
-
-    def _drain_unsent(self) -> None:
-        """After a budget stop: every request not sent is reported (ledger hits still count as ok)."""
-        if self.held is not None:
-            key, req = self.held
-            self.held = None
-            self._skip(key, req, "budget")
-        while (item := self._next()) is not None:
-            self._skip(item[0], item[1], "budget")
-
-    # -- results
-    def _record(self, results: list[LLMResult]) -> None:
-        pairs = []
-        for r in results:
-            req = self.inflight.pop(r.key)
-            r.tag = req.tag
-            pairs.append((r, req))
-        self.ledger.put_many(pairs)  # durable before anyone downstream sees it
-        for r, req in pairs:
-            self.budget.settle(req, r)
-            self.s.sent += 1
-            self.s.attempts += r.attempts
-            self.s.retries += r.attempts - 1
-            self.s.prompt_tokens += r.prompt_tokens
-            self.s.completion_tokens += r.completion_tokens
-            self.latencies.append(r.latency_s)
-            self._emit(r)
 
     def run(self) -> RunSummary:
         pool = self.pool
@@ -427,6 +608,8 @@ class _Driver:
                 # with a prestarted pool: only the part of the start-up that planning did not hide
                 self.s.startup_s = round(time.monotonic() - t_start, 3)
                 self._loop(handles, first)
+            elif self.s.stopped_reason is not None:
+                self._drain_unsent()
             self.progress.update(self.s, self.budget.spent_usd, force=True)
         finally:
             if pool is not None:
@@ -435,7 +618,7 @@ class _Driver:
             self.ledger.close()
         return self._summary()
 
-    def _loop(self, handles: list[Any], first: list[tuple[str, LLMRequest]]) -> None:
+    def _loop(self, handles: list[Any], first: list[tuple[str, LLMRequest, int]]) -> None:
         slots = _slots(self.llm)
         caps = [s + max(2, s // 2) for s in slots]  # prefetch: a freed slot never waits on the driver
         outstanding = [0] * len(handles)
@@ -456,8 +639,8 @@ class _Driver:
                     for key in h.cancel_queued():
                         outstanding[i] -= 1
                         req = self.inflight.pop(key)
-                        self.budget.release(req)
-                        self._skip(key, req, "budget")
+                        self.budget.release(key)
+                        self._skip(key, req, self.stop_skip)
                 self._drain_unsent()
             if sum(outstanding) == 0 and self.held is None and (self.exhausted or cancelled):
                 break
@@ -465,47 +648,43 @@ class _Driver:
             for fut in done:
                 i = polls.pop(fut)
                 try:
-                    results = fut.result()
+                    reply = fut.result()
                 except Exception as e:  # worker died: its requests fail (not in the ledger, re-run sends them)
                     raise TextbookError(f"LLM worker {i} died: {type(e).__name__}: {e}") from e
-                outstanding[i] -= len(results)
-                self._record(results)
+                self._notices(reply["notices"])
+                outstanding[i] -= len(reply["results"])
+                self._record(reply["results"])
                 polls[handles[i].poll()] = i
             self.progress.update(self.s, self.budget.spent_usd)
-
-    def _summary(self) -> RunSummary:
-        s = self.s
-        s.skipped_reasons = dict(self.skipped)
-        s.failed_reasons = dict(self.failed)
-        s.cost_usd = round(self.budget.spent_usd, 6)
-        s.elapsed_s = round(time.monotonic() - self.t0, 3)
-        s.requests_per_s = round(s.sent / s.elapsed_s, 3) if s.elapsed_s else 0.0
-        s.output_tokens_per_s = round(s.completion_tokens / s.elapsed_s, 3) if s.elapsed_s else 0.0
-        s.latency_s = _percentiles(self.latencies)
-        if not s.reconciled:  # a bug, not a user error: say so loudly
-            raise TextbookError(f"LLM run does not reconcile: total {s.total} != ok {s.ok} + failed {s.failed} "
-                                f"+ skipped {s.skipped}")
-        return s
 
 
 # --------------------------------------------------------------------------------------------- dry run
 def estimate(requests: Iterable[LLMRequest], llm: LLMSection, budget: BudgetSection, *,
              ledger_path: Path | None = None, assumed_latency_s: float | None = None) -> dict:
-    """For --dry-run: n requests, estimated tokens, cost (upper bound: every completion hits max_tokens) and
-    time at the configured concurrency. Requests already answered in the ledger are free and not counted."""
+    """For --dry-run: n requests, estimated tokens, cost (upper bound: every completion hits max_tokens) online
+    and through the batch API (`budget.batch_discount`), the batches the batch API would take under
+    `llm.batch_max_requests` / `llm.batch_max_bytes`, and time at the configured concurrency (online).
+    Requests already answered in the ledger are free and not counted. `est_max_cost_usd` is the configured
+    mode's figure."""
+    from pipeline.llm.batch import batch_line, plan_chunks
+
     n = cached = 0
     p_tok = c_tok = 0
     ok_keys: set[str] = set()
     if ledger_path is not None and Path(ledger_path).exists():
         with Ledger(ledger_path) as ledger:  # one query, not a row (with its whole text) per request
             ok_keys = ledger.ok_keys()
+    lines: list[tuple[str, int]] = []
     for req in requests:
         n += 1
-        if req.key(llm.model) in ok_keys:
+        key = req.key(llm.model)
+        if key in ok_keys:
             cached += 1
             continue
         p_tok += req.estimated_prompt_tokens()
         c_tok += req.max_completion_tokens(llm.max_tokens)
+        endpoint, line = batch_line(key, req, llm.model)
+        lines.append((endpoint, len(line)))
     to_send = n - cached
     # without a measurement, assume ~50 output tokens/s per stream for the worst-case completion length
     latency = assumed_latency_s if assumed_latency_s is not None else (c_tok / to_send / 50 if to_send else 0.0)
@@ -514,13 +693,20 @@ def estimate(requests: Iterable[LLMRequest], llm: LLMSection, budget: BudgetSect
         rate = min(rate, llm.requests_per_minute / 60)
     if llm.tokens_per_minute and to_send:
         rate = min(rate, llm.tokens_per_minute / 60 / ((p_tok + c_tok) / to_send))
+    online = round(budget.cost(p_tok, c_tok), 4)
+    batch = round(budget.cost(p_tok, c_tok, batch=True), 4)
     return {
         "requests": n,
         "cached": cached,
         "to_send": to_send,
         "est_prompt_tokens": p_tok,
         "max_completion_tokens": c_tok,
-        "est_max_cost_usd": round(budget.cost(p_tok, c_tok), 4),
+        "mode": llm.mode,
+        "est_max_cost_usd": batch if llm.mode == "batch" else online,
+        "est_max_cost_usd_online": online,
+        "est_max_cost_usd_batch": batch,
+        "batch_discount": budget.batch_discount,
+        "batches": len(plan_chunks(lines, llm.batch_max_requests, llm.batch_max_bytes)),
         "concurrency": llm.concurrency,
         "assumed_latency_s": round(latency, 3),
         "est_time_s": round(to_send / rate, 1) if to_send and rate != float("inf") else 0.0,

@@ -117,9 +117,19 @@ class LLMResult:
 
     - ok: `ok=True`, `text` is the completion (may still be filtered by the caller);
     - failed: `ok=False`, `error` says why (retries exhausted, 4xx, ...); never an empty document;
-    - skipped: `ok=False`, `skipped` names why it was never sent (`should_send` reason, `budget`, `duplicate`);
-      skipped and failed requests have no successful ledger entry, so a re-run sends them.
+    - skipped: `ok=False`, `skipped` names why it was never sent (`should_send` reason, `budget`, `duplicate`,
+      `server_wait`); skipped and failed requests have no successful ledger entry, so a re-run sends them
+      (except a request whose unusable answers used up `llm.content_filter_retries`: it comes back failed, cached).
     `cached=True` when the result came from the ledger without a call.
+
+    Billing (tokens as the provider's `usage` reports them; an answer without `usage` counts its estimate):
+    `prompt_tokens` / `completion_tokens` are the answer this result carries (0 for a failure);
+    `unusable_*` are answers that were billed but not usable (content filter, null content, refusal, no
+    choices), `unusable_answers` of them, including those retried before an ok answer. `outcome` names why a
+    failure failed when it is one of those (`content_filter`, `null_content`, `refusal`, `no_choices`) or
+    `server_wait` (the server asked to wait longer than `llm.max_wait_s`). `cost_usd` / `unusable_cost_usd`
+    (USD, this run's prices and mode; 0 when cached) are set by the driver: `cost_usd` is all this request
+    cost in this run, `unusable_cost_usd` the part of it spent on unusable answers.
     """
 
     key: str
@@ -135,6 +145,20 @@ class LLMResult:
     tag: dict = field(default_factory=dict)
     cached: bool = False
     skipped: str | None = None
+    unusable_prompt_tokens: int = 0
+    unusable_completion_tokens: int = 0
+    unusable_answers: int = 0
+    outcome: str | None = None
+    cost_usd: float = 0.0
+    unusable_cost_usd: float = 0.0
+
+    @property
+    def billed_prompt_tokens(self) -> int:
+        return self.prompt_tokens + self.unusable_prompt_tokens
+
+    @property
+    def billed_completion_tokens(self) -> int:
+        return self.completion_tokens + self.unusable_completion_tokens
 
     @property
     def status(self) -> str:
@@ -148,6 +172,9 @@ class LLMResult:
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "latency_s": self.latency_s, "attempts": self.attempts, "error": self.error, "model": self.model,
             "tag": self.tag, "cached": self.cached, "skipped": self.skipped,
+            "unusable_prompt_tokens": self.unusable_prompt_tokens,
+            "unusable_completion_tokens": self.unusable_completion_tokens, "unusable_answers": self.unusable_answers,
+            "outcome": self.outcome, "cost_usd": self.cost_usd, "unusable_cost_usd": self.unusable_cost_usd,
         }
 
     @classmethod
@@ -169,9 +196,21 @@ class RunSummary:
     sent: int = 0  # requests dispatched to the endpoint in this run
     attempts: int = 0
     retries: int = 0  # attempts beyond each sent request's first (= attempts - sent)
-    prompt_tokens: int = 0  # spent in this run (cached results are free)
+    prompt_tokens: int = 0  # billed in this run, usable or not (cached results are free)
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    # billed but unusable (content filter, null content, refusal, no choices): part of the three figures above
+    unusable: dict[str, float] = field(default_factory=lambda: {"answers": 0, "prompt_tokens": 0,
+                                                                "completion_tokens": 0, "cost_usd": 0.0})
+    outcomes: dict[str, int] = field(default_factory=dict)  # unusable answers by named outcome
+    waits: dict[str, float] = field(default_factory=dict)  # server-directed waits: count, longest_s, total_s
+    warnings: list[str] = field(default_factory=list)  # one-time warnings (an unknown rate-limit header form)
+    max_inflight_usd: float = 0.0  # the largest reserved worst-case cost in flight at once (budget bound)
+    mode: str = "online"
+    batches: list[dict[str, Any]] = field(default_factory=list)  # batch mode: each batch's id, status, counts
+    # batch mode: results of an earlier run's batch for requests this run did not ask for (recorded in the
+    # ledger, counted in the budget, not in the figures above)
+    unrequested: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
     startup_s: float = 0.0  # one-time cost inside elapsed_s: starting Ray (if needed), worker actors, the client
     requests_per_s: float = 0.0

@@ -1,7 +1,9 @@
 """A worker: `slots` asyncio tasks, each taking the next queued request the moment its previous one finishes.
 
 No batch barrier: the driver keeps the queue topped up and collects finished results with `poll`, so one slow
-request only ever occupies its own slot. The same `WorkerCore` runs inside a Ray actor (`RayWorker`) or, with
+request only ever occupies its own slot. A queued item is `(key, request, allowance)`: `allowance` is how many
+unusable answers the request may still take (`LLMClient.call`). `poll` answers `{"results": [LLMResult, ...],
+"notices": [...]}`, the notices being the client's waits and one-time warnings for the driver's progress line. The same `WorkerCore` runs inside a Ray actor (`RayWorker`) or, with
 `llm.workers: 0`, in a background event-loop thread of the driver (`ThreadWorker`).
 """
 
@@ -24,7 +26,7 @@ class WorkerCore:
                  limiter_actor: Any = None) -> None:
         self.llm, self.base_url, self.api_key, self.slots = llm, base_url, api_key, slots
         self.limiter_actor = limiter_actor
-        self.queue: collections.deque[tuple[str, LLMRequest]] = collections.deque()
+        self.queue: collections.deque[tuple[str, LLMRequest, int]] = collections.deque()
         self.done: list[LLMResult] = []
         self._started = False
 
@@ -47,9 +49,9 @@ class WorkerCore:
                 self.has_work.clear()
                 await self.has_work.wait()
                 continue
-            key, req = self.queue.popleft()
+            key, req, allowance = self.queue.popleft()
             try:
-                result = await self.client.call(req, key)
+                result = await self.client.call(req, key, allowance)
             except Exception as e:  # noqa: BLE001 - a bug here must not lose the request
                 result = LLMResult(key=key, ok=False, text=None, finish_reason=None, prompt_tokens=0,
                                    completion_tokens=0, latency_s=0.0, attempts=1,
@@ -57,26 +59,26 @@ class WorkerCore:
             self.done.append(result)
             self.has_done.set()
 
-    async def submit(self, batch: list[tuple[str, LLMRequest]]) -> None:
+    async def submit(self, batch: list[tuple[str, LLMRequest, int]]) -> None:
         self._start()
         self.queue.extend(batch)
         self.has_work.set()
 
-    async def poll(self, timeout: float = 1.0) -> list[LLMResult]:
-        """Finished results since the last poll (waits up to `timeout` for one)."""
+    async def poll(self, timeout: float = 1.0) -> dict[str, list]:
+        """Finished results and the client's notices since the last poll (waits up to `timeout` for a result)."""
         self._start()
-        if not self.done:
+        if not self.done and not self.client.notices:
             self.has_done.clear()
             try:
                 await asyncio.wait_for(self.has_done.wait(), timeout)
             except TimeoutError:
                 pass
         out, self.done = self.done, []
-        return out
+        return {"results": out, "notices": self.client.drain_notices()}
 
     async def cancel_queued(self) -> list[str]:
         """Drop requests not started yet (budget stop); returns their keys."""
-        keys = [k for k, _ in self.queue]
+        keys = [item[0] for item in self.queue]
         self.queue.clear()
         return keys
 
@@ -110,7 +112,7 @@ class ThreadWorker:
     def _run(self, coro: Any) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def submit(self, batch: list[tuple[str, LLMRequest]]) -> concurrent.futures.Future:
+    def submit(self, batch: list[tuple[str, LLMRequest, int]]) -> concurrent.futures.Future:
         return self._run(self.core.submit(batch))
 
     def poll(self, timeout: float = 1.0) -> concurrent.futures.Future:
