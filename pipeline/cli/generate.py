@@ -18,7 +18,7 @@ def generate(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     n: int | None = typer.Option(None, "--n", help="Prompt specs to generate (overrides generate.n)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print requests, sample prompts, estimated tokens, "
-                                 "cost and time; send nothing."),
+                                 "cost online and through the batch API, and time; send nothing."),
     force: bool = typer.Option(False, "--force", help="Re-run even when complete (answers still come from the "
                                "ledger)."),
     samples: int = typer.Option(2, "--samples", help="Rendered prompts to show with --dry-run."),
@@ -80,6 +80,9 @@ def _dry_run(config: str, sets: list[str], samples: int) -> None:
     for k, v in est.items():
         table.add_row(str(k), f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
     console.print(table)
+    console.print(f"cost at most: online ${est['est_max_cost_usd_online']:,.4f} vs batch API "
+                  f"${est['est_max_cost_usd_batch']:,.4f} ({est['batches']} batch(es), budget.batch_discount "
+                  f"{cfg.budget.batch_discount:g}; llm.mode: {cfg.llm.mode})", highlight=False)
 
 
 @topics_app.command("expand")

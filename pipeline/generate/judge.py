@@ -1,5 +1,9 @@
 """Judging LLM results: every result ends as exactly one counted state, and a document (kept or removed).
 
+Every token this run was billed is accounted to what it bought (`billed`): `kept` documents, or `dropped`, by
+reason (a failure such as `failed_content_filter`, a validation drop such as `too_short`, or `unusable_answers`:
+content-filtered / null answers before a request's usable one), tokens and USD at the run's prices and mode.
+
 `Judge` validates one answer (`validate.Validator`: empty, length, refusal, too short, language) and indexes it
 in the diversity guard; it owns the stage's output files. `JudgeProcess` runs a `Judge` in a child process:
 judging costs about 1.4 ms of CPU per answer (language id, MinHash, parquet rows), and in the driver process
@@ -38,6 +42,19 @@ def _slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "unknown"
 
 
+def _bill() -> dict[str, float]:
+    return {"prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0}
+
+
+def billed_reconciles(billed: dict[str, Any], summary: Any) -> bool:
+    """The judge's kept + dropped bill equals what the LLM layer billed in this run (tokens exactly, USD to
+    rounding): every billed token is accounted to what it bought."""
+    kept, dropped = billed["kept"], billed["dropped"]
+    return (kept["prompt_tokens"] + dropped["prompt_tokens"] == summary.prompt_tokens
+            and kept["completion_tokens"] + dropped["completion_tokens"] == summary.completion_tokens
+            and abs(kept["usd"] + dropped["usd"] - summary.cost_usd) <= 1e-5)
+
+
 def failure_reason(error: str | None) -> str:
     """`failed_<kind>` from the LLM layer's error ('after 7 attempt(s): InternalServerError 500: ...' →
     failed_internalservererror_500): few, stable reason names for the stats."""
@@ -71,6 +88,9 @@ class Judge:
         self.words_kept = self.completion_tokens = self.prompt_tokens = 0
         self._sent_params: dict[int, dict[str, Any]] = {}
         self.states: Counter[str] = Counter()
+        # what this run was billed (cached results cost nothing now), split by the fate of what it paid for
+        self.billed: dict[str, dict[str, float]] = {"kept": _bill(), "dropped": _bill()}
+        self.billed_dropped_by_reason: dict[str, dict[str, float]] = {}
 
     @property
     def validator(self) -> Any:
@@ -109,6 +129,15 @@ class Judge:
                 "prompt_id": self.setup.prompt_ids[spec.format], "model": result.model or self.cfg.llm.model,
                 "url": spec.seed.url if spec.seed is not None else None, "meta": meta}
 
+    def _bill(self, fate: str, reason: str | None, prompt_tokens: int, completion_tokens: int, usd: float) -> None:
+        if not (prompt_tokens or completion_tokens or usd):
+            return
+        for bill in (self.billed[fate],) + ((self.billed_dropped_by_reason.setdefault(reason, _bill()),)
+                                            if reason is not None else ()):
+            bill["prompt_tokens"] += prompt_tokens
+            bill["completion_tokens"] += completion_tokens
+            bill["usd"] += usd
+
     def __call__(self, result: LLMResult) -> None:
         spec = self.setup.specs[result.tag["spec"]]
         self.stats.read()
@@ -121,10 +150,17 @@ class Judge:
         self.prompt_tokens += result.prompt_tokens
         self.completion_tokens += result.completion_tokens
         if not result.ok:
-            self.stats.error(failure_reason(result.error))
+            reason = failure_reason(result.error)
+            self.stats.error(reason)
+            self._bill("dropped", reason, result.billed_prompt_tokens, result.billed_completion_tokens,
+                       result.cost_usd)
             self.removed.write(self._doc(spec, result, "", {"error": result.error}), "failed")
             self.states["failed"] += 1
             return
+        # unusable answers before this one (content filter, null content): billed, dropped by the LLM layer
+        self._bill("dropped", "unusable_answers", result.unusable_prompt_tokens, result.unusable_completion_tokens,
+                   result.unusable_cost_usd)
+        answer_usd = result.cost_usd - result.unusable_cost_usd
         text = result.text or ""
         verdict = self.validator.check(text, result.finish_reason)
         extra: dict[str, Any] = {"words": verdict.words}
@@ -137,9 +173,13 @@ class Judge:
         doc = self._doc(spec, result, text, extra)
         if verdict.reason is not None:
             self.stats.drop(verdict.reason)
+            self._bill("dropped", verdict.reason, result.prompt_tokens if not result.cached else 0,
+                       result.completion_tokens if not result.cached else 0, answer_usd)
             self.removed.write(doc, verdict.reason)
             self.states["filtered"] += 1
             return
+        if not result.cached:
+            self._bill("kept", None, result.prompt_tokens, result.completion_tokens, answer_usd)
         self.stats.keep()
         self.states["ok"] += 1
         self.words_kept += verdict.words
@@ -156,7 +196,8 @@ class Judge:
         return {"stats": self.stats.as_dict(), "states": dict(self.states),
                 "kept_spec_indices": [spec_index for spec_index, _, _ in rows], "words_kept": self.words_kept,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "diversity": self.guard.stats()}
+                "diversity": self.guard.stats(),
+                "billed": {**self.billed, "dropped_by_reason": dict(sorted(self.billed_dropped_by_reason.items()))}}
 
 
 # ------------------------------------------------------------------------------------------ child process

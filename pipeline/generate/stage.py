@@ -140,7 +140,7 @@ def drop_contaminated_seeds(cfg: RunConfig, seeds: list) -> tuple[list, list[dic
 
 
 def run_stage(ctx: Any) -> StageStats:
-    from pipeline.generate.judge import JudgeProcess, JudgeSetup
+    from pipeline.generate.judge import JudgeProcess, JudgeSetup, billed_reconciles
     from pipeline.llm.runner import prestart_workers, run_requests
 
     cfg: RunConfig = ctx.cfg
@@ -176,6 +176,7 @@ def run_stage(ctx: Any) -> StageStats:
                          "kept_documents_words": judged["words_kept"], "spent_this_run_prompt": summary.prompt_tokens,
                          "spent_this_run_completion": summary.completion_tokens})
     stats.set("cost_usd", round(summary.cost_usd, 6))
+    stats.set("billed", {**judged["billed"], "reconciled": billed_reconciles(judged["billed"], summary)})
     stats.set("latency_s", summary.latency_s)
     stats.set("stopped_reason", summary.stopped_reason)
     kept_specs = [the_plan.specs[i] for i in judged["kept_spec_indices"]]
