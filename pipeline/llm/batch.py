@@ -1,7 +1,7 @@
 """`llm.mode: batch`: the same requests through the OpenAI-style batch API, at the batch price.
 
-OpenAI's Batch API (platform.openai.com/docs/guides/batch; Together, Groq, Mistral, vLLM and others serve the same
-endpoints): write the requests as JSONL, one line each, `{"custom_id", "method": "POST", "url":
+OpenAI's Batch API (platform.openai.com/docs/guides/batch and the API reference for files and batches; Together
+and Groq, among others, serve the same endpoints): write the requests as JSONL, one line each, `{"custom_id", "method": "POST", "url":
 "/v1/chat/completions", "body": {...}}`; upload it (`POST /v1/files`, purpose `batch`); create a batch (`POST
 /v1/batches` with the file id, the endpoint and `completion_window` "24h"); poll it (`GET /v1/batches/{id}`:
 validating → in_progress → finalizing → completed, or failed / expired / cancelled); download the output file
@@ -230,6 +230,8 @@ class BatchDriver(DriverBase):
         case whatever the cap: they are at the provider already)."""
         assert self.api is not None
         for row in self.ledger.open_batches():
+            if row["model"] != self.llm.model:  # another model's submission (maybe another provider's): left open
+                continue
             requests = {k: LLMRequest.from_json(json.loads(v)) for k, v in row["requests"].items()}
             o = _Open(ref=row["ref"], endpoint=row["endpoint"], requests=requests, batch_id=row["batch_id"],
                       input_file_id=row["input_file_id"], status=row["status"], created=row["created"])
@@ -335,11 +337,12 @@ class BatchDriver(DriverBase):
                 o.status = status
                 self.ledger.update_batch(o.ref, status=status)
             if status in TERMINAL:
-                self._collect_results(o, b)
-                finished = True
+                finished = self._collect_results(o, b) or finished
         return finished
 
-    def _collect_results(self, o: _Open, b: dict[str, Any]) -> None:
+    def _collect_results(self, o: _Open, b: dict[str, Any]) -> bool:
+        """Download a finished batch's files and record its results; False if a download failed (next poll
+        tries again)."""
         assert self.api is not None
         lines: dict[str, dict[str, Any]] = {}
         try:
@@ -355,13 +358,15 @@ class BatchDriver(DriverBase):
                                 lines.setdefault(str(line["custom_id"]), line)
         except BatchAPIError as e:
             self._notices([("warning", f"downloading the results of batch {o.batch_id}: {e} (polling again)")])
-            return
+            return False
         status = str(b.get("status"))
         detail = None
         if status == "failed":
             errs = ((b.get("errors") or {}).get("data") or [])
             detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errs if isinstance(e, dict))[:300]
-        self._finish(o, status, detail, lines, retryable=status in ("expired", "cancelled"))
+        # expired: what did not run goes again; cancelled (by someone, on purpose): not re-sent by this run
+        self._finish(o, status, detail, lines, retryable=status == "expired")
+        return True
 
     # ------------------------------------------------------------------------------------------ results
     def _finish(self, o: _Open, status: str, detail: str | None, lines: dict[str, dict[str, Any]],
