@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ResourceUnavailable, TextbookError
+from pipeline.errors import NoInputDocuments, ResourceUnavailable, TextbookError
 from pipeline.minhash import NORMALIZATION_VERSION, batch_ngram_hashes, ngram_hashes, word_hashes, words
 from pipeline.stats import StageStats
 
@@ -358,8 +358,8 @@ def run_stage(ctx: Any) -> StageStats:
     section = ctx.section
     stats = StageStats(ctx.name)
     if not ctx.inputs:
-        raise TextbookError("decontaminate: no input documents (the upstream stages kept nothing, or "
-                            "decontaminate.inputs is empty)")
+        raise NoInputDocuments("decontaminate: no input documents (the upstream stages kept nothing, or "
+                               "decontaminate.inputs is empty)")
     index = index_for_section(section, ctx.state_dir)
     per_bench_docs: Counter[str] = Counter()
     per_bench_ngrams: dict[str, Counter[str]] = defaultdict(Counter)

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.utils.batching import batched
 
-from pipeline.errors import TextbookError
+from pipeline.errors import NoInputDocuments, TextbookError
 from pipeline.minhash import (
     NORMALIZATION_VERSION,
     MinHasher,
@@ -593,7 +593,7 @@ def run_stage(ctx: Any) -> StageStats:
     curve = format_curve(p.bands, p.rows, p.verify_threshold)
     print(curve, file=sys.stderr)
     if not ctx.inputs:
-        raise TextbookError("dedup: no input documents (the upstream stages kept nothing, or dedup.inputs is empty)")
+        raise NoInputDocuments("dedup: no input documents (the upstream stages kept nothing, or dedup.inputs is empty)")
     work = ctx.state_dir / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import TextbookError
+from pipeline.errors import NoInputDocuments, TextbookError
 from pipeline.minhash import fmix64
 from pipeline.shards import token_id_array
 from pipeline.stats import StageStats
@@ -124,7 +124,7 @@ def run_stage(ctx: Any) -> StageStats:
     seed = section.seed if section.seed is not None else cfg.run.seed
     stats = StageStats(ctx.name)
     if not ctx.inputs:
-        raise TextbookError("shard: no input documents (the upstream stages kept nothing, or shard.inputs is empty)")
+        raise NoInputDocuments("shard: no input documents (the upstream stages kept nothing, or shard.inputs is empty)")
     tokenizer = load_tokenizer(cfg.tokenizer.path, workers=cfg.tokenizer.workers)
     out_dir = Path(section.out) if section.out else Path(ctx.run_dir)
     work = ctx.state_dir / "work"

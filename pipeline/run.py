@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.config import RunConfig, config_hash
 from pipeline.documents import list_document_files
-from pipeline.errors import ResourceUnavailable, TextbookError
+from pipeline.errors import NoInputDocuments, ResourceUnavailable, TextbookError
 from pipeline.io import atomic_write_text
 from pipeline.stats import StageStats
 
@@ -42,6 +42,9 @@ class StageSpec:
     raw_inputs: bool = False
     # "module:NAME" constants whose value changes the stage's output (a new text normalisation re-runs it)
     code_versions: tuple[str, ...] = ()
+    # "module:function(cfg, stats) -> list[str]": why this stage kept nothing, naming the settings to change
+    # (asked when a later stage has no input; see `explain_no_input`)
+    explain_empty: str | None = None
 
 
 STAGES: dict[str, StageSpec] = {
@@ -49,6 +52,7 @@ STAGES: dict[str, StageSpec] = {
     for s in [
         StageSpec("web", "pipeline.web:run_stage", depends_on=("classifier",),
                   input_files="pipeline.web.units:input_files", raw_inputs=True,
+                  explain_empty="pipeline.web.hints:explain_empty",
                   help="read, extract, filter and score web pages (datatrove)"),
         StageSpec("generate", "pipeline.generate.stage:run_stage", upstream=(("web",),),
                   input_files="pipeline.generate.stage:input_files",
@@ -235,7 +239,12 @@ def run_one(cfg: RunConfig, name: str, planned: list[str] | None = None, force: 
     ctx = StageContext(name=name, cfg=cfg, run_dir=run_dir, inputs=inputs, upstream=upstream, force=force)
     fn = load_stage_fn(name)
     started = time.time()
-    stats = fn(ctx)
+    try:
+        if name not in OPTIONAL_UPSTREAM and upstream and _kept_by(run_dir, upstream) == 0:
+            raise NoInputDocuments(f"{name}: no input documents (the upstream stages kept nothing)")
+        stats = fn(ctx)
+    except NoInputDocuments as e:
+        raise explain_no_input(cfg, name, upstream, e) from None
     stats.set("seconds", round(time.time() - started, 3))
     stats.check()
     stats.write(out_dir / "stats.json")
@@ -245,8 +254,103 @@ def run_one(cfg: RunConfig, name: str, planned: list[str] | None = None, force: 
     return stats.as_dict()
 
 
+def _kept_by(run_dir: Path, stages: list[str]) -> int | None:
+    """Documents the completed `stages` kept, from their stats.json (None when one has no stats.json)."""
+    total = 0
+    for s in stages:
+        p = run_dir / "stages" / s / "stats.json"
+        if not p.is_file():
+            return None
+        total += int(json.loads(p.read_text()).get("kept", 0))
+    return total
+
+
+def upstream_closure(name: str) -> list[str]:
+    """Every stage that can feed `name`, directly or through others, in registry order."""
+    seen: set[str] = set()
+    todo = [s for g in STAGES[name].upstream for s in g]
+    while todo:
+        s = todo.pop()
+        if s not in seen:
+            seen.add(s)
+            todo += [u for g in STAGES[s].upstream for u in g]
+    return [s for s in STAGES if s in seen]
+
+
+def stage_funnel(cfg: RunConfig, name: str) -> list[dict[str, Any]]:
+    """What the stages feeding `name` did in this run, in order: one dict per stage with a stats.json (completed,
+    skipped, or itself without input): stage, read, kept, dropped {reason: n}, errored {reason: n}, skipped
+    (the reason, or None) and filters {filter: {sub-reason: n}} where the stage records them (web)."""
+    run_dir = run_dir_of(cfg)
+    rows = []
+    for s in upstream_closure(name):
+        p = run_dir / "stages" / s / "stats.json"
+        if s not in cfg.run.stages or not p.is_file():
+            continue
+        st = json.loads(p.read_text())
+        if completed_hash(run_dir, s) is None and not st.get("skipped") and not st.get("no_input"):
+            continue  # left over from an attempt that did not finish
+        filters = {f: dict(v.get("reasons") or {}) for f, v in (st.get("filters") or {}).items()
+                   if isinstance(v, dict) and v.get("reasons")}
+        rows.append({"stage": s, "read": st.get("read", 0), "kept": st.get("kept", 0),
+                     "dropped": dict(st.get("dropped") or {}), "errored": dict(st.get("errored") or {}),
+                     "skipped": st.get("skipped") or st.get("no_input"), "filters": filters})
+    return rows
+
+
+def funnel_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per funnel row: `web: read 20, kept 0; dropped 20 (min_length 20: too_few_chars 20)`."""
+    lines = []
+    for r in rows:
+        if r["skipped"]:
+            lines.append(f"{r['stage']}: skipped: {r['skipped']}")
+            continue
+        line = f"{r['stage']}: read {r['read']:,}, kept {r['kept']:,}"
+        for what in ("dropped", "errored"):
+            if r[what]:
+                parts = []
+                for reason, n in sorted(r[what].items(), key=lambda kv: -kv[1]):
+                    sub = r["filters"].get(reason) if what == "dropped" else None
+                    detail = ", ".join(f"{k} {v:,}" for k, v in sorted(sub.items(), key=lambda kv: -kv[1])) if sub else ""
+                    parts.append(f"{reason} {n:,}" + (f": {detail}" if detail else ""))
+                line += f"; {what} {sum(r[what].values()):,} ({'; '.join(parts)})"
+        lines.append(line)
+    return lines
+
+
+def explain_no_input(cfg: RunConfig, name: str, upstream: list[str], e: NoInputDocuments) -> NoInputDocuments:
+    """`e` with the upstream funnel and hints filled in, and a one-line message that says what emptied it."""
+    rows = stage_funnel(cfg, name)
+    hints: list[str] = []
+    for r in rows:
+        if r["skipped"] or r["kept"]:
+            continue
+        spec = STAGES[r["stage"]]
+        if spec.explain_empty:
+            stats = json.loads((run_dir_of(cfg) / "stages" / r["stage"] / "stats.json").read_text())
+            hints += _import_target(spec.explain_empty)(cfg, stats)
+        elif r["read"]:
+            hints.append(f"{r['stage']}: every document was dropped or errored; the removed ones, with their "
+                         f"reasons, are in {run_dir_of(cfg) / 'stages' / r['stage'] / 'removed'}")
+    if rows:
+        short = [f"{r['stage']} skipped" if r["skipped"] else
+                 f"{r['stage']} kept {r['kept']:,} of {r['read']:,}"
+                 + (f" (dropped: {', '.join(f'{k} {v:,}' for k, v in sorted(r['dropped'].items(), key=lambda kv: -kv[1]))})"
+                    if r["dropped"] else "")
+                 for r in rows]
+        message = f"{name}: no input documents: {'; '.join(short)}"
+    elif not upstream:
+        message = f"{name}: no input documents ({name}.inputs holds no document)"
+    else:
+        message = str(e)
+    return NoInputDocuments(message, funnel=rows, hints=hints)
+
+
 def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: bool = False,
                  log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Run `stages` (default run.stages) in order; a stage whose resource is unavailable is skipped and the run
+    goes on. A stage with no input documents ends the run: `NoInputDocuments` is raised with the upstream funnel,
+    hints and the results so far (its stats.json records them too)."""
     planned = stages or list(cfg.run.stages)
     unknown = [s for s in planned if s not in STAGES]
     if unknown:
@@ -264,6 +368,15 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: bool = 
             skipped.add(name)
             log(f"[{name}] SKIPPED: {e}")
             results[name] = mark_skipped(run_dir, name, str(e))
+        except NoInputDocuments as e:
+            # Nothing left to work on: later stages would have nothing either. Record what emptied the run.
+            stats = StageStats(name)
+            for key, value in (("no_input", str(e)), ("funnel", e.funnel), ("hints", e.hints)):
+                stats.set(key, value)
+            stats.write(run_dir / "stages" / name / "stats.json")
+            results[name] = stats.as_dict()
+            e.results = results
+            raise
     return results
 
 

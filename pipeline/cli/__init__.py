@@ -64,14 +64,17 @@ def run_cmd(
 
     Example: textbook run configs/quickstart.yaml --set run.name=try2 --stages dedup,shard
     """
-    from pipeline.cli.common import load
+    from pipeline.cli.common import load, print_run_summary
+    from pipeline.errors import NoInputDocuments
     from pipeline.run import run_pipeline
 
     cfg = load(config, set_)
     chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
-    results = run_pipeline(cfg, chosen, force=force, log=lambda m: console.print(m, highlight=False))
-    from pipeline.cli.common import print_run_summary
-
+    try:
+        results = run_pipeline(cfg, chosen, force=force, log=lambda m: console.print(m, highlight=False))
+    except NoInputDocuments as e:
+        print_run_summary(cfg, e.results)  # the table, then what emptied the run; the error line comes last
+        raise
     print_run_summary(cfg, results)
 
 

@@ -56,13 +56,20 @@ def load(config: str, sets: list[str] | None) -> Any:
 
 
 def run_stage_command(stage: str, config: str, sets: list[str] | None, force: bool = False) -> dict[str, Any]:
-    """`textbook STAGE CONFIG`: run one stage (skipped when complete for the same config and inputs)."""
+    """`textbook STAGE CONFIG`: run one stage (skipped when complete for the same config and inputs).
+
+    A stage with no input documents prints the upstream funnel and hints, then fails (`NoInputDocuments`)."""
+    from pipeline.errors import NoInputDocuments
     from pipeline.run import STAGES, run_dir_of, run_one, write_resolved_config
 
     cfg = load(config, sets)
     write_resolved_config(cfg, run_dir_of(cfg))
-    result = run_one(cfg, stage, planned=[s for s in cfg.run.stages if s in STAGES] or [stage], force=force,
-                     log=lambda m: console.print(m, highlight=False))
+    try:
+        result = run_one(cfg, stage, planned=[s for s in cfg.run.stages if s in STAGES] or [stage], force=force,
+                         log=lambda m: console.print(m, highlight=False))
+    except NoInputDocuments as e:
+        print_funnel(e)
+        raise
     print_stage_summary(stage, result)
     return result
 
@@ -85,6 +92,20 @@ def print_stage_summary(stage: str, stats: dict[str, Any]) -> None:
     console.print(table)
 
 
+def print_funnel(e: Any) -> None:
+    """What emptied a stage (`NoInputDocuments`): each upstream stage's read, kept and drops by reason, then hints."""
+    from rich.text import Text
+
+    from pipeline.run import funnel_lines
+
+    if e.funnel:
+        console.print(Text("what the stages before it did:", style="bold"))
+        for line in funnel_lines(e.funnel):
+            console.print(Text(f"  {line}"))
+    for hint in e.hints:
+        console.print(Text.assemble(("hint ", "yellow"), hint))
+
+
 def print_run_summary(cfg: Any, results: dict[str, dict[str, Any]]) -> None:
     """The table `textbook run` ends with, then where the shards and the report are."""
     from pathlib import Path
@@ -95,7 +116,8 @@ def print_run_summary(cfg: Any, results: dict[str, dict[str, Any]]) -> None:
     for col in ("stage", "read", "kept", "dropped", "errored", "seconds", "note"):
         table.add_column(col, justify="left" if col in ("stage", "note") else "right")
     for stage, s in results.items():
-        note = "[yellow]SKIPPED[/] (reason below)" if s.get("skipped") else ""
+        note = ("[yellow]SKIPPED[/] (reason below)" if s.get("skipped") else
+                "[red]NO INPUT[/] (funnel below)" if s.get("no_input") else "")
         table.add_row(stage, f"{s.get('read', 0):,}", f"{s.get('kept', 0):,}",
                       f"{sum(s.get('dropped', {}).values()):,}", f"{sum(s.get('errored', {}).values()):,}",
                       str(s.get("seconds", "")), note)
@@ -119,3 +141,11 @@ def print_run_summary(cfg: Any, results: dict[str, dict[str, Any]]) -> None:
     if skipped:
         console.print("re-run the same command once the missing pieces are there: completed stages are not redone "
                       "(README, 'Offline use': local web data, a local model directory or endpoint, local benchmarks)")
+    for k, v in results.items():
+        if v.get("no_input"):
+            from types import SimpleNamespace
+
+            from rich.text import Text
+
+            console.print(Text.assemble(("no input ", "red"), f"{k}: the run stopped here"))
+            print_funnel(SimpleNamespace(funnel=v.get("funnel") or [], hints=v.get("hints") or []))
