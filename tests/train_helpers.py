@@ -53,12 +53,14 @@ def train_losses(out: Path) -> dict[int, float]:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(monkeypatch):
     """Two torch threads on a shared 2-core machine spin against each other (10x slower): use one.
+    The trainer sets its threads from train.threads, else $OMP_NUM_THREADS: both say one here.
     Import it into a test module to apply it there."""
     import torch
 
     before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)

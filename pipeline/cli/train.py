@@ -168,30 +168,80 @@ def eval_mc(
 
 @user_errors
 def ablate(
-    config: str = typer.Argument(..., help="Ablation YAML: arms (shard sets), seeds, token budget, common eval sets."),
+    config: str = typer.Argument(..., help="Ablation YAML: arms (shard sets), seeds, token budget, common eval sets, "
+                                 "optional controls."),
     set_: list[str] = typer.Option([], "--set", help="Override a key of the ablation YAML: --set tokens=2000000."),
+    arm: list[str] = typer.Option([], "--arm", help="Train only this arm (repeatable; control arms too)."),
+    seed: list[int] = typer.Option([], "--seed", help="Train only this seed (repeatable)."),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="Runs trained at the same time, each in its own process "
+                             "(CPU threads split between them unless pretrain.train.threads is set)."),
+    gather_only: bool = typer.Option(False, "--gather", help="Train nothing: read the finished runs and write "
+                                     "results.md, results.json, ablation.png."),
+    no_gather: bool = typer.Option(False, "--no-gather", help="Train, but leave the results to a later --gather "
+                                   "(used by --jobs for its worker processes)."),
 ) -> None:
-    """Train the same model on each arm's shards (equal token budget, several seeds) and compare bits per byte
-    on the common evaluation sets: results.md, results.json, ablation.png in the output directory.
+    """Train the same model on each arm's shards (equal token budget, several seeds) and compare the arms on
+    the common evaluation sets by per-seed paired differences against the baseline arm: results.md,
+    results.json, ablation.png in the output directory.
 
     Example: textbook ablate configs/pretrain/ablations/example.yaml --set tokens=500000
+
+    In parallel: run `textbook ablate cfg.yaml --seed 0` and `--seed 1` in two shells (or --jobs 2); each run
+    has its own directory and lock; `textbook ablate cfg.yaml --gather` then writes the table.
     """
+    from pipeline.errors import TextbookError
+    from pipeline.train.ablate import (
+        gather,
+        load_ablation_config,
+        prepare,
+        run_one,
+        run_parallel,
+        select_runs,
+    )
+
+    if gather_only and no_gather:
+        raise TextbookError("--gather and --no-gather exclude each other")
+    cfg = load_ablation_config(config, set_)
+    log = lambda m: console.print(m, highlight=False)  # noqa: E731
+    todo = select_runs(cfg, arm or None, seed or None)
+    prepare(cfg, log)
+    if not gather_only:
+        if jobs > 1 and len(todo) > 1:
+            failed = run_parallel(config, set_, todo, jobs, cfg, log)
+            for line in failed:
+                console.print(f"failed: {line}", highlight=False)
+        else:
+            for a, s in todo:
+                run_one(cfg, a, s, log)
+    if no_gather:
+        return
+    results = gather(cfg, log)
+    _print_ablation(results)
+    console.print(f"results: {cfg.out_dir / 'results.md'}  plot: {cfg.out_dir / 'ablation.png'}", highlight=False)
+
+
+def _print_ablation(results: dict) -> None:
+    """One table per compared figure: arm, mean ± std over seeds, paired Δ vs the baseline, verdict."""
     from rich.table import Table
 
-    from pipeline.train.ablate import check_arms, load_ablation_config, run_ablation
+    from pipeline.train.ablate_report import METRICS, fmt_cell, fmt_paired, split_key
 
-    cfg = load_ablation_config(config, set_)
-    check_arms(cfg)
-    results = run_ablation(cfg, log=lambda m: console.print(m, highlight=False))
-    table = Table(title=f"ablation {cfg.name}: bits per byte (mean ± std over {len(cfg.seeds)} seeds)")
-    table.add_column("arm")
-    for s in results["eval_sets"]:
-        table.add_column(s, justify="right")
-    for arm, row in results["arms"].items():
-        table.add_row(arm, *[f"{row[s]['mean']:.4f} ± {row[s]['std']:.4f}" if s in row else "n/a"
-                             for s in results["eval_sets"]])
-    console.print(table)
-    console.print(f"results: {cfg.out_dir / 'results.md'}  plot: {cfg.out_dir / 'ablation.png'}", highlight=False)
+    st = results["status"]
+    base = results["baseline"]
+    console.print(f"ablation {results['name']}: {st['finished']} of {st['expected']} runs finished", highlight=False)
+    for key in results["metrics"]:
+        name, metric = split_key(key)
+        direction, label = METRICS[metric]
+        table = Table(title=f"{name}: {label} ({direction} is better)")
+        for col in ("arm", "mean ± std over seeds", f"Δ vs {base} [95 % CI]", "verdict", "unigram"):
+            table.add_column(col, justify="left" if col in ("arm", "verdict") else "right")
+        for a, row in results["arms"].items():
+            diff, verdict = ("(baseline)", "") if a == base else fmt_paired(results["paired"][key].get(a), base)
+            u = (row.get("unigram") or {}).get(name) if metric == "bpb" else None
+            table.add_row(a, fmt_cell(row["metrics"].get(key)), diff, verdict, "" if u is None else f"{u:.4f}")
+        console.print(table)
+    for line in results.get("checks") or []:
+        console.print(line, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -100,12 +100,20 @@ class TrainSection(StrictModel):
     schedule: Literal["cosine", "wsd", "constant"] = Field(
         default="cosine", description="warmup then cosine decay, or warmup-stable-decay, or constant after warmup")
     warmup_steps: int = Field(default=20, ge=0)
+    warmup_fraction: float | None = Field(
+        default=None, ge=0, le=1,
+        description="warm-up as a share of max_steps (rounded); wins over warmup_steps when set, so the warm-up "
+        "scales with the budget (textbook ablate sets it from the preset's own share)")
     decay_fraction: float = Field(default=0.2, gt=0, le=1, description="WSD: share of steps in the final decay")
     weight_decay: float = Field(default=0.1, ge=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, ge=0, description="max global grad norm (0: off)")
     seed: int = 0
+    threads: int | None = Field(
+        default=None, ge=1,
+        description="torch CPU threads for this process; default $OMP_NUM_THREADS, else the CPUs this process may "
+        "run on (os.sched_getaffinity). On a CPU shared with other jobs, fewer threads can be faster")
     device: str = Field(default="auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:1, mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="autocast dtype; auto: bfloat16 on a GPU that supports it, else float32")
@@ -128,6 +136,9 @@ class EvalSection(StrictModel):
         description="extra evaluation sets: shard sets, jsonl/parquet documents (e.g. a held-out educational "
         "set shared by ablation arms) and multiple-choice benchmarks ({task: arc_easy})")
     own_validation: bool = Field(default=True, description="also evaluate on the training shards' validation split")
+    initial: bool = Field(
+        default=False, description="also evaluate before the first step (step 0, the untrained model): "
+        "learning curves that start at 0 tokens (textbook ablate turns it on)")
 
 
 class GrowSection(StrictModel):

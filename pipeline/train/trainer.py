@@ -116,6 +116,21 @@ def setup_distributed(device_spec: str) -> Dist:
     return Dist(rank=rank, local_rank=local_rank, world=world, device=device)
 
 
+def cpu_threads(requested: int | None = None) -> int:
+    """torch CPU threads to use: `requested`, else $OMP_NUM_THREADS (a positive integer), else the CPUs this
+    process may run on (`os.sched_getaffinity`, which honours taskset/cgroup pinning; os.cpu_count() where
+    the platform lacks it)."""
+    if requested:
+        return int(requested)
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
     if spec == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -137,16 +152,25 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None)
 
 
 # --- schedule ---------------------------------------------------------------------------------------------
+def warmup_steps(t: TrainSection) -> int:
+    """Warm-up length in optimizer steps: round(warmup_fraction * max_steps) when the fraction is set (the
+    warm-up then scales with the budget), else warmup_steps."""
+    if t.warmup_fraction is not None:
+        return round(t.warmup_fraction * t.max_steps)
+    return t.warmup_steps
+
+
 def lr_factor(step: int, t: TrainSection) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based)."""
-    if t.warmup_steps and step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
+    warmup = warmup_steps(t)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
     floor = t.min_lr_ratio
     if t.schedule == "constant":
         return 1.0
     if t.schedule == "cosine":
-        span = max(t.max_steps - t.warmup_steps, 1)
-        progress = min((step - t.warmup_steps) / span, 1.0)
+        span = max(t.max_steps - warmup, 1)
+        progress = min((step - warmup) / span, 1.0)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     # warmup-stable-decay: flat at the peak, then a linear decay over the last decay_fraction of the steps
     decay_steps = max(int(t.max_steps * t.decay_fraction), 1)
@@ -340,6 +364,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         dist = setup_distributed(t.device)
         self.dist = dist
+        self.threads = cpu_threads(t.threads)
+        torch.set_num_threads(self.threads)  # explicit: torch's own default ignores CPU pinning and shared machines
         dtype = pick_dtype(t.dtype, dist.device)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
@@ -392,7 +418,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self.log(f"model: {raw.num_params():,} parameters ({self.args.n_layers} x {self.args.dim}, vocab "
                      f"{self.args.vocab_size}); {tokens_per_step:,} tokens/step on {dist.world} x {dist.device} "
-                     f"{str(dtype).removeprefix('torch.')}; {split_tokens(self.sets, cfg.data.split):,} training tokens")
+                     f"{str(dtype).removeprefix('torch.')}, {self.threads} CPU threads; "
+                     f"{split_tokens(self.sets, cfg.data.split):,} training tokens")
+        if cfg.eval.initial and step == 0 and (evals or mc_sets):  # the untrained model: curves start at 0
+            self._write_log(self._evaluate(model, evals, amp, 0, 0, raw=raw, mc_sets=mc_sets))
         prefetch = Prefetcher(loader, cfg.data.prefetch, pin=dist.device.type == "cuda")
         bar = self._bar(step)
         last, last_eval = self._logged(step) if ckpt is not None else ({}, {})
@@ -616,6 +645,7 @@ class Trainer:
             "final_val_loss": last_eval.get("val_loss"), "final_val_bpb": last_eval.get("val_bpb"),
             "evals": {k: v for k, v in last_eval.items() if k.startswith("eval/")},
             "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"),
+            "threads": getattr(self, "threads", None),
             "data_epochs": loader_state["epoch"] + 1 if loader_state else None,
             "train_tokens_available": split_tokens(self.sets, self.cfg.data.split),
             "checkpoint": str(ckpts[-1]) if ckpts else None, "log": str(self.out / "log.jsonl"),
