@@ -221,3 +221,34 @@ def test_batch_run_killed_mid_poll_resumes_by_polling_never_submitting_again(tmp
     assert stats["answered_total"] == n and stats["distinct_answered"] == n
     with Ledger(ledger) as led:
         assert led.counts() == {"ok": n, "failed": 0} and led.open_batches() == []
+
+
+def test_an_earlier_runs_batch_for_requests_not_asked_now_is_recorded_and_billed_without_waiting_for_it(tmp_path):
+    """A batch left open by an earlier run with 6 requests; this run asks for 3 of them. The 3 come from the
+    batch (not submitted again); the other 3 are recorded in the ledger (billed) as `unrequested`, and a later
+    run of all 6 pays for nothing."""
+    from openai import OpenAI
+
+    ledger = tmp_path / "l.sqlite"
+    with FaultyOpenAIServer(mode="thread", words=30) as srv:
+        llm = _llm(srv)
+        reqs = _requests(llm, 6)
+        items = [(r.key(llm.model), r) for r in reqs]
+        data = "".join(batch_line(k, r, llm.model)[1] + "\n" for k, r in items).encode()
+        client = OpenAI(api_key="EMPTY", base_url=srv.base_url)
+        file_id = client.files.create(file=("in.jsonl", data, "application/jsonl"), purpose="batch").id
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        client.close()
+        with Ledger(ledger) as led:
+            led.add_batch("ref-1", "/v1/chat/completions", llm.model, items)
+            led.update_batch("ref-1", input_file_id=file_id, batch_id=batch.id, status=batch.status)
+        budget = BudgetSection(**PRICES)
+        s = run_requests(reqs[:3], llm, budget, ledger, progress=False)
+        assert s.ok == 3 and s.sent == 3 and s.unrequested["requests"] == 3
+        assert s.cost_usd + s.unrequested["cost_usd"] == pytest.approx(
+            budget.cost(s.prompt_tokens + s.unrequested["prompt_tokens"],
+                        s.completion_tokens + s.unrequested["completion_tokens"], batch=True))
+        again = run_requests(reqs, llm, budget, ledger, progress=False)
+        stats = srv.stats()
+    assert again.cached == 6 and again.sent == 0
+    assert stats["batches_created"] == 1 and stats["answered_total"] == 6

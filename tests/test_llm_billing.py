@@ -138,3 +138,31 @@ def test_budget_stops_on_billed_content_filter_answers_within_the_bound(tmp_path
     assert s.cost_usd <= 4.2 + llm.concurrency * (per_answer - min_reserved) + 1e-9
     assert s.cost_usd > 4.2 - per_answer  # it spent up to the cap, not a fraction of it
     assert s.max_inflight_usd <= 4.2 + 1e-9 and s.reconciled
+
+
+def test_an_old_ledger_gains_the_bill_columns_and_a_success_is_never_overwritten(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE results (key TEXT PRIMARY KEY, model TEXT NOT NULL, ok INTEGER NOT NULL, text TEXT, "
+               "finish_reason TEXT, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, "
+               "latency_s REAL NOT NULL, attempts INTEGER NOT NULL, error TEXT, template_version TEXT, "
+               "request TEXT, created REAL NOT NULL)")
+    db.execute("INSERT INTO results VALUES ('a', 'm', 1, 'old text', 'stop', 3, 5, 0.1, 1, NULL, '', '{}', 0)")
+    db.commit()
+    db.close()
+    req = LLMRequest(messages=({"role": "user", "content": "x"},))
+    filtered = LLMResult(key="a", ok=False, text=None, finish_reason="content_filter", prompt_tokens=0,
+                         completion_tokens=0, latency_s=0.1, attempts=1, error="content_filter: ...", model="m",
+                         unusable_prompt_tokens=400, unusable_completion_tokens=700, unusable_answers=1,
+                         outcome="content_filter")
+    with Ledger(path) as led:
+        assert led.get_ok("a").text == "old text"
+        led.put_many([(filtered, req)])  # an answer billed after the success (a duplicate in flight at a kill)
+        hit = led.get_ok("a")
+        assert hit is not None and hit.text == "old text" and hit.attempts == 1
+        assert led.billed() == {"prompt_tokens": 400, "completion_tokens": 700, "unusable_answers": 1}
+        led.put_many([(LLMResult(key="b", ok=False, text=None, finish_reason=None, prompt_tokens=0,
+                                 completion_tokens=0, latency_s=0.0, attempts=2, error="boom", model="m"), req)])
+        assert led.unusable_counts() == {} and led.get_failed("b").error == "boom"

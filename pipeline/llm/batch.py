@@ -206,7 +206,6 @@ class BatchDriver(DriverBase):
             self.progress.close()
             self.ledger.close()
         self.s.batches = self.finished + [self._batch_info(o) for o in self.open.values()]
-        self.s.unrequested["cost_usd"] = round(self.s.unrequested["cost_usd"], 6)
         return self._summary()
 
     def _update_progress(self, force: bool = False) -> None:

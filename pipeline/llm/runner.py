@@ -269,9 +269,6 @@ class Budget:
             "raise the cap and re-run to continue"
 
 
-_Budget = Budget  # the first name, kept for callers
-
-
 # --------------------------------------------------------------------------------------------- progress
 def wait_text(seconds_left: float, reason: str) -> str:
     """The progress line's wait notice: 'waiting 45 s: server rate limit (retry-after: 45)'."""
@@ -563,7 +560,11 @@ class DriverBase:
         s.skipped_reasons = dict(self.skipped)
         s.failed_reasons = dict(self.failed)
         s.outcomes = dict(self.outcomes)
-        s.cost_usd = round(self.budget.spent_usd, 6)
+        # batch mode: an earlier run's results this run did not ask for are counted apart (`unrequested`)
+        other = s.unrequested.get("cost_usd", 0.0)
+        s.cost_usd = round(self.budget.spent_usd - other, 6)
+        if s.unrequested:
+            s.unrequested["cost_usd"] = round(other, 6)
         s.unusable["cost_usd"] = round(s.unusable["cost_usd"], 6)
         s.max_inflight_usd = round(self.budget.max_inflight_usd, 6)
         s.elapsed_s = round(time.monotonic() - self.t0, 3)
