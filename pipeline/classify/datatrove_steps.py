@@ -7,7 +7,7 @@
 The tagger writes `metadata["edu_score"]` (float on the rubric scale) and `metadata["edu_model"]`, through the
 guards of `pipeline.classify.guards`: a page a gate stops scores the rubric minimum and carries
 `metadata["edu_guard"]` (the gate) and `metadata["edu_score_raw"]` (the model's own score); a page scored
-without pasted training paragraphs carries `edu_score_raw` and `edu_memorised_share`; a page that is a training
+without pasted training text carries `edu_score_raw` and `edu_memorised_share`; a page that is a training
 text of the model carries `edu_in_training: true`. The filter only reads the stored score, so changing the
 cut-off never re-scores. Both are picklable (the model is loaded lazily in each worker), so they run under
 datatrove's local and Ray executors.
@@ -42,7 +42,7 @@ class EduScoreTagger(PipelineStep):
         max_chars: score this prefix of each document (default: the model's `max_chars`).
         guards: False stores the model's own score (training-overlap flags are still set).
         summary_dir: if set, each task writes `<summary_dir>/r<rank>.json` when it ends: documents scored,
-            empty, prefix-scored, gated per gate, with training paragraphs, rescored, in_training (the web stage
+            empty, prefix-scored, gated per gate, with training text, rescored, in_training (the web stage
             sums them into its stats).
     """
 
@@ -110,10 +110,10 @@ class EduScoreTagger(PipelineStep):
                 elif res.memorised_share[i] > 0:
                     md[RAW_KEY] = float(res.raw[i])
                     md[MEMORISED_KEY] = round(float(res.memorised_share[i]), 4)
-                    counts["with_training_paragraphs"] += 1
+                    counts["with_training_text"] += 1
                     if res.rescored[i]:
-                        self.stat_update("rescored_without_training_paragraphs")
-                        counts["rescored_without_training_paragraphs"] += 1
+                        self.stat_update("rescored_without_training_text")
+                        counts["rescored_without_training_text"] += 1
                 if res.in_training[i]:
                     md[IN_TRAINING_KEY] = True
                     self.stat_update("in_training")
@@ -134,8 +134,8 @@ class EduScoreTagger(PipelineStep):
         atomic_write_text(Path(self.summary_dir, f"r{rank:05d}.json"), json.dumps(summary) + "\n")
 
 
-SUMMARY_COUNTS = ("scored", "empty_text", "prefix_scored", "with_training_paragraphs",
-                  "rescored_without_training_paragraphs", "in_training")
+SUMMARY_COUNTS = ("scored", "empty_text", "prefix_scored", "with_training_text",
+                  "rescored_without_training_text", "in_training")
 
 
 class EduScoreFilter(BaseFilter):

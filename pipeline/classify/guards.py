@@ -24,11 +24,14 @@ read the text the model reads (the model's `max_chars` prefix, plus the same sla
 `keyword_list` and `word_salad` use English word lists and apply only to models whose `language` is English;
 `no_sentences` and `repetitive` apply to every language.
 
-**Memorised paragraphs.** With the model's `training_hashes.npz` (`pipeline.classify.overlap`), lines of a page
-that are paragraphs of the model's training texts are recognised. When they are less than
-`memorised_max_share` of the scored prefix, the page is scored without them: a page that pastes a paragraph of
-training text into other text is judged on its own text. A page that is mostly (or exactly) training text keeps
-its score and counts in the overlap figures instead (a mirror of a training page is that page).
+**Memorised text.** With the model's `training_hashes.npz` (`pipeline.classify.overlap`), runs of words of a
+page that are runs of the model's training texts are recognised (8-word shingles, whatever the line breaks).
+When they are between `memorised_min_share` (10 %) and `memorised_max_share` (60 %) of the words the model
+reads, the page is scored without them: a page that pastes a passage of training text into other text is
+judged on its own text. A page that is mostly (or exactly) training text keeps its score and counts in the
+overlap figures instead (a mirror of a training page is that page); a few shared phrases change nothing. (The
+share is estimated from one stored shingle in eight, a few words either way per passage: 60 %, not 50 %,
+so that a page that is mostly spam is rescored even when its pasted passage is estimated a little long.)
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ class GuardConfig:
     salad_min_ratio: float = 0.25
     max_words_per_sentence: float = 150.0
     max_repeated_trigrams: float = 0.9
-    memorised_max_share: float = 0.5
+    memorised_min_share: float = 0.1
+    memorised_max_share: float = 0.6
     gates: tuple[str, ...] = GATES
     sample_chars: int = 1500
     check_above: float = 0.2
@@ -142,8 +146,8 @@ class GuardedScores:
     """Result of `GuardedScorer.score` for n texts (arrays of length n).
 
     scores: float32, what to store and filter on (rubric scale); raw: float32, the model's own score; gates: the
-    gate each text failed, or None; memorised_share: share of the scored prefix in lines that are training
-    paragraphs (0 where not checked); rescored: scored without those lines; in_training: the text is a training
+    gate each text failed, or None; memorised_share: share of the words the model reads that are runs of
+    training text (0 where not checked); rescored: scored without those words; in_training: the text is a training
     text of the model (`overlap.document_key`); has_hashes: the model has training hashes (else no overlap
     figures)."""
 
@@ -160,17 +164,17 @@ class GuardedScores:
         return dict(sorted(Counter(g for g in self.gates if g).items()))
 
     def summary(self) -> dict[str, Any]:
-        """Counts for stats files: documents, gated (per gate), pages with training paragraphs and how many
+        """Counts for stats files: documents, gated (per gate), pages with training text and how many
         were rescored without them, training_overlap (`overlap.overlap_summary`; None without hashes)."""
         from pipeline.classify.overlap import overlap_summary
 
         return {"documents": len(self.scores), "gated": self.gate_counts(),
-                "with_training_paragraphs": int(np.sum(self.memorised_share > 0)),
-                "rescored_without_training_paragraphs": int(self.rescored.sum()),
+                "with_training_text": int(np.sum(self.memorised_share > 0)),
+                "rescored_without_training_text": int(self.rescored.sum()),
                 "training_overlap": overlap_summary(self.in_training) if self.has_hashes else None}
 
     def metrics_fields(self, enabled: bool = True) -> dict[str, Any]:
-        """{'guards': {enabled, gated, with_training_paragraphs, rescored_...}, 'training_overlap': ...} for a
+        """{'guards': {enabled, gated, with_training_text, rescored_...}, 'training_overlap': ...} for a
         metrics dict (`evaluate_model`)."""
         s = self.summary()
         overlap = s.pop("training_overlap")
@@ -179,7 +183,7 @@ class GuardedScores:
 
 
 class GuardedScorer:
-    """A loaded `EduClassifier` behind the gates and the memorised-paragraph rule.
+    """A loaded `EduClassifier` behind the gates and the memorised-text rule.
 
     Args:
         clf: the classifier (`pipeline.classify.model.EduClassifier`).
@@ -192,7 +196,7 @@ class GuardedScorer:
     through: `check_above: 0` checks every page). The gates
     read the first `sample_chars` characters of what the model reads; a page a gate stops there is judged again
     on all of it (the decision is the whole prefix's, the cost mostly the sample's). The training hashes are read from the
-    model directory once (None when the model has none: no memorised-paragraph rule, no overlap figures).
+    model directory once (None when the model has none: no memorised-text rule, no overlap figures).
     """
 
     def __init__(self, clf: Any, enabled: bool = True, config: GuardConfig | None = None) -> None:
@@ -232,13 +236,10 @@ class GuardedScorer:
                 gates[i] = gate(view, self.english, self.config)
             if gates[i] or self.hashes is None or in_training[i]:
                 continue
-            spans = self.hashes.memorised_spans(view)
-            if spans:
-                share[i] = sum(e - s for s, e in spans) / max(1, len(view.strip()))
-                remainder = _cut(texts[i], spans)
-                if share[i] < self.config.memorised_max_share and remainder.strip():
-                    redo.append(int(i))
-                    rest.append(remainder)
+            share[i], remainder = self.hashes.memorised(view)
+            if self.config.memorised_min_share <= share[i] < self.config.memorised_max_share:
+                redo.append(int(i))
+                rest.append(remainder)
         if redo:
             scores[redo] = self.clf.score(rest, max_chars)
             rescored[redo] = True
@@ -247,13 +248,3 @@ class GuardedScorer:
                 scores[i] = self.clf.score_min
         return GuardedScores(scores.astype(np.float32), raw, gates, share, rescored, in_training,
                              self.hashes is not None)
-
-
-def _cut(text: str, spans: list[tuple[int, int]]) -> str:
-    """`text` without the character spans (sorted, non-overlapping)."""
-    parts, pos = [], 0
-    for s, e in spans:
-        parts.append(text[pos:s])
-        pos = e
-    parts.append(text[pos:])
-    return "".join(parts)

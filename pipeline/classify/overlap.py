@@ -1,29 +1,32 @@
 """Hashes of a classifier's training texts, stored beside the model: scoring or evaluating pages the model was
-trained on says so (otherwise a user measures training accuracy and calls it quality), and a paragraph of
-training text pasted into another page can be recognised (`pipeline.classify.guards`).
+trained on says so (otherwise a user measures training accuracy and calls it quality), and training text pasted
+into another page can be recognised (`pipeline.classify.guards`).
 
 File `<model_dir>/training_hashes.npz` (written by `train_classifier`, or for an already trained model by
 `textbook classifier training-hashes CONFIG`), three arrays:
 
-- `documents`: sorted unique uint32, the first 4 bytes of blake2b of each training text's key (`document_key`:
-  its first `DOC_KEY_CHARS` characters once normalised, `normalise`: lower case, every run of whitespace one
-  space). A bounded key keeps the check cheap on every scored page; two texts that share their first 1,000
-  normalised characters are copies of one another for this purpose;
-- `paragraphs`: the same for every line of a training text that is at least `MIN_PARAGRAPH_CHARS` long once
-  normalised (shorter lines, "Home", "Read more", are shared by unrelated pages);
-- `info`: a JSON string (format, counts, the normalisation and paragraph rule).
+- `documents`: sorted unique uint32 hashes of each training text's key (`document_key`: its first
+  `DOC_KEY_CHARS` characters once normalised, `normalise`: lower case, every run of whitespace one space). A
+  bounded key keeps the check cheap on every scored page; two texts that share their first 1,000 normalised
+  characters are copies of one another for this purpose;
+- `shingles`: sorted unique uint32 hashes of runs of `SHINGLE_WORDS` consecutive words of the normalised
+  training texts, one in `SHINGLE_SAMPLE` kept (those whose hash is divisible by it, the same on both sides).
+  Word runs, not lines: text pasted with other line breaks (or none) is still recognised; a pasted passage
+  of 60 words (53 shingles) is missed with probability (7/8) ** 53, under 0.1 %;
+- `info`: a JSON string (format, counts, the rules above).
 
-Four bytes keep the file small (about 4 bytes per training text and per paragraph): with N stored hashes a
-foreign text matches by chance with probability N / 2**32 (2e-5 for 100,000 paragraphs). A match therefore
-means "almost surely the same normalised text", never "similar text".
+Four bytes a hash keep the file small: with N stored hashes a foreign run of words matches by chance with
+probability N / 2**32 (4e-5 for 170,000 shingles), so a match means "almost surely the same words".
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +35,11 @@ import numpy as np
 from pipeline.errors import TextbookError
 
 HASH_FILE = "training_hashes.npz"
-FORMAT = "textbook-training-hashes/1"
-MIN_PARAGRAPH_CHARS = 80
+FORMAT = "textbook-training-hashes/2"
 DOC_KEY_CHARS = 1000
+SHINGLE_WORDS = 8
+SHINGLE_SAMPLE = 8
+_PRIME = np.uint64(1_099_511_628_211)  # FNV-64 prime: the rolling combination of word hashes
 
 
 def normalise(text: str) -> str:
@@ -53,19 +58,30 @@ def text_hash(normalised: str) -> int:
     return int.from_bytes(hashlib.blake2b(normalised.encode("utf-8", "replace"), digest_size=4).digest(), "big")
 
 
-def paragraph_spans(text: str, min_chars: int = MIN_PARAGRAPH_CHARS) -> list[tuple[int, int, int]]:
-    """(start, end, hash) of every line of `text` whose normalised form has at least `min_chars` characters;
-    start/end are character offsets into `text` (the line without its newline)."""
-    out: list[tuple[int, int, int]] = []
-    pos = 0
-    for line in text.split("\n"):
-        end = pos + len(line)
-        if end - pos >= min_chars:  # normalising never lengthens a line (bar rare case mappings): skip short ones
-            norm = normalise(line)
-            if len(norm) >= min_chars:
-                out.append((pos, end, text_hash(norm)))
-        pos = end + 1
-    return out
+@lru_cache(maxsize=1 << 18)
+def _word_hash(word: str) -> int:
+    return zlib.crc32(word.encode("utf-8", "surrogatepass"))
+
+
+def shingle_hashes(words: Sequence[str]) -> np.ndarray:
+    """uint32 hash of every run of SHINGLE_WORDS consecutive `words` (n - SHINGLE_WORDS + 1 of them, none for
+    fewer words): crc32 per word, combined by a rolling multiply-add in uint64, mixed, top 32 bits."""
+    n = len(words) - SHINGLE_WORDS + 1
+    if n <= 0:
+        return np.zeros(0, dtype=np.uint32)
+    wh = np.fromiter((_word_hash(w) for w in words), dtype=np.uint64, count=len(words))
+    h = np.zeros(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(SHINGLE_WORDS):
+            h = h * _PRIME + wh[j:j + n]
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0x9E3779B97F4A7C15)
+    return (h >> np.uint64(32)).astype(np.uint32)
+
+
+def sampled(hashes: np.ndarray) -> np.ndarray:
+    """The hashes kept in the store (divisible by SHINGLE_SAMPLE)."""
+    return hashes[hashes % SHINGLE_SAMPLE == 0]
 
 
 def _sorted_unique(values: Iterable[int]) -> np.ndarray:
@@ -74,33 +90,30 @@ def _sorted_unique(values: Iterable[int]) -> np.ndarray:
 
 @dataclass
 class TrainingHashes:
-    """The stored hash sets of one model; `contains_*` answer membership for batches of texts."""
+    """The stored hash sets of one model; `contains_documents` and `memorised` answer for texts."""
 
     documents: np.ndarray  # sorted unique uint32
-    paragraphs: np.ndarray  # sorted unique uint32
+    shingles: np.ndarray  # sorted unique uint32 (sampled)
     info: dict[str, Any]
 
     @classmethod
-    def build(cls, texts: Iterable[str], min_paragraph_chars: int = MIN_PARAGRAPH_CHARS) -> TrainingHashes:
-        """Hash every text (whole, normalised) and every paragraph of it; texts that are not strings are skipped."""
+    def build(cls, texts: Iterable[str]) -> TrainingHashes:
+        """Hash every text (its document key) and its sampled word shingles; non-strings and blanks skipped."""
         docs: list[int] = []
-        paras: list[int] = []
+        parts: list[np.ndarray] = []
         n = 0
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 continue
             n += 1
             docs.append(text_hash(document_key(t)))
-            paras.extend(h for _, _, h in paragraph_spans(t, min_paragraph_chars))
-        d, p = _sorted_unique(docs), _sorted_unique(paras)
-        info = {"format": FORMAT, "texts": n, "documents": int(len(d)), "paragraphs": int(len(p)),
-                "hash": "blake2b, first 4 bytes, of the text lower-cased with whitespace runs collapsed",
-                "document_key_chars": DOC_KEY_CHARS, "min_paragraph_chars": min_paragraph_chars}
-        return cls(d, p, info)
-
-    @property
-    def min_paragraph_chars(self) -> int:
-        return int(self.info.get("min_paragraph_chars", MIN_PARAGRAPH_CHARS))
+            parts.append(sampled(shingle_hashes(normalise(t).split())))
+        d = _sorted_unique(docs)
+        sh = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint32)
+        info = {"format": FORMAT, "texts": n, "documents": int(len(d)), "shingles": int(len(sh)),
+                "normalise": "lower case, whitespace runs collapsed", "document_key_chars": DOC_KEY_CHARS,
+                "shingle_words": SHINGLE_WORDS, "shingle_sample": SHINGLE_SAMPLE}
+        return cls(d, sh.astype(np.uint32), info)
 
     def save(self, model_dir: str | Path) -> Path:
         """Write `<model_dir>/training_hashes.npz` (atomically); returns its path."""
@@ -108,46 +121,72 @@ class TrainingHashes:
 
         path = Path(model_dir) / HASH_FILE
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, documents=self.documents, paragraphs=self.paragraphs,
+            np.savez_compressed(f, documents=self.documents, shingles=self.shingles,
                                 info=np.array(json.dumps(self.info, sort_keys=True)))
         return path
 
     @classmethod
     def load(cls, model_dir: str | Path) -> TrainingHashes | None:
         """The model's hashes, or None when the model has none (trained before hashes were stored).
-        Raises TextbookError naming the file when it exists but cannot be read."""
+        Raises TextbookError naming the file when it exists but cannot be read or has another format."""
         path = Path(model_dir) / HASH_FILE
         if not path.is_file():
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
                 info = json.loads(str(z["info"]))
-                docs, paras = z["documents"].astype(np.uint32), z["paragraphs"].astype(np.uint32)
-        except Exception as e:  # noqa: BLE001 - zip/npy/json errors all mean "corrupt"
+                docs, sh = z["documents"].astype(np.uint32), z["shingles"].astype(np.uint32)
+        except Exception as e:  # noqa: BLE001 - zip/npy/json/missing-array errors all mean "corrupt"
             raise TextbookError(f"{path}: corrupt training hashes ({type(e).__name__}: {e})") from None
-        if info.get("format") != FORMAT or info.get("document_key_chars") != DOC_KEY_CHARS:
-            raise TextbookError(f"{path}: unsupported format {info.get('format')!r} with document keys of "
-                                f"{info.get('document_key_chars')} characters (expected {FORMAT}, {DOC_KEY_CHARS})")
-        return cls(docs, paras, info)
+        expected = {"format": FORMAT, "document_key_chars": DOC_KEY_CHARS, "shingle_words": SHINGLE_WORDS,
+                    "shingle_sample": SHINGLE_SAMPLE}
+        if any(info.get(k) != v for k, v in expected.items()):
+            raise TextbookError(f"{path}: written with other rules ({ {k: info.get(k) for k in expected} }, "
+                                f"expected {expected}): rewrite it with `textbook classifier training-hashes`")
+        return cls(docs, sh, info)
 
-    def _member(self, table: np.ndarray, hashes: Sequence[int]) -> np.ndarray:
+    @staticmethod
+    def _member(table: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         if not len(hashes) or not len(table):
             return np.zeros(len(hashes), dtype=bool)
-        h = np.asarray(hashes, dtype=np.uint32)
-        idx = np.minimum(np.searchsorted(table, h), len(table) - 1)
-        return table[idx] == h
+        idx = np.minimum(np.searchsorted(table, hashes), len(table) - 1)
+        return table[idx] == hashes
 
     def contains_documents(self, texts: Sequence[str]) -> np.ndarray:
         """bool per text: its `document_key` is a training text's (non-strings and blanks: False)."""
         valid = np.array([isinstance(t, str) and bool(t.strip()) for t in texts], dtype=bool)
-        hashes = [text_hash(document_key(t)) if ok else 0 for t, ok in zip(texts, valid, strict=True)]
+        hashes = np.array([text_hash(document_key(t)) if ok else 0 for t, ok in zip(texts, valid, strict=True)],
+                          dtype=np.uint32)
         return self._member(self.documents, hashes) & valid
 
-    def memorised_spans(self, text: str) -> list[tuple[int, int]]:
-        """(start, end) character spans of the lines of `text` that are training paragraphs."""
-        spans = paragraph_spans(text, self.min_paragraph_chars)
-        hit = self._member(self.paragraphs, [h for _, _, h in spans])
-        return [(s, e) for (s, e, _), m in zip(spans, hit, strict=True) if m]
+    def memorised(self, text: str) -> tuple[float, str]:
+        """(share of the words of `text` in runs of training text, `text` without those words).
+
+        A word is memorised when a stored shingle covers it. Only one shingle in SHINGLE_SAMPLE is stored, so
+        words between two stored hits less than 3 x SHINGLE_WORDS apart are taken as one run, and a run's first
+        and last shingles are usually unsampled: the share counts each run widened by SHINGLE_SAMPLE - 1 words
+        on each side (the expected gap), the remainder leaves out 2 x SHINGLE_WORDS words on each side (a few
+        words of the page's own text next to a pasted passage may go with it). The remainder's words are
+        joined by single spaces (the classifier collapses whitespace anyway)."""
+        tokens = text.split()
+        h = shingle_hashes([t.lower() for t in tokens])
+        hit = np.flatnonzero((h % SHINGLE_SAMPLE == 0) & self._member(self.shingles, h))
+        if not len(hit):
+            return 0.0, text
+        core = np.zeros(len(tokens), dtype=bool)
+        cut = np.zeros(len(tokens), dtype=bool)
+        pad = 2 * SHINGLE_WORDS
+        runs: list[tuple[int, int]] = []
+        start = int(hit[0])
+        for a, b in zip(hit[:-1], hit[1:], strict=True):
+            if b - a > 3 * SHINGLE_WORDS:  # a new run
+                runs.append((start, int(a) + SHINGLE_WORDS))
+                start = int(b)
+        runs.append((start, int(hit[-1]) + SHINGLE_WORDS))
+        for a, b in runs:
+            core[max(0, a - SHINGLE_SAMPLE + 1):b + SHINGLE_SAMPLE - 1] = True
+            cut[max(0, a - pad):b + pad] = True
+        return float(core.mean()), " ".join(t for t, m in zip(tokens, cut, strict=True) if not m)
 
 
 def write_training_hashes(model_dir: str | Path, texts: Iterable[str]) -> dict[str, Any]:

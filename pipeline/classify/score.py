@@ -26,7 +26,7 @@ def score_files(model_dir: str, inputs: list[str], out_dir: str, text_column: st
     """Score every document of `inputs` (jsonl/parquet files or folders) into `out_dir` (parquet + stats.json).
 
     Returns the stats dict: read/kept/dropped (`empty_text`)/errored, score_mean, score_quantiles,
-    above_threshold, guards (gated per gate, pages with training paragraphs, rescored) and training_overlap
+    above_threshold, guards (gated per gate, pages with training text, rescored) and training_overlap
     (None when the model has no training hashes). `log` receives the overlap warning, if any."""
     from tqdm import tqdm
 
@@ -42,7 +42,7 @@ def score_files(model_dir: str, inputs: list[str], out_dir: str, text_column: st
     all_scores: list[np.ndarray] = []
     in_training: list[np.ndarray] = []
     gated: dict[str, int] = {}
-    with_paragraphs = rescored = 0
+    with_training = rescored = 0
     limit = clf.max_chars if max_chars is None else max_chars
 
     def on_error(reason: str, where: str) -> None:
@@ -67,7 +67,7 @@ def score_files(model_dir: str, inputs: list[str], out_dir: str, text_column: st
                     gated[res.gates[i]] = gated.get(res.gates[i], 0) + 1
                 elif res.memorised_share[i] > 0:
                     meta[RAW_KEY], meta[MEMORISED_KEY] = float(res.raw[i]), round(float(res.memorised_share[i]), 4)
-                    with_paragraphs += 1
+                    with_training += 1
                     rescored += int(res.rescored[i])
                 if res.in_training[i]:
                     meta[IN_TRAINING_KEY] = True
@@ -86,8 +86,8 @@ def score_files(model_dir: str, inputs: list[str], out_dir: str, text_column: st
         stats.set("score_quantiles", {q: float(np.quantile(s, q)) for q in (0.1, 0.5, 0.9)})
         stats.set("above_threshold", int(np.sum(s >= clf.threshold)))
     stats.set("guards", {"enabled": guards, "gated": dict(sorted(gated.items())),
-                         "with_training_paragraphs": with_paragraphs,
-                         "rescored_without_training_paragraphs": rescored})
+                         "with_training_text": with_training,
+                         "rescored_without_training_text": rescored})
     overlap = overlap_summary(np.concatenate(in_training) if in_training else np.zeros(0, dtype=bool)) \
         if scorer.hashes is not None else None
     stats.set("training_overlap", overlap)

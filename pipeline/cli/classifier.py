@@ -99,7 +99,7 @@ def evaluate_cmd(
     record: bool = typer.Option(False, "--record", help="With --keep-top: store the cut-off in the model."),
     out: str | None = typer.Option(None, "--out", help="Write the metrics JSON here."),
     no_guards: bool = typer.Option(False, "--no-guards", help="The model's own scores, without the keyword-list "
-                                   "/ word-salad / repetition gates and the pasted-training-paragraph rule."),
+                                   "/ word-salad / repetition gates and the pasted-training-text rule."),
 ) -> None:
     """Evaluate a trained model on labelled data: P/R/F1 at the threshold, macro-F1, confusion, Spearman.
 
@@ -147,7 +147,7 @@ def score_cmd(
     batch_size: int = typer.Option(512, help="Documents per model call."),
     max_chars: int | None = typer.Option(None, help="Score this prefix (default: the model's)."),
     no_guards: bool = typer.Option(False, "--no-guards", help="Store the model's own scores (no gates, no "
-                                   "pasted-training-paragraph rule)."),
+                                   "pasted-training-text rule)."),
 ) -> None:
     """Score documents: writes them with `edu_score` (and the model in meta) plus stats.json.
 
@@ -192,7 +192,7 @@ def training_hashes_cmd(
     target = resolve_model_dir(model or str(Path(t.out_dir) / t.name))
     info = hashes_from_config(t, target, all_documents=all_documents)
     console.print(f"{target}: hashed {info['texts']:,} texts ({info['hashed']}): {info['documents']:,} document "
-                  f"and {info['paragraphs']:,} paragraph hashes", highlight=False)
+                  f"and {info['shingles']:,} shingle hashes", highlight=False)
 
 
 def register(parent: typer.Typer) -> None:

@@ -121,7 +121,7 @@ class EduConfig(StrictModel):
         "provenance); calibration: the score keeping keep_top of the model's calibration sample (the share of "
         "this run it keeps varies)")
     guards: bool = Field(default=True, description="keyword-list / word-salad / repetition gates and the "
-                         "pasted-training-paragraph rule (pipeline.classify.guards); gated pages are never kept")
+                         "pasted-training-text rule (pipeline.classify.guards); gated pages are never kept")
 
     @model_validator(mode="after")
     def _one_cut(self) -> EduConfig:
