@@ -168,6 +168,7 @@ class Report:
         if not (kept or removed or final):
             return
         self.h2("Educational-value scores before and after filtering")
+        self.edu_cut()
         plt = _plt()
         fig, ax = plt.subplots(figsize=(8, 3.5))
         bins = [i / 4 for i in range(0, 21)]
@@ -179,6 +180,31 @@ class Report:
         ax.set_ylabel("documents")
         ax.legend()
         self.save(fig, "edu_scores.png", "edu_score distribution of web pages removed and kept, and in the shards")
+
+    def edu_cut(self) -> None:
+        """The web stage's edu figures (stats `edu`): the cut's rule and realised keep rate, the guards, the
+        pages that were training texts of the classifier."""
+        edu = (self.stats.get("web") or {}).get("edu")
+        if not edu:
+            return
+        rows: list[list[Any]] = [["classifier", edu.get("model")], ["pages scored", f"{edu.get('scored', 0):,}"]]
+        cut = edu.get("filter")
+        if cut:
+            rate = cut.get("keep_rate")
+            rows += [["cut", cut.get("rule")], ["pages kept", f"{cut.get('kept', 0):,}"],
+                     ["realised keep rate", "n/a" if rate is None else f"{rate:.1%}"]]
+            if cut.get("keep_top") is not None:
+                rows.append(["keep_top asked", f"{cut['keep_top']:.1%} of {cut.get('keep_top_of')}"])
+            rows += [[f"dropped: {k}", f"{v:,}"] for k, v in cut.get("dropped", {}).items()]
+        else:
+            rows.append(["cut", "none (scores stored, nothing filtered on them)"])
+        gated = edu.get("gated") or {}
+        rows.append(["stopped by a guard", ", ".join(f"{k} {v:,}" for k, v in gated.items()) or "none"
+                     if edu.get("guards", True) else "guards off"])
+        overlap = edu.get("training_overlap")
+        rows.append(["training texts of the classifier", "not known (no training hashes)" if overlap is None
+                     else f"{overlap['in_training']:,} ({overlap['fraction']:.1%})"])
+        self.table(["edu", "value"], rows)
 
     def generation(self) -> None:
         files = _files(self.stage_dir("generate") / "kept")

@@ -229,3 +229,114 @@ def test_gzip_jsonl_with_truncation(tmp_path: Path) -> None:
     # the lines decoded before the cut are kept (a deflate prefix decodes exactly); the cut line is the one error
     assert stats["reconciled"] and stats["errored"] == {"truncated_gzip_member": 1} and stats["kept"] >= 20
     assert stats["read"] == stats["kept"] + 1
+
+
+def _default_model() -> Path:
+    from pipeline.paths import repo_path
+
+    model = repo_path("classifiers", "edu-fasttext")
+    if not (model / "classifier.json").exists():
+        pytest.skip("no committed edu classifier")
+    return model
+
+
+def _removed(tmp_path: Path) -> list[dict]:
+    d = tmp_path / "run" / "stages" / "web" / "removed"
+    return list(iter_documents([d])) if d.is_dir() else []
+
+
+def test_edu_keep_top_is_a_fraction_of_this_run(shared_data: Path, tmp_path: Path) -> None:
+    """keep_top 0.3 keeps 30 % of the pages this run scored (the calibration sample's 30 % keeps another share);
+    the cut is taken after scoring, so changing it re-scores nothing; every drop is named and counted."""
+    model = _default_model()
+    inputs = [str(shared_data / "web" / "dolma_cc" / "cc_en_head")]
+    scored = run_one(make_cfg(tmp_path / "a", {"inputs": inputs, "edu": {"enabled": True, "model": str(model)}},
+                              NO_FILTERS), "web")
+    scores = {d["meta"]["source_id"]: d["edu_score"] for d in kept(tmp_path / "a")}
+    assert len(scores) == scored["kept"] == scored["edu"]["scored"] == 20 and "filter" not in scored["edu"]
+
+    edu = {"enabled": True, "model": str(model), "filter": True, "keep_top": 0.3}
+    stats = run_one(make_cfg(tmp_path / "b", {"inputs": inputs, "edu": edu}, NO_FILTERS), "web")
+    cut = stats["edu"]["filter"]
+    assert (stats["kept"], stats["dropped"], cut["scored"], cut["kept"]) == (6, {"edu": 14}, 20, 6)
+    assert cut["keep_rate"] == pytest.approx(0.3) and cut["keep_top_of"] == "run"
+    assert cut["dropped"] == {"below_cutoff": 14} and stats["reconciled"]
+    top = {d["meta"]["source_id"] for d in kept(tmp_path / "b")}
+    assert min(scores[i] for i in top) >= max(s for i, s in scores.items() if i not in top)
+    assert min(scores[i] for i in top) == pytest.approx(cut["cutoff"])
+    assert sorted(r["reason"] for r in _removed(tmp_path / "b")) == ["edu: below_cutoff"] * 14
+    for f in stats["files"].values():
+        assert f["read"] == f["kept"] + sum(f["dropped"].values()) + sum(f["errored"].values())
+    from pipeline.report import build_report
+
+    page = build_report(tmp_path / "b" / "run", tmp_path / "report").read_text()
+    assert "realised keep rate</td><td>30.0%" in page and "keep_top asked</td><td>30.0% of run" in page
+
+    # another cut on the same run: the datatrove tasks are not run again (same state, scored files untouched)
+    state = Path(stats["state_dir"])
+    stamps = {p: p.stat().st_mtime_ns for p in (state / "out" / "scored").glob("*.parquet")}
+    assert stamps
+    again = run_one(make_cfg(tmp_path / "b", {"inputs": inputs, "edu": {**edu, "keep_top": 0.5}}, NO_FILTERS), "web")
+    assert again["state_dir"] == str(state) and again["kept"] == 10 and again["dropped"] == {"edu": 10}
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # the named alternative: the cut-off that keeps 30 % of the model's calibration sample
+    calib = run_one(make_cfg(tmp_path / "b", {"inputs": inputs, "edu": {**edu, "keep_top_of": "calibration"}},
+                             NO_FILTERS), "web")
+    from pipeline.classify.model import load_classifier
+
+    want = load_classifier(model).cutoff_for_keep_top(0.3)
+    assert calib["edu"]["filter"]["cutoff"] == pytest.approx(want)
+    assert calib["kept"] == sum(s >= want for s in scores.values())
+    assert calib["edu"]["filter"]["keep_rate"] == pytest.approx(calib["kept"] / 20)
+
+
+def test_edu_cut_ties_guards_and_task_split(tmp_path: Path) -> None:
+    """Equal scores at the cut are split by provenance, the same whatever the task split; a page a guard
+    stopped is never kept (even at threshold 0) and is counted under its gate."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _edu_adversarial import LESSONS, adversarial_pages
+
+    model = _default_model()
+    pages = adversarial_pages()
+    rows = [{"id": f"same{i}", "text": "\n".join(LESSONS[:3])} for i in range(8)]
+    rows += [{"id": f"lesson{i}", "text": "\n".join(LESSONS[i:] + LESSONS[:i])} for i in range(4)]
+    rows += [{"id": "keywords", "text": pages["keyword_list_lines"]}, {"id": "salad", "text": pages["word_salad_mixed"]}]
+    src = tmp_path / "pages.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chosen = {}
+    for tasks in (1, 2):
+        edu = {"enabled": True, "model": str(model), "filter": True, "keep_top": 0.5}
+        stats = run_one(make_cfg(tmp_path / f"t{tasks}", {"inputs": [str(src)], "tasks": tasks, "edu": edu},
+                                 NO_FILTERS), "web")
+        assert stats["kept"] == 7 and stats["edu"]["filter"]["keep_rate"] == pytest.approx(0.5)
+        chosen[tasks] = sorted(d["meta"]["source_id"] for d in kept(tmp_path / f"t{tasks}"))
+        gated = {d["meta"]["source_id"]: d["meta"]["edu_guard"] for d in _removed(tmp_path / f"t{tasks}")
+                 if d["meta"].get("edu_guard")}
+        if stats["edu"]["gated"]:  # checked: the model scores them at least the guards' floor
+            assert set(gated) <= {"keywords", "salad"} and len(gated) == sum(stats["edu"]["gated"].values())
+    assert chosen[1] == chosen[2] and not {"keywords", "salad"} & set(chosen[1])
+    assert 0 < sum(i.startswith("same") for i in chosen[1]) < 8  # the cut fell among the eight equal pages
+
+    # guards at threshold 0: every page passes the cut-off, gated ones still go, under their gate's name
+    from pipeline.classify.guards import GuardConfig, GuardedScorer
+    from pipeline.classify.model import load_classifier
+
+    res = GuardedScorer(load_classifier(model), config=GuardConfig(check_above=0)).score([r["text"] for r in rows])
+    assert res.gates[-2:] == ["keyword_list", "word_salad"]
+    floor = GuardedScorer(load_classifier(model)).floor
+    want_gated = {r["id"]: g for r, g, raw in zip(rows, res.gates, res.raw, strict=True) if g and raw >= floor}
+    edu = {"enabled": True, "model": str(model), "filter": True, "threshold": 0}
+    stats = run_one(make_cfg(tmp_path / "z", {"inputs": [str(src)], "edu": edu}, NO_FILTERS), "web")
+    assert stats["kept"] == len(rows) - len(want_gated)
+    assert stats["edu"]["filter"]["dropped"] == {f"guard_{g}": 1 for g in want_gated.values()}
+    off = run_one(make_cfg(tmp_path / "off", {"inputs": [str(src)], "edu": {**edu, "guards": False}}, NO_FILTERS),
+                  "web")
+    assert off["kept"] == len(rows) and off["edu"]["gated"] == {}
+
+
+def test_edu_threshold_and_keep_top_are_exclusive(tmp_path: Path) -> None:
+    with pytest.raises(TextbookError, match="threshold or keep_top"):
+        make_cfg(tmp_path, {"inputs": ["x"], "edu": {"enabled": True, "threshold": 3, "keep_top": 0.2}})
