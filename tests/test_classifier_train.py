@@ -146,7 +146,10 @@ def test_datatrove_tagger_and_filter_local_executor(legal_model, tmp_path, share
     texts = pq.read_table(shared_data / "edu_labels/fineweb_legal_mistral/annotations.parquet",
                           columns=["text"]).column("text").to_pylist()[:60]
     texts += ["", "x" * 3_000_000]  # empty and a huge document: scored on the prefix
-    expected = clf.score(texts)
+    from pipeline.classify.guards import GuardedScorer
+
+    guarded = GuardedScorer(clf).score(texts)  # the tagger scores through the guards (a gated page: score_min)
+    expected = guarded.scores
     kept: list[Document] = []
 
     def reader(data, rank: int = 0, world_size: int = 1):
@@ -170,6 +173,7 @@ def test_datatrove_tagger_and_filter_local_executor(legal_model, tmp_path, share
     step_stats = {s["name"]: s["stats"] for s in json.loads((tmp_path / "logs" / "stats.json").read_text())}
     tag_stats = next(v for k, v in step_stats.items() if "edu score" in k)
     assert tag_stats["empty_text"] == 1 and tag_stats["prefix_scored"] >= 1
+    assert sum(v for k, v in tag_stats.items() if k.startswith("guard_")) == sum(g is not None for g in guarded.gates)
     # keep-top on the model's calibration, and unscored documents are dropped with a reason
     top = EduScoreFilter(keep_top=0.2, model_dir=str(model_dir))
     assert top.cutoff == pytest.approx(clf.cutoff_for_keep_top(0.2))
