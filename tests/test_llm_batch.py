@@ -99,6 +99,25 @@ def test_batch_answers_equal_online_answers_and_a_rerun_is_free(tmp_path):
     assert (again.cached, again.sent, again.batches) == (8, 0, [])
 
 
+def test_batch_api_key_is_sent_but_never_written_or_logged(tmp_path, monkeypatch, capfd):
+    import hashlib
+
+    secret = "sk-test-" + "7e1d0c9b3a" * 3
+    monkeypatch.setenv("TEXTBOOK_TEST_KEY", secret)
+    with FaultyOpenAIServer(mode="thread", batch_expire=1) as srv:
+        llm = _llm(srv, api_key_env="TEXTBOOK_TEST_KEY")
+        results: list[LLMResult] = []
+        s = run_requests(_requests(llm, 6, lambda i: " FAIL_ALWAYS" if i == 0 else ""), llm, BudgetSection(),
+                         tmp_path / "ledger.sqlite", on_result=results.append)
+        stats = srv.stats()
+    # every upload and creation carried the key (POSTs are counted by the hash of their bearer token)
+    assert stats["auth_sha256"].get(hashlib.sha256(secret.encode()).hexdigest(), 0) >= 2 * stats["batches_created"]
+    assert s.failed == 1 and s.ok == 5
+    out = capfd.readouterr()
+    blobs = [out.out, out.err, repr(s), repr(results)] + [p.read_bytes().decode("latin-1") for p in tmp_path.iterdir()]
+    assert not any(secret in b for b in blobs)
+
+
 def test_a_batch_that_fails_validation_fails_its_requests_and_a_rerun_sends_them(tmp_path):
     with FaultyOpenAIServer(mode="thread", batch_fail=1) as srv:
         llm = _llm(srv)

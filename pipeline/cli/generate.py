@@ -37,8 +37,16 @@ def generate(
         console.print(f"requests {result.get('requests', 0):,}: sent {llm.get('sent', 0):,}, from ledger "
                       f"{llm.get('cached', 0):,}, failed {llm.get('failed', 0):,}, skipped {llm.get('skipped', 0):,}; "
                       f"cost ${llm.get('cost_usd', 0):.4f}")
+        unusable = llm.get("unusable") or {}
+        if unusable.get("answers"):
+            console.print(f"billed but unusable: {unusable['answers']:,} answer(s) (content filter, null content, "
+                          f"...), ${unusable.get('cost_usd', 0):.4f}: {llm.get('outcomes') or {}}")
+        for warning in llm.get("warnings") or []:
+            console.print(f"[yellow]llm warning[/]: {warning}", highlight=False)
     if result.get("stopped_reason"):
-        console.print(f"[yellow]stopped early[/]: {result['stopped_reason']} (re-run with a larger budget to go on)")
+        hint = "re-run with a larger budget to go on" if "budget" in result["stopped_reason"] else \
+            "re-run later: what was not answered is sent again"
+        console.print(f"[yellow]stopped early[/]: {result['stopped_reason']} ({hint})")
     stopped = (result.get("diversity") or {}).get("cells_stopped") or {}
     for cell, why in stopped.items():
         console.print(f"[yellow]diversity guard[/]: stopped '{cell}' (repeat rate {why['repeat_rate']})")

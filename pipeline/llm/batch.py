@@ -41,7 +41,7 @@ from pipeline.config.llm import BudgetSection, LLMSection
 from pipeline.errors import TextbookError
 from pipeline.llm.client import Secret, read_answer, redact, request_body
 from pipeline.llm.runner import DriverBase, api_key
-from pipeline.llm.types import LLMRequest, LLMResult
+from pipeline.llm.types import LLMRequest, LLMResult, RunSummary
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 _RETRYABLE_CODES = {"batch_expired", "request_timeout", "rate_limit_exceeded", "server_error"}
@@ -183,7 +183,7 @@ class BatchDriver(DriverBase):
         self.s.unrequested = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
 
     # ------------------------------------------------------------------------------------------ run
-    def run(self) -> Any:
+    def run(self) -> RunSummary:
         try:
             self.api = BatchAPI(self.llm, api_key(self.llm))
             self._resume()
