@@ -179,6 +179,17 @@ def test_a_submission_created_before_its_id_was_recorded_is_adopted_not_created_
     assert stats["answered_total"] == 6
 
 
+def test_a_create_whose_answer_was_lost_is_looked_up_not_created_twice(tmp_path):
+    """The create call made the batch but its answer never came (a 500 here; a timeout in life). The openai SDK
+    would retry it and make a second batch; the driver looks it up by its input file first and adopts it."""
+    with FaultyOpenAIServer(mode="thread", words=30, batch_create_lost=1) as srv:
+        llm = _llm(srv)
+        s = run_requests(_requests(llm, 5), llm, BudgetSection(), tmp_path / "l.sqlite", progress=False)
+        stats = srv.stats()
+    assert s.ok == 5 and stats["batches_created"] == 1 and stats["answered_total"] == 5
+    assert any("creating a batch" in w and "500" in w for w in s.warnings)
+
+
 _CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path

@@ -85,7 +85,8 @@ class BatchAPIError(TextbookError):
 
 
 class BatchAPI:
-    """The batch endpoints through the openai SDK (its retries honour Retry-After on these few calls)."""
+    """The batch endpoints through the openai SDK (its retries, which honour Retry-After, on every call but
+    `create`)."""
 
     def __init__(self, llm: LLMSection, secret: Secret) -> None:
         from openai import OpenAI
@@ -111,7 +112,10 @@ class BatchAPI:
         return str(f.id)
 
     def create(self, file_id: str, endpoint: str, window: str, ref: str) -> dict[str, Any]:
-        b = self._call("create batch", lambda: self.client.batches.create(
+        """One create call, never retried by the SDK: a retry after a lost answer would create a second batch
+        (the OpenAI API takes no idempotency key); the caller looks the batch up before trying again."""
+        once = self.client.with_options(max_retries=0)
+        b = self._call("create batch", lambda: once.batches.create(
             input_file_id=file_id, endpoint=endpoint, completion_window=window,  # type: ignore[arg-type]
             metadata={"textbook_ref": ref}))
         return b.model_dump()
@@ -152,6 +156,7 @@ class _Open:
     counts: dict[str, int] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     lines: dict[str, str] = field(default_factory=dict)  # key → JSONL line, until uploaded
+    create_failures: int = 0
 
 
 @dataclass
@@ -238,12 +243,15 @@ class BatchDriver(DriverBase):
             for key, req in requests.items():
                 self.budget.take(key, req, force=True)
             if o.batch_id is None:
-                found = self.api.find(o.input_file_id, o.ref) if o.input_file_id else None
-                if found is not None:  # created before the kill, its id not recorded: adopt it, never create again
-                    self._created(o, found)
-                else:
-                    o.lines = {k: batch_line(k, r, self.llm.model)[1] for k, r in requests.items()}
+                o.lines = {k: batch_line(k, r, self.llm.model)[1] for k, r in requests.items()}
+                if o.input_file_id is None:  # killed before the upload was recorded: nothing was created
                     self._send(o)
+                else:  # killed around the create call: adopt the batch if it exists, never create a second
+                    found = self.api.find(o.input_file_id, o.ref)
+                    if found is not None:
+                        self._created(o, found)
+                    else:
+                        self._send(o)
 
     def _collect(self) -> None:
         """Pull every request: answered ones are emitted now, those in an open batch wait for it, the rest queue."""
@@ -293,7 +301,11 @@ class BatchDriver(DriverBase):
             self._send(o)
 
     def _send(self, o: _Open) -> None:
-        """Upload (unless the ledger has the file id) and create; each id recorded as soon as it exists."""
+        """Upload (unless the ledger has the file id) and create; each id recorded as soon as it exists.
+
+        A create call that fails without a clear refusal (a timeout, a 5xx, a dropped connection: the batch may
+        exist) leaves the submission open; the next poll looks it up among the provider's batches and creates it
+        only if it is not there, at most `llm.max_retries` more times. A refusal (4xx) fails its requests."""
         assert self.api is not None
         try:
             if o.input_file_id is None:
@@ -301,10 +313,35 @@ class BatchDriver(DriverBase):
                 o.input_file_id = self.api.upload(data, f"textbook-{o.ref}.jsonl")
                 o.status = "uploaded"
                 self.ledger.update_batch(o.ref, input_file_id=o.input_file_id, status=o.status)
-            self._created(o, self.api.create(o.input_file_id, o.endpoint, self.llm.batch_completion_window, o.ref))
-        except BatchAPIError as e:
+        except BatchAPIError as e:  # nothing was created: failing is safe (a re-run sends them)
             self._finish(o, "failed", f"batch_submit_failed: {e}", {}, retryable=False)
+            return
+        try:
+            created = self.api.create(o.input_file_id, o.endpoint, self.llm.batch_completion_window, o.ref)
+        except BatchAPIError as e:
+            o.create_failures += 1
+            refused = e.status is not None and 400 <= e.status < 500 and e.status not in (408, 409, 429)
+            if refused or o.create_failures > self.llm.max_retries:
+                self._finish(o, "failed", f"batch_submit_failed: {e}", {}, retryable=False)
+            else:
+                self._notices([("warning", f"creating a batch: {e}; it is looked up before it is created again")])
+            return
         o.lines = {}
+        self._created(o, created)
+
+    def _look_up(self, o: _Open) -> None:
+        """A submission whose create call may or may not have gone through: adopt it if the provider has it,
+        else create it (now certainly not a second one)."""
+        assert self.api is not None
+        try:
+            found = self.api.find(o.input_file_id, o.ref)
+        except BatchAPIError as e:
+            self._notices([("warning", f"looking up a batch: {e} (again at the next poll)")])
+            return
+        if found is not None:
+            self._created(o, found)
+        else:
+            self._send(o)
 
     def _created(self, o: _Open, batch: dict[str, Any]) -> None:
         o.batch_id = str(batch["id"])
@@ -318,7 +355,10 @@ class BatchDriver(DriverBase):
         finished = False
         for o in list(self.open.values()):
             if o.batch_id is None:
-                continue
+                self._look_up(o)
+                if o.batch_id is None:
+                    finished = finished or o.ref not in self.open
+                    continue
             try:
                 b = self.api.retrieve(o.batch_id)
             except BatchAPIError as e:

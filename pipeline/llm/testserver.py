@@ -85,6 +85,7 @@ class FaultConfig:
     filter_usage: list[int] = field(default_factory=lambda: [400, 700])  # usage of a filtered answer
     batch_fail: int = 0  # the first N batches fail validation
     batch_expire: int = 0  # the first N batches expire with half their requests answered
+    batch_create_lost: int = 0  # the first N batch creations happen, but their answer is a 500 (as if lost)
 
 
 def _canonical_key(body: dict) -> str:
@@ -364,7 +365,11 @@ class _App:
                     return True
                 return await self._json(writer, 200, f["meta"])
             if method == "POST" and len(parts) == 2:
-                return await self._json(writer, *self.create_batch(json.loads(raw or b"{}")))
+                status, created = self.create_batch(json.loads(raw or b"{}"))
+                if status == 200 and self.batches_created <= self.cfg.batch_create_lost:
+                    return await self._json(writer, 500, {"error": {"message": "upstream timeout",
+                                                                    "type": "server_error"}})
+                return await self._json(writer, status, created)
             if method == "GET" and len(parts) == 2:
                 data = [_public(self.batches[b]) for b in reversed(self.batch_order)]
                 return await self._json(writer, 200, {"object": "list", "data": data, "has_more": False,
