@@ -13,7 +13,8 @@ a request already used up `llm.content_filter_retries` and answers it from here 
 Batch mode (`pipeline.llm.batch`) keeps its submissions here too, so a killed run resumes by polling them:
 `batches` (one row per submission: our `ref`, the uploaded `input_file_id`, the provider's `batch_id` once
 created, its status, `done` once its results are in `results`) and `batch_requests` (which key went in which
-submission, with the request, so results can be recorded even for a submission an earlier run made).
+open submission, with the request, so results can be recorded even for a submission an earlier run made; removed
+when the submission is done).
 The API key is never written here: rows hold the request body and the (redacted) error only.
 """
 
@@ -241,6 +242,8 @@ class Ledger:
                 self.db.executemany(_UPSERT, rows)
             self.db.execute("UPDATE batches SET done = 1, status = ?, detail = ?, updated = ? WHERE ref = ?",
                             (status, detail, time.time(), ref))
+            # the requests are in `results` now: their copies were needed only while the batch was open
+            self.db.execute("DELETE FROM batch_requests WHERE ref = ?", (ref,))
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
