@@ -154,6 +154,8 @@ def test_item_choice_is_deterministic_and_nested(every, bench):
     assert a == b[:50] and len(set(b)) == 200
     assert a != in_file[:50]  # not the first rows of the file
     assert a == [it.id for it in read_task("arc_challenge", bench, limit=50)]
+    # the two MMLU formats ask the same questions
+    assert [it.id for it in read_task("mmlu", bench, 30)] == [it.id for it in read_task("mmlu_cloze", bench, 30)]
 
 
 # --- the scorer ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ MMLU letters (`mmlu`) are near chance for small models; `mmlu_cloze` scores the 
 
 Items are chosen deterministically: ranked by sha256 of `task:item id` and cut at the limit, so the first 200
 items are a subset of the first 500, the choice does not depend on file order, and every run and arm sees
-the same items. A record that does not make a valid item (no answer key, answer index out of range, fewer
+the same items (`mmlu` and `mmlu_cloze` rank by `mmlu:id`: the same questions in two formats). A record that does not make a valid item (no answer key, answer index out of range, fewer
 than two answers) raises `TextbookError` naming the file and line: a benchmark must be read whole or not at all.
 """
 
@@ -64,6 +64,11 @@ class Task:
     patterns: tuple[str, ...]  # glob patterns relative to the benchmarks folder; the first that matches wins
     read: Callable[[Path], Iterator[MCItem]]  # one file -> its items
     source: str  # the lm-evaluation-harness task it follows
+    pool: str = ""  # items are chosen by sha256(pool:id): two formats of one benchmark share a pool
+
+    @property
+    def rank_key(self) -> str:
+        return self.pool or self.name
 
 
 def default_benchmarks_dir() -> Path | None:
@@ -256,7 +261,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("mmlu", ("mmlu/test/*.csv", "mmlu/*test*.parquet", "mmlu/all/*test*.parquet"), _read_mmlu,
          "lm_eval/tasks/mmlu/default"),
     Task("mmlu_cloze", ("mmlu/test/*.csv", "mmlu/*test*.parquet", "mmlu/all/*test*.parquet"),
-         lambda p: _read_mmlu(p, cloze=True), "lm_eval/tasks/mmlu/continuation"),
+         lambda p: _read_mmlu(p, cloze=True), "lm_eval/tasks/mmlu/continuation", pool="mmlu"),
     Task("piqa", ("piqa/valid.jsonl", "piqa/*valid*.jsonl", "piqa/*validation*.parquet"), _read_piqa,
          "lm_eval/tasks/piqa/piqa.yaml"),
 ]}
@@ -287,8 +292,9 @@ def _task(task: str) -> Task:
 
 
 def item_rank(task: str, item_id: str) -> str:
-    """The sort key that decides which items a limit keeps: sha256 of `task:item id`, hex."""
-    return hashlib.sha256(f"{task}:{item_id}".encode()).hexdigest()
+    """The sort key that decides which items a limit keeps: sha256 of `pool:item id`, hex (the pool is the
+    task's name, or the benchmark it shares with another format: mmlu_cloze asks mmlu's questions)."""
+    return hashlib.sha256(f"{_task(task).rank_key}:{item_id}".encode()).hexdigest()
 
 
 def read_task(task: str, path: str | Path | None = None, limit: int | None = None) -> list[MCItem]:
