@@ -110,7 +110,7 @@ def test_training_writes_hashes_and_overlap_is_reported(small_model, tmp_path) -
     assert hashes.contains_documents(fit).all()
     assert not hashes.contains_documents(held).any()
     # re-wrapped or re-cased, a training text is still recognised (normalised key)
-    assert hashes.contains_documents(["\n  ".join(fit[0].upper().split(" "))])[0]
+    assert hashes.contains_documents(["\n".join(fit[0].upper().split(" "))])[0]
 
     # evaluate on documents the model was fitted on: the metrics say so
     jsonl = tmp_path / "mixed.jsonl"

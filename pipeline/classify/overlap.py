@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +46,10 @@ def normalise(text: str) -> str:
 
 
 def document_key(text: str) -> str:
-    """What identifies a document: its first DOC_KEY_CHARS characters, normalised. Reads a bounded prefix of
-    the raw text (however long the document)."""
-    return normalise(text[: 2 * DOC_KEY_CHARS])[:DOC_KEY_CHARS]
+    """What identifies a document: its first DOC_KEY_CHARS + 25 % raw characters, normalised, cut to
+    DOC_KEY_CHARS (the slack lets a copy re-wrapped with some more whitespace keep its key). Reads a bounded
+    prefix of the raw text however long the document, so it costs little on every scored page."""
+    return normalise(text[: DOC_KEY_CHARS + DOC_KEY_CHARS // 4])[:DOC_KEY_CHARS]
 
 
 def text_hash(normalised: str) -> int:
@@ -58,22 +57,37 @@ def text_hash(normalised: str) -> int:
     return int.from_bytes(hashlib.blake2b(normalised.encode("utf-8", "replace"), digest_size=4).digest(), "big")
 
 
-@lru_cache(maxsize=1 << 18)
-def _word_hash(word: str) -> int:
-    return zlib.crc32(word.encode("utf-8", "surrogatepass"))
+_INV_PRIME = np.uint64(pow(int(_PRIME), -1, 2**64))
 
 
-def shingle_hashes(words: Sequence[str]) -> np.ndarray:
-    """uint32 hash of every run of SHINGLE_WORDS consecutive `words` (n - SHINGLE_WORDS + 1 of them, none for
-    fewer words): crc32 per word, combined by a rolling multiply-add in uint64, mixed, top 32 bits."""
-    n = len(words) - SHINGLE_WORDS + 1
+def _powers(base: np.uint64, n: int) -> np.ndarray:
+    """base**0 .. base**(n-1) modulo 2**64."""
+    p = np.full(n, base, dtype=np.uint64)
+    p[0] = 1
+    with np.errstate(over="ignore"):
+        return np.cumprod(p, dtype=np.uint64)
+
+
+def shingle_hashes(normalised: str) -> np.ndarray:
+    """uint32 hash of every run of SHINGLE_WORDS consecutive words of a `normalise`d text (words - SHINGLE_WORDS
+    + 1 of them, none for fewer words).
+
+    The hash of a run is a polynomial hash of its UTF-8 bytes (the words and the single spaces between them),
+    taken from prefix sums modulo 2**64 in a few vectorised passes (no Python loop over words), then mixed;
+    the top 32 bits are kept."""
+    raw = normalised.encode("utf-8", "surrogatepass")
+    b = np.frombuffer(raw, dtype=np.uint8).astype(np.uint64)
+    spaces = np.flatnonzero(b == 32)
+    words = len(spaces) + 1 if len(b) else 0
+    n = words - SHINGLE_WORDS + 1
     if n <= 0:
         return np.zeros(0, dtype=np.uint32)
-    wh = np.fromiter((_word_hash(w) for w in words), dtype=np.uint64, count=len(words))
-    h = np.zeros(n, dtype=np.uint64)
+    starts = np.concatenate(([0], spaces + 1))[:n]
+    ends = np.concatenate((spaces, [len(b)]))[SHINGLE_WORDS - 1:]
     with np.errstate(over="ignore"):
-        for j in range(SHINGLE_WORDS):
-            h = h * _PRIME + wh[j:j + n]
+        prefix = np.concatenate(([np.uint64(0)], np.cumsum((b + np.uint64(1)) * _powers(_PRIME, len(b)),
+                                                           dtype=np.uint64)))
+        h = (prefix[ends] - prefix[starts]) * _powers(_INV_PRIME, len(b) + 1)[starts]
         h ^= h >> np.uint64(31)
         h *= np.uint64(0x9E3779B97F4A7C15)
     return (h >> np.uint64(32)).astype(np.uint32)
@@ -107,7 +121,7 @@ class TrainingHashes:
                 continue
             n += 1
             docs.append(text_hash(document_key(t)))
-            parts.append(sampled(shingle_hashes(normalise(t).split())))
+            parts.append(sampled(shingle_hashes(normalise(t))))
         d = _sorted_unique(docs)
         sh = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint32)
         info = {"format": FORMAT, "texts": n, "documents": int(len(d)), "shingles": int(len(sh)),
@@ -168,11 +182,12 @@ class TrainingHashes:
         on each side (the expected gap), the remainder leaves out 2 x SHINGLE_WORDS words on each side (a few
         words of the page's own text next to a pasted passage may go with it). The remainder's words are
         joined by single spaces (the classifier collapses whitespace anyway)."""
-        tokens = text.split()
-        h = shingle_hashes([t.lower() for t in tokens])
-        hit = np.flatnonzero((h % SHINGLE_SAMPLE == 0) & self._member(self.shingles, h))
+        h = shingle_hashes(normalise(text))
+        candidates = np.flatnonzero(h % SHINGLE_SAMPLE == 0)
+        hit = candidates[self._member(self.shingles, h[candidates])]
         if not len(hit):
             return 0.0, text
+        tokens = text.split()  # the same words as normalise(text), in their own case
         core = np.zeros(len(tokens), dtype=bool)
         cut = np.zeros(len(tokens), dtype=bool)
         pad = 2 * SHINGLE_WORDS
