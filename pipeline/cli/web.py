@@ -39,6 +39,19 @@ def print_web_tables(stats: dict[str, Any]) -> None:
             reasons = ", ".join(f"{r} {n}" for r, n in list(f["reasons"].items())[:3])
             t.add_row(name, str(f["dropped"]), reasons)
         console.print(t)
+    edu = stats.get("edu") or {}
+    if edu:
+        cut = edu.get("filter")
+        line = f"edu: {edu.get('scored', 0):,} pages scored"
+        if cut:
+            rate = "n/a" if cut.get("keep_rate") is None else f"{cut['keep_rate']:.1%}"
+            line += f"; {cut['rule']}: kept {cut['kept']:,} ({rate})"
+        if edu.get("gated"):
+            line += "; stopped by guards: " + ", ".join(f"{k} {v:,}" for k, v in edu["gated"].items())
+        overlap = edu.get("training_overlap")
+        if overlap and overlap.get("in_training"):
+            line += f"; {overlap['in_training']:,} are training texts of the classifier"
+        console.print(line, highlight=False)
     files = stats.get("files") or {}
     if files:
         t = Table(title="web: documents, by input file")
