@@ -228,6 +228,11 @@ def test_batching_window_sharing_and_hidden_path_agree(bench):
     full = row_loglikelihoods(lambda ids: model(ids)[0], data, batch_size=1)
     fast = row_loglikelihoods(transformer_hidden(model), data, batch_size=5, head=model.output)
     assert np.abs(full - fast).max() < 1e-4 and (full < 0).all()
+    # under DDP each rank scores every world-th answer and the ranks' arrays are summed
+    ranks = [row_loglikelihoods(transformer_hidden(model), data, 4, rows=range(r, data.rows, 3), head=model.output)
+             for r in range(3)]
+    assert all((rk != 0).sum() == len(range(r, data.rows, 3)) for r, rk in enumerate(ranks))
+    assert np.abs(sum(ranks) - fast).max() < 1e-4
     tok = Tokenizer.from_file(str(DEFAULT_TOKENIZER))
     for r in range(data.rows):
         choice = data.items[data.item_of_row[r]].choices[data.choice_of_row[r]]
