@@ -10,17 +10,17 @@ read the text the model reads (the model's `max_chars` prefix, plus the same sla
 
 - `keyword_list`: at least `min_words` words of which fewer than `min_function_ratio` (8 %) are English
   function words (the, of, is, ...), or fewer than `low_function_ratio` (15 %) with fewer than one sentence end
-  per `low_function_max_words_per_sentence` (40) words. Running English prose has 25-57 %; terse reference
-  text (a flora's species descriptions, 9 %) has sentences.
+  per `low_function_max_words_per_sentence` (40) words. Of the real pages labelled >= 3, 98 % have 31-56 %;
+  the lowest (a flora's species descriptions, 9.6 %) has sentences.
 - `word_salad`: at least `salad_min_violations` times a determiner (the/a/an) is followed by a word that cannot
   follow one (of, is, the, which, ...), and that is at least `salad_min_ratio` of the determiners. Shuffled or
   generated word sequences keep the function-word ratio of prose but not its order (about 40 % of their
-  determiners; the real pages scored >= 3: at most 14 %).
+  determiners; the real pages labelled >= 3: at most 13 %, and at most 4 such pairs).
 - `no_sentences`: at least `min_words` words and fewer than one sentence end (. ! ? and CJK stops) per
-  `max_words_per_sentence` words (lists and tag clouds; the real pages scored >= 3: at most ~80).
+  `max_words_per_sentence` words (lists and tag clouds; the real pages labelled >= 3: at most 78).
 - `repetitive`: the text compresses (zlib) to less than `min_compressed` of its size: the same sentence or
   paragraph over and over (stuffing by repetition). Running prose compresses to about half (the real pages
-  scored >= 3: at least ~0.34 on the sample the gates read); ten copies of a sentence, to under 0.1.
+  labelled >= 3: at least 0.36 on the sample the gates read); ten copies of a sentence, to under 0.1.
 
 `keyword_list` and `word_salad` use English word lists and apply only to models whose `language` is English;
 `no_sentences` and `repetitive` apply to every language.
@@ -192,10 +192,10 @@ class GuardedScorer:
     Cost: only pages the model scores at least `floor` are checked: score_min + `check_above` x (score_max -
     score_min) (1.0 on a 0-5 rubric), or half way to the model's default cut-off when that is lower. A page
     below it is not scored as educational whatever it is (a cut-off set below the floor lets unchecked pages
-    through: `check_above: 0` checks every page). The gates
-    read the first `sample_chars` characters of what the model reads; a page a gate stops there is judged again
-    on all of it (the decision is the whole prefix's, the cost mostly the sample's). The training hashes are read from the
-    model directory once (None when the model has none: no memorised-text rule, no overlap figures).
+    through: `check_above: 0` checks every page). The gates read the first `sample_chars` characters of what the
+    model reads; a page a gate stops there is judged again on all of it (the decision is the whole prefix's,
+    the cost mostly the sample's). The training hashes are read from the model directory once (None when the
+    model has none: no memorised-text rule, no overlap figures).
     """
 
     def __init__(self, clf: Any, enabled: bool = True, config: GuardConfig | None = None) -> None:
