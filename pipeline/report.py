@@ -21,7 +21,7 @@ from pipeline.io import atomic_write_text
 from pipeline.run import gather_stage_stats
 from pipeline.stats import StageStats
 
-STAGE_ORDER = ["web", "generate", "dedup", "decontaminate", "shard", "pretrain", "report"]
+STAGE_ORDER = ["web", "generate", "rephrase", "dedup", "decontaminate", "shard", "pretrain", "report"]
 
 
 def _plt():
@@ -246,6 +246,40 @@ class Report:
                     self.parts.append(f"<h3>{html.escape(k)}</h3>")
                     self.table(["key", "value"], flat)
 
+    def rephrasing(self, samples: int = 6) -> None:
+        """The rephrase stage: pages per bucket and fate, rewrites per template and why they were dropped, and
+        source vs rewrite side by side (from the final shards when they hold rewrites, else from the stage)."""
+        r = self.stats.get("rephrase")
+        if not r or r.get("skipped") or not r.get("read"):
+            return
+        self.h2("Rephrased web: pages by edu-score bucket, rewrites by template")
+        pages = r.get("pages") or {}
+        self.note(f"{r['read']:,} pages: {pages.get('kept', 0):,} kept as is, {pages.get('rewritten', 0):,} "
+                  f"rewritten, {pages.get('dropped', 0):,} dropped, {pages.get('errored', 0):,} errored; "
+                  f"{(r.get('documents_out') or {}).get('rewrites', 0):,} rewrites kept.")
+        self.table(["bucket", "pages", "kept as is", "rewritten", "dropped", "errored"],
+                   [[b, v["pages"], v["kept"], v["rewritten"],
+                     ", ".join(f"{k} {n}" for k, n in sorted(v["dropped"].items(), key=lambda kv: -kv[1])) or "0",
+                     ", ".join(f"{k} {n}" for k, n in v["errored"].items()) or "0"]
+                    for b, v in (r.get("buckets") or {}).items()])
+        self.table(["template", "rewrites planned", "kept", "pages rewritten", "dropped", "errored"],
+                   [[t, v["planned"], v["kept"], (r.get("rewritten_per_template") or {}).get(t, 0),
+                     ", ".join(f"{k} {n}" for k, n in sorted(v["dropped"].items(), key=lambda kv: -kv[1])) or "0",
+                     ", ".join(f"{k} {n}" for k, n in v["errored"].items()) or "0"]
+                    for t, v in (r.get("rewrites") or {}).items()])
+        files, where = [], "the rephrase stage's kept rewrites"
+        if self.manifest:
+            files = [self.run_dir / f["path"] for s in self.manifest["splits"].values() for f in s["files"]]
+            where = "the final shards"
+        rows = _rephrase_pairs(files, samples) if files else []
+        if not rows:
+            rows = _rephrase_pairs(_files(self.stage_dir("rephrase") / "kept"), samples)
+            where = "the rephrase stage's kept rewrites"
+        if rows:
+            self.note(f"Source and rewrite side by side (one per template, from {where}; every rewrite carries "
+                      "source_id, source_url, bucket, template and prompt_id in its meta).")
+            self.table(["template", "bucket", "source (page opening)", "rewrite (opening)"], rows)
+
     def removed_examples(self, stage: str, title: str) -> None:
         files = _files(self.stage_dir(stage) / "removed")
         s = self.stats.get(stage)
@@ -320,6 +354,7 @@ class Report:
         self.funnel()
         self.scores()
         self.generation()
+        self.rephrasing()
         self.removed_examples("dedup", "Duplicates found")
         self.removed_examples("decontaminate", "Benchmark contamination found")
         self.pretraining()
@@ -341,6 +376,34 @@ figcaption {{ font-size: 0.85em; color: #4a5568; }}
         index = self.out / "index.html"
         atomic_write_text(index, page)
         return index
+
+
+def _rephrase_pairs(files: list[Path], samples: int, chars: int = 400) -> list[list[str]]:
+    """Up to `samples` rewrites (source `rephrase`), one per template first, as [template, bucket, source
+    (url + excerpt), rewrite]."""
+    picked: dict[str, list[str]] = {}
+    extra: list[list[str]] = []
+    for f in files:
+        names = pq.read_schema(f).names
+        if "meta" not in names or "source" not in names:
+            continue
+        t = pq.read_table(f, columns=["text", "source", "meta"])
+        t = t.filter(pc.equal(t.column("source"), "rephrase"))
+        for rec in t.to_pylist():
+            try:
+                meta = json.loads(rec["meta"] or "{}")
+            except ValueError:
+                continue
+            row = [str(meta.get("template")), str(meta.get("bucket")),
+                   f"{meta.get('source_url') or meta.get('source_id')}: {str(meta.get('source_excerpt', ''))[:chars]}",
+                   rec["text"][:chars]]
+            if row[0] not in picked:
+                picked[row[0]] = row
+            elif len(extra) < samples:
+                extra.append(row)
+        if len(picked) >= samples:
+            break
+    return (list(picked.values()) + extra)[:samples]
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:

@@ -45,6 +45,9 @@ class StageSpec:
     # "module:function(cfg, stats) -> list[str]": why this stage kept nothing, naming the settings to change
     # (asked when a later stage has no input; see `explain_no_input`)
     explain_empty: str | None = None
+    # stages whose documents this one passes on (those it keeps) in their place: a later stage reading both
+    # reads only this one (rephrase passes on the web pages it keeps, so dedup never reads a page twice)
+    supersedes: tuple[str, ...] = ()
 
 
 STAGES: dict[str, StageSpec] = {
@@ -57,14 +60,19 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("generate", "pipeline.generate.stage:run_stage", upstream=(("web",),),
                   input_files="pipeline.generate.stage:input_files",
                   depends_on=("llm",), help="synthetic textbooks from a topic taxonomy through an LLM"),
-        StageSpec("dedup", "pipeline.dedup:run_stage", upstream=(("generate", "web"),),
+        StageSpec("rephrase", "pipeline.rephrase.stage:run_stage", upstream=(("web",),),
+                  input_files="pipeline.rephrase.stage:input_files", depends_on=("llm", "decontaminate"),
+                  supersedes=("web",),
+                  help="rephrase the web stage's scored pages by edu-score bucket: keep, rewrite, or drop"),
+        StageSpec("dedup", "pipeline.dedup:run_stage", upstream=(("generate", "rephrase", "web"),),
                   code_versions=("pipeline.minhash:NORMALIZATION_VERSION",),
                   help="exact and MinHash near-duplicate removal across sources"),
         StageSpec("decontaminate", "pipeline.decontam:run_stage",
-                  upstream=(("dedup",), ("generate", "web")), code_versions=("pipeline.minhash:NORMALIZATION_VERSION",),
+                  upstream=(("dedup",), ("generate", "rephrase", "web")),
+                  code_versions=("pipeline.minhash:NORMALIZATION_VERSION",),
                   help="remove benchmark n-gram overlaps"),
         StageSpec("shard", "pipeline.mix:run_stage",
-                  upstream=(("decontaminate",), ("dedup",), ("generate", "web")), depends_on=("tokenizer",),
+                  upstream=(("decontaminate",), ("dedup",), ("generate", "rephrase", "web")), depends_on=("tokenizer",),
                   help="mix, tokenize and write the final parquet shards"),
         StageSpec("pretrain", "pipeline.train.stage:run_stage", upstream=(("shard",),),
                   help="short pretraining run on the shards"),
@@ -154,6 +162,7 @@ def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str],
                    if s not in skipped and (s in planned or completed_hash(run_dir, s) is not None)]
         if name in OPTIONAL_UPSTREAM:  # an optional upstream feeds the stage once it has completed, not before
             present = [s for s in present if completed_hash(run_dir, s) is not None]
+        present = [s for s in present if not any(s in STAGES[o].supersedes for o in present)]
         if present:
             files: list[Path] = []
             for s in present:
@@ -169,7 +178,8 @@ def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str],
     upstream_skipped = [s for g in spec.upstream for s in g if s in skipped]
     if upstream_skipped:
         raise ResourceUnavailable(f"no input, because {', '.join(upstream_skipped)} could not run (see above)")
-    wanted = " or ".join("+".join(g) for g in spec.upstream)
+    # a stage that stands in for another (rephrase for web) is not named: the plain upstream is what is missing
+    wanted = " or ".join("+".join(s for s in g if not STAGES[s].supersedes) for g in spec.upstream)
     raise TextbookError(f"stage {name}: no input: run {wanted} first in {run_dir}, or set {name}.inputs")
 
 

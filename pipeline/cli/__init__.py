@@ -1,6 +1,6 @@
 """`textbook`: the command line. Thin: it parses, loads the config and calls `pipeline.run` or a stage.
 
-Stage-specific commands live in sibling modules (generate.py, web.py, classifier.py, dedup.py, train.py,
+Stage-specific commands live in sibling modules (generate.py, rephrase.py, web.py, classifier.py, dedup.py, train.py,
 report.py), each exposing `register(app)`. A module that is not built yet leaves a placeholder command.
 """
 
@@ -24,6 +24,7 @@ app = typer.Typer(
 # module -> stage commands it is expected to register (placeholders until it exists)
 _MODULES = {
     "pipeline.cli.generate": ["generate"],
+    "pipeline.cli.rephrase": ["rephrase"],
     "pipeline.cli.web": ["web"],
     "pipeline.cli.classifier": [],
     "pipeline.cli.dedup": ["dedup", "decontaminate", "shard"],

@@ -22,6 +22,7 @@ from pipeline.config.dedup import DecontamSection, DedupSection, ShardSection
 from pipeline.config.generate import GenerateSection
 from pipeline.config.llm import BudgetSection, LLMSection
 from pipeline.config.pretrain import PretrainSection
+from pipeline.config.rephrase import RephraseSection
 from pipeline.config.report import ReportSection
 from pipeline.config.web import WebSection
 from pipeline.errors import ConfigError
@@ -43,6 +44,7 @@ class RunConfig(StrictModel):
     llm: LLMSection = Field(default_factory=LLMSection)
     budget: BudgetSection = Field(default_factory=BudgetSection)
     generate: GenerateSection = Field(default_factory=GenerateSection)
+    rephrase: RephraseSection = Field(default_factory=RephraseSection)
     web: WebSection = Field(default_factory=WebSection)
     classifier: ClassifierSection = Field(default_factory=ClassifierSection)
     dedup: DedupSection = Field(default_factory=DedupSection)

@@ -201,15 +201,19 @@ class Judge:
 
 
 # ------------------------------------------------------------------------------------------ child process
-def child_main(inbox_fd: int, outbox_fd: int) -> None:
+def child_main(inbox_fd: int, outbox_fd: int, factory: str = "pipeline.generate.judge:Judge") -> None:
     """Child: receive the setup, judge batches of results until None, report stopped cells as they
-    happen, then write the outputs and send the accounting."""
+    happen, then write the outputs and send the accounting. `factory` ("module:name") builds the judge from the
+    setup: anything with `__call__(result)`, `validator`, `guard.stopped` and `close() -> dict` (the rephrase stage
+    has its own)."""
+    import importlib
     from multiprocessing.connection import Connection
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops this process
     inbox, outbox = Connection(inbox_fd, writable=False), Connection(outbox_fd, readable=False)
     try:
-        judge = Judge(inbox.recv())
+        module_name, name = factory.split(":")
+        judge = getattr(importlib.import_module(module_name), name)(inbox.recv())
         judge.validator  # noqa: B018 - load tokenizer + language id before the first answer
         outbox.send(("ready",))
         reported: set[str] = set()
@@ -234,13 +238,15 @@ class JudgeProcess:
     The child is a fresh interpreter (`python -c ...`), not a fork: the driver may hold Ray's threads, and a
     multiprocessing spawn would re-import the caller's `__main__` script."""
 
-    def __init__(self) -> None:
-        """Start the child interpreter now: its imports overlap with the driver's planning."""
+    def __init__(self, factory: str = "pipeline.generate.judge:Judge", stage: str = "generate") -> None:
+        """Start the child interpreter now: its imports overlap with the driver's planning. `factory`: the judge
+        class the child builds from the setup (see `child_main`); `stage` names the stage in errors."""
         from multiprocessing.connection import Connection
 
+        self.stage = stage
         child_in, parent_out = os.pipe()
         parent_in, child_out = os.pipe()
-        code = f"from pipeline.generate.judge import child_main; child_main({child_in}, {child_out})"
+        code = f"from pipeline.generate.judge import child_main; child_main({child_in}, {child_out}, {factory!r})"
         # the driver's import path (a notebook may have extended sys.path), as multiprocessing's spawn passes it
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child_in, child_out),
@@ -266,7 +272,7 @@ class JudgeProcess:
         self._sender.start()
         self._ready.wait()
         if self.error is not None:
-            raise TextbookError(f"generate: judging failed: {self.error}")
+            raise TextbookError(f"{self.stage}: judging failed: {self.error}")
 
     def _send_loop(self) -> None:
         while True:
@@ -318,7 +324,7 @@ class JudgeProcess:
 
     def put(self, result: LLMResult) -> None:
         if self.error is not None:
-            raise TextbookError(f"generate: judging failed: {self.error}")
+            raise TextbookError(f"{self.stage}: judging failed: {self.error}")
         self._queue.put(result)
 
     def close(self) -> dict[str, Any]:
@@ -327,7 +333,7 @@ class JudgeProcess:
         self._reader.join()
         self.proc.wait()
         if self.error is not None or self.final is None:
-            raise TextbookError(f"generate: judging failed: {self.error or 'no result from the judging process'}")
+            raise TextbookError(f"{self.stage}: judging failed: {self.error or 'no result from the judging process'}")
         self.final["diversity"]["requests_not_sent_per_cell"] = dict(self.not_sent)  # the guard never sees them
         return self.final
 

@@ -5,6 +5,9 @@ a configurable latency distribution and rates of 429 (with Retry-After), 500, dr
 the client's timeout and malformed JSON. The answer to a request is a deterministic function of its body, and
 the server COUNTS successful answers per request body (`/_stats`, `.stats()`), which is how tests prove that
 nothing was asked twice. A body containing `FAIL_ALWAYS` always gets a 500 (to test exhausted retries).
+With `rephrase_tag="passage"`, a prompt holding `<passage>...</passage>` is answered with a rewrite of that
+passage (its words swapped in pairs), and `rephrase_faults={"off_topic": 0.1, "invent": 0.1, ...}` replaces a
+share of those answers, drawn from the request's hash, by the failures a rephrasing judge must catch (`_rephrase`).
 An answer whose client has already gone (closed its connection: timed out, killed) is neither sent nor counted.
 
 A gate lets a test stop the client at a point it can OBSERVE instead of guessing one with a clock:
@@ -85,6 +88,9 @@ class FaultConfig:
     filter_usage: list[int] = field(default_factory=lambda: [400, 700])  # usage of a filtered answer
     batch_fail: int = 0  # the first N batches fail validation
     batch_expire: int = 0  # the first N batches expire with half their requests answered
+    # rephrasing: a prompt holding <tag>passage</tag> is answered with a rewrite of the passage (see `_rephrase`)
+    rephrase_tag: str | None = None
+    rephrase_faults: dict[str, float] = field(default_factory=dict)  # share of rewrites replaced, by kind
     batch_create_lost: int = 0  # the first N batch creations happen, but their answer is a 500 (as if lost)
 
 
@@ -116,6 +122,42 @@ def render_header(value: str, now: float | None = None) -> str:
 def _answer_text(key: str, n_words: int) -> str:
     rng = random.Random(key)
     return " ".join(rng.choice(_WORDS) for _ in range(n_words)).capitalize() + "."
+
+
+REPHRASE_FAULTS = ("off_topic", "invent", "short", "refusal")
+INVENTED = "Professor Zorbat Quennick of Vardmoor Institute confirmed this in 1987, and again at Pellucid Bay in 2043."
+
+
+def _rephrase(key: str, passage: str, faults: dict[str, float]) -> tuple[str, str | None]:
+    """(answer, fault kind or None) for a rephrasing prompt: the passage's words swapped in adjacent pairs, line by
+    line (the same words, so it stays about its source, but not a copy: its 5-word shingles are new); or, for a
+    share `faults[kind]` of requests drawn from the request's hash (the same request always gets the same answer):
+    `off_topic` (words unrelated to the passage), `invent` (the rewrite plus a sentence of invented names and
+    years), `short` (its first three words), `refusal` (a refusal)."""
+    rng = random.Random(f"rephrase-{key}")
+    x = rng.random()
+    kind = None
+    for name in REPHRASE_FAULTS:
+        if x < faults.get(name, 0.0):
+            kind = name
+            break
+        x -= faults.get(name, 0.0)
+    lines = []
+    for line in passage.strip().splitlines():
+        w = line.split()
+        for i in range(0, len(w) - 1, 2):
+            w[i], w[i + 1] = w[i + 1], w[i]
+        lines.append(" ".join(w))
+    text = "\n".join(lines)
+    if kind == "off_topic":
+        text = _answer_text(key, max(len(text.split()), 20))
+    elif kind == "invent":
+        text = f"{text}\n{INVENTED}"
+    elif kind == "short":
+        text = " ".join(text.split()[:3])
+    elif kind == "refusal":
+        text = "I'm sorry, but I can't help with rewriting this text."
+    return text, kind
 
 
 class _App:
@@ -226,6 +268,16 @@ class _App:
         n_words = min(self.cfg.words, max_tokens)
         text = _answer_text(key, n_words)
         finish = "length" if self.cfg.words > max_tokens else "stop"
+        passage = self._passage(body)
+        if passage is not None:
+            text, fault = _rephrase(key, passage, self.cfg.rephrase_faults)
+            if fault is not None:
+                self.faults[f"rephrase_{fault}"] += 1
+            pieces = re.findall(r"\S+\s*", text)
+            n_words = len(pieces)
+            finish = "length" if n_words > max_tokens else "stop"
+            if n_words > max_tokens:  # cut off at max_tokens (one word per token here), line breaks kept
+                text, n_words = "".join(pieces[:max_tokens]).rstrip(), max_tokens
         if "messages" in body:
             prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in body["messages"])
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -238,6 +290,15 @@ class _App:
         return {"id": "cmpl-" + key[:24], "object": obj, "created": int(time.time()), "model": body.get("model"),
                 "choices": [choice], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n_words,
                                                "total_tokens": prompt_tokens + n_words}}
+
+    def _passage(self, body: dict) -> str | None:
+        """The text between <rephrase_tag> and </rephrase_tag> in the request's (last) prompt, if any."""
+        tag = self.cfg.rephrase_tag
+        if not tag:
+            return None
+        prompt = str(body["messages"][-1].get("content", "")) if body.get("messages") else str(body.get("prompt", ""))
+        m = re.search(f"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", prompt, re.S)
+        return m.group(1) if m else None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
