@@ -67,6 +67,12 @@ def rephrase_run(tmp_path_factory):
     if shared is None:
         pytest.skip("../shared/data is absent (it is present in CI): real-data test skipped")
     tmp = tmp_path_factory.mktemp("rephrase")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TEXTBOOK_CACHE", str(tmp / "cache"))  # the benchmark index is built here, not in ~/.cache
+        return _run(shared, tmp)
+
+
+def _run(shared: Path, tmp: Path) -> dict:
     pages = scored_pages(shared)
     inputs = write_jsonl(pages, tmp / "pages.jsonl")
     faults = {"off_topic": 0.08, "invent": 0.08, "short": 0.08, "refusal": 0.05}
