@@ -14,13 +14,15 @@ from __future__ import annotations
 import csv
 import json
 import random
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 csv.field_size_limit(1 << 24)
 
 
-def _fineweb(shared: Path) -> list[dict[str, Any]]:
+@lru_cache(maxsize=2)
+def _fineweb(shared: Path) -> list[dict[str, Any]]:  # read once per test session (callers copy what they keep)
     path = shared / "edu_labels/fineweb_edu_llama3_sample/llama3_train.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -271,3 +271,50 @@ def test_the_judge_joins_chunks_in_order_names_every_fate_and_accounts_every_bil
     by_reason = out["billed"]["dropped_by_reason"]
     assert by_reason["skipped_budget"]["prompt_tokens"] == 200 and by_reason["rewrite_contaminated"]["prompt_tokens"] == 400
     assert out["contamination"]["contaminated"][0]["source_id"] == "p5"
+
+
+# ----------------------------------------------------------------------------------------------- LLM layer
+def _llm_run(tmp_path: Path, shared: Path, base_url: str, name: str, **overrides: object) -> dict:
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    pages = [p for p in scored_pages(shared)[:30] if p["edu_score"] >= 2][:5]
+    inputs = tmp_path / "pages.jsonl"
+    inputs.write_text("".join(json.dumps(p) + "\n" for p in pages))
+    cfg = {"run": {"name": name, "out": str(tmp_path / name), "stages": ["rephrase"]},
+           "llm": {"base_url": base_url, "model": "test-model", "workers": 0, "concurrency": 4, "timeout_s": 5,
+                   "max_tokens": 600, "batch_poll_s": 0.02, "ledger": str(tmp_path / f"{name}.sqlite")},
+           "budget": {"price_input_per_1m": 1.0, "price_output_per_1m": 4.0},
+           "rephrase": {"inputs": [str(inputs)], "language": None, "source_language_check": False}}
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        cfg[section][field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["rephrase", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    stage = tmp_path / name / "stages" / "rephrase"
+    kept = sorted((r["id"], r["text"]) for f in sorted((stage / "kept").glob("*.parquet"))
+                  for r in pq.read_table(f).to_pylist())
+    return {"stats": json.loads((stage / "stats.json").read_text()), "kept": kept, "n": len(pages)}
+
+
+def test_batch_mode_gives_the_same_pages_and_rewrites_at_the_batch_price(tmp_path, shared_data):
+    """The LLM layer's batch mode through the rephrase stage: one batch, the same documents, half the price.
+    (A budget stop reaches the judge as skipped requests: `skipped_budget` in the judge test above.)"""
+    from pipeline.llm.testserver import FaultyOpenAIServer
+
+    with FaultyOpenAIServer(mode="thread", rephrase_tag="passage") as srv:
+        online = _llm_run(tmp_path, shared_data, srv.base_url, "online")
+        batch = _llm_run(tmp_path, shared_data, srv.base_url, "batch", llm__mode="batch")
+        served = srv.stats()
+    o, b = online["stats"], batch["stats"]
+    assert o["reconciled"] and o["read"] == online["n"] and o["documents_out"]["rewrites"] > 0
+    assert b["llm"]["mode"] == "batch" and served["batches_created"] == 1
+    assert batch["kept"] == online["kept"]  # answers are a function of the request: the same documents
+    assert {k: b[k] for k in ("kept", "dropped", "pages", "rewrites")} == {k: o[k] for k in ("kept", "dropped",
+                                                                                             "pages", "rewrites")}
+    assert b["cost_usd"] == pytest.approx(o["cost_usd"] / 2, abs=2e-6) and b["billed"]["reconciled"]
+    assert o["cost_usd"] > 0 and served["answered_total"] == 2 * o["requests"]
