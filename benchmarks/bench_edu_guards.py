@@ -145,7 +145,9 @@ def web_keep_top(model: str, shared: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="classifiers/edu-fasttext")
+    from pipeline.config.classifier import ClassifierSection
+
+    ap.add_argument("--model", default=ClassifierSection().model, help="default: the configured default model")
     ap.add_argument("--web", action="store_true", help="also run the web stage twice (keep_top of calibration/run)")
     args = ap.parse_args()
     from pipeline.classify.guards import GuardedScorer

@@ -16,7 +16,7 @@ from pipeline.classify.guards import GuardConfig, GuardedScorer, gate, text_feat
 from pipeline.classify.model import load_classifier
 from pipeline.classify.overlap import HASH_FILE, TrainingHashes
 from pipeline.classify.train import evaluate_model, train_classifier
-from pipeline.config.classifier import LabelSource, TrainSection
+from pipeline.config.classifier import ClassifierSection, LabelSource, TrainSection
 from pipeline.errors import TextbookError
 
 EXPECTED_GATE = {
@@ -86,29 +86,37 @@ def small_model(tmp_path_factory, shared_data) -> tuple[Path, TrainSection]:
     out = tmp_path_factory.mktemp("guard-models")
     src = LabelSource(path=str(shared_data / "edu_labels/fineweb_edu_llama3_sample/llama3_train.jsonl"),
                       id_column="id", name="llama3", limit=700)
-    train = TrainSection(name="small-edu", mode="binary", max_chars=3000, sources=[src],
+    train = TrainSection(name="small-edu", mode="binary", max_chars=3000, sources=[src], cv_folds=2,
                          params={"epoch": 10, "dim": 16, "bucket": 50_000, "quantize": False})
     train_classifier(train, out_dir=out, log=lambda m: None)
     return out / "small-edu", train
 
 
-def _train_split(train: TrainSection) -> tuple[list[str], list[str]]:
-    from pipeline.classify.data import load_labelled, split_of
+def _fitted_and_fresh(model_dir: Path, shared: Path) -> tuple[list[str], list[str]]:
+    """Labelled pages the model was fitted on and pages it never saw, told apart by its own hashes (whatever
+    rule training used to choose what it fits on): Llama-3 sample pages it recognises, human-labelled and
+    Llama-3.3 pages it does not."""
+    hashes = TrainingHashes.load(model_dir)
+    d = shared / "edu_labels"
+    with open(d / "fineweb_edu_llama3_sample/llama3_train.jsonl", encoding="utf-8") as f:
+        llama = [r["text"] for r in map(json.loads, f)]
+    with open(d / "fineweb_edu_llama33_150/training_data.csv", encoding="utf-8", newline="") as f:
+        other = [r["text"] for r in csv.DictReader(f)]
+    fit = [t for t, m in zip(llama, hashes.contains_documents(llama), strict=True) if m]
+    fresh = [t for t, m in zip(other, hashes.contains_documents(other), strict=True) if not m]
+    return fit, fresh
 
-    examples, _, _ = load_labelled(train.sources, train.score_min, train.score_max)
-    fit = [e.text for e in examples if split_of(e.id, train.split) == "train"]
-    held = [e.text for e in examples if split_of(e.id, train.split) != "train"]
-    return fit, held
 
+def test_training_writes_hashes_and_overlap_is_reported(small_model, tmp_path, shared_data) -> None:
+    from pipeline.classify.overlap import document_key, text_hash
 
-def test_training_writes_hashes_and_overlap_is_reported(small_model, tmp_path) -> None:
     model_dir, train = small_model
     assert (model_dir / HASH_FILE).is_file()
     hashes = TrainingHashes.load(model_dir)
-    fit, held = _train_split(train)
-    assert hashes.info["texts"] == len(fit) and len(hashes.shingles) > 10 * len(fit)
-    assert hashes.contains_documents(fit).all()
-    assert not hashes.contains_documents(held).any()
+    fit, held = _fitted_and_fresh(model_dir, shared_data)
+    # every stored document hash is one of the pages trained on, and most of the 700 chosen pages are fitted on
+    assert np.array_equal(np.unique([text_hash(document_key(t)) for t in fit]), hashes.documents)
+    assert 400 < len(fit) <= 700 and len(held) > 100 and len(hashes.shingles) > 10 * len(fit)
     # re-wrapped or re-cased, a training text is still recognised (normalised key)
     assert hashes.contains_documents(["\n".join(fit[0].upper().split(" "))])[0]
 
@@ -154,20 +162,19 @@ def test_hashes_from_config_match_the_hook(small_model, tmp_path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(model_dir, copy)
     (copy / HASH_FILE).unlink()
-    info = hashes_from_config(train, copy)
+    hashes_from_config(train, copy)
     a, b = TrainingHashes.load(model_dir), TrainingHashes.load(copy)
-    assert info["hashed"] == "train split" and np.array_equal(a.documents, b.documents)
-    assert np.array_equal(a.shingles, b.shingles)
-    other = train.model_copy(update={"split": (0.5, 0.25, 0.25)})  # not the config the model was trained with
-    with pytest.raises(TextbookError, match="differ from the model's"):
-        hashes_from_config(other, copy)
+    assert np.array_equal(a.documents, b.documents) and np.array_equal(a.shingles, b.shingles)
+    other = train.model_copy(update={"sources": [train.sources[0].model_copy(update={"limit": 300})]})
+    with pytest.raises(TextbookError, match="not the config this model was trained with"):
+        hashes_from_config(other, copy)  # another number of fitted documents than its metrics.json records
 
 
-def test_scorer_gates_and_pasted_training_paragraph(small_model) -> None:
+def test_scorer_gates_and_pasted_training_paragraph(small_model, shared_data) -> None:
     model_dir, train = small_model
     clf = load_classifier(model_dir)
     scorer = GuardedScorer(clf, config=GuardConfig(check_above=0))  # every page checked, whatever its score
-    fit, _ = _train_split(train)
+    fit, _ = _fitted_and_fresh(model_dir, shared_data)
     # the training paragraph the model scores highest when pasted into spam: the strongest such attack
     paragraphs = [p for t in fit for p in t.split("\n") if 300 <= len(p) <= 1200]
     pages = [spam_page(p, 0.6, i) for i, p in enumerate(paragraphs)]
@@ -214,7 +221,7 @@ def test_default_model_adversarial_pages_score_below_its_cutoff(shared_data) -> 
     model's own training text it rates highest) all score below it; teaching prose is not gated."""
     from pipeline.paths import repo_path
 
-    clf = load_classifier(repo_path("classifiers", "edu-fasttext"))
+    clf = load_classifier(repo_path(ClassifierSection().model))
     scorer = GuardedScorer(clf)
     assert scorer.hashes is not None, "the default model must carry training_hashes.npz"
     cutoff = float(clf.selection_cutoff()[0])
@@ -223,17 +230,19 @@ def test_default_model_adversarial_pages_score_below_its_cutoff(shared_data) -> 
     above = {n: (float(r), float(s)) for n, r, s in zip(pages, res.raw, res.scores, strict=True) if s >= cutoff}
     assert not above, (cutoff, above)
     # spam pasting a paragraph of the model's own training text (found through its hashes in the shared data)
-    candidates = []
-    for _, _, text in _real_labelled(shared_data):
-        candidates += [p for p in text.split("\n") if 200 <= len(p) <= 1500]
+    candidates = []  # paragraphs of the labelled pages that teach (>= 3): what a spammer would paste
+    for _, label, text in _real_labelled(shared_data):
+        candidates += [p for p in text.split("\n") if 200 <= len(p) <= 1500 and label >= 3]
     with open(shared_data / "textbooks/openstax_intro_python/modules_plaintext.jsonl", encoding="utf-8") as f:
         for rec in map(json.loads, f):
             candidates += [p.strip() for p in rec["text"].split("\n\n") if 200 <= len(p.strip()) <= 1500]
-    memorised = [p for p in candidates if scorer.hashes.memorised(p)[0] > 0.9]
+    # the strongest attacks: the 300 passages the model rates highest on their own, that it was trained on
+    best = np.argsort(-clf.score(candidates))[:300]
+    memorised = [candidates[i] for i in best if scorer.hashes.memorised(candidates[i])[0] > 0.9]
     assert len(memorised) >= 20
     spam_pages = [spam_page(p, 0.6, i) for i, p in enumerate(memorised)]
     res = scorer.score(spam_pages)
-    worst = np.argsort(-res.raw)[:10]  # the ten pasted paragraphs the model alone rates highest
+    worst = np.argsort(-res.raw)[:10]  # the ten pasted pages the model alone rates highest
     assert [round(float(res.scores[i]), 3) for i in worst if res.scores[i] >= cutoff] == []
     res = scorer.score(list(control_pages().values()))
     assert not any(res.gates)

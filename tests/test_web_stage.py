@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
+from pipeline.config.classifier import ClassifierSection
 from pipeline.documents import iter_documents
 from pipeline.errors import TextbookError
 from pipeline.run import run_one
@@ -182,7 +183,7 @@ def test_edu_score_stored_and_filter(shared_data: Path, tmp_path: Path) -> None:
     pytest.importorskip("pipeline.classify.datatrove_steps")
     from pipeline.paths import repo_path
 
-    model = repo_path("classifiers", "edu-fasttext")
+    model = repo_path(ClassifierSection().model)  # the committed default classifier
     if not (model / "classifier.json").exists():
         pytest.skip("no committed edu classifier")
     inputs = [str(shared_data / "web" / "dolma_cc" / "cc_en_head")]
@@ -234,7 +235,7 @@ def test_gzip_jsonl_with_truncation(tmp_path: Path) -> None:
 def _default_model() -> Path:
     from pipeline.paths import repo_path
 
-    model = repo_path("classifiers", "edu-fasttext")
+    model = repo_path(ClassifierSection().model)  # the committed default classifier
     if not (model / "classifier.json").exists():
         pytest.skip("no committed edu classifier")
     return model

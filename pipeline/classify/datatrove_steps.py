@@ -1,7 +1,7 @@
 """datatrove steps: score once (`EduScoreTagger`), filter many ways (`EduScoreFilter`).
 
     from pipeline.classify.datatrove_steps import EduScoreFilter, EduScoreTagger
-    pipeline = [reader, ..., EduScoreTagger("classifiers/edu-fasttext"), writer_all,
+    pipeline = [reader, ..., EduScoreTagger("classifiers/edu-en"), writer_all,
                 EduScoreFilter(threshold=3), writer_kept]
 
 The tagger writes `metadata["edu_score"]` (float on the rubric scale) and `metadata["edu_model"]`, through the
@@ -37,7 +37,7 @@ class EduScoreTagger(PipelineStep):
     through the guards (`pipeline.classify.guards.GuardedScorer`; the module doc lists the metadata they add).
 
     Args:
-        model_dir: a `classifiers/<name>/` directory.
+        model_dir: a `classifiers/<name>/` directory (default: `classifier.model`'s default, the shipped model).
         batch_size: documents per model call.
         max_chars: score this prefix of each document (default: the model's `max_chars`).
         guards: False stores the model's own score (training-overlap flags are still set).
@@ -49,10 +49,14 @@ class EduScoreTagger(PipelineStep):
     name = "🎓 edu score"
     type = "🏷 - TAGGER"
 
-    def __init__(self, model_dir: str = "classifiers/edu-fasttext", batch_size: int = 512,
+    def __init__(self, model_dir: str | None = None, batch_size: int = 512,
                  max_chars: int | None = None, score_key: str = SCORE_KEY, guards: bool = True,
                  summary_dir: str | None = None) -> None:
         super().__init__()
+        if model_dir is None:
+            from pipeline.config.classifier import ClassifierSection
+
+            model_dir = ClassifierSection().model
         self.model_dir = str(model_dir)
         self.batch_size = batch_size
         self.max_chars = max_chars

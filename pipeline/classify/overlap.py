@@ -213,32 +213,24 @@ def write_training_hashes(model_dir: str | Path, texts: Iterable[str]) -> dict[s
     return hashes.info
 
 
-def hashes_from_config(train: Any, model_dir: str | Path, all_documents: bool = False) -> dict[str, Any]:
+def hashes_from_config(train: Any, model_dir: str | Path) -> dict[str, Any]:
     """Write the hashes of an already trained model from its training config (`classifier.train`): the
-    documents of the train split (`all_documents`: every labelled document, for a model refitted on all of them).
-
-    The split is recomputed exactly as `train_classifier` does (hash of the document id); when the model's
-    metrics.json records split sizes that differ from the recomputed ones, the config is not the one the
-    model was trained with and this raises TextbookError instead of writing wrong hashes."""
-    from pipeline.classify.data import load_labelled, split_of
+    documents `train_classifier`'s final fit sees (`labelled_data(train).fitted`: every labelled document but
+    the holdout, train_only sources included). When the model's metrics.json records another number of fitted
+    documents, the config is not the one the model was trained with: TextbookError, nothing written."""
+    from pipeline.classify.train import labelled_data
 
     model_dir = Path(model_dir)
-    examples, _, _ = load_labelled(train.sources, train.score_min, train.score_max, train.strict)
-    sizes = {"train": 0, "validation": 0, "test": 0}
-    chosen: list[str] = []
-    for e in examples:
-        part = split_of(e.id, train.split)
-        sizes[part] += 1
-        if all_documents or part == "train":
-            chosen.append(e.text)
+    data = labelled_data(train)
+    fitted = [e.text for e in data.fitted]
     metrics_path = model_dir / "metrics.json"
     if metrics_path.is_file():
-        recorded = json.loads(metrics_path.read_text(encoding="utf-8")).get("data", {}).get("splits")
-        if recorded and {k: int(v) for k, v in recorded.items()} != sizes:
-            raise TextbookError(f"{model_dir}: the config's data splits {sizes} differ from the model's {recorded} "
-                                "(metrics.json): not the config this model was trained with")
-    info = write_training_hashes(model_dir, chosen)
-    return {**info, "splits": sizes, "hashed": "all documents" if all_documents else "train split"}
+        recorded = json.loads(metrics_path.read_text(encoding="utf-8")).get("data", {}).get("fitted")
+        if recorded is not None and int(recorded) != len(fitted):
+            raise TextbookError(f"{model_dir}: the config gives {len(fitted):,} documents to fit on, the model's "
+                                f"metrics.json records {int(recorded):,}: not the config this model was trained with")
+    info = write_training_hashes(model_dir, fitted)
+    return {**info, "labelled": len(data.fitted) + len(data.holdout), "held_out": len(data.holdout)}
 
 
 def overlap_summary(in_training: np.ndarray) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import typer
 from pipeline.cli.common import CONFIG_HELP, SET_HELP, console, fail, load, user_errors
 
 app = typer.Typer(help="Educational-value classifier: annotate with an LLM, train, evaluate, score.\n\n"
-                  "Example: textbook classifier train configs/classifier/edu-fasttext.yaml", no_args_is_help=True)
+                  "Example: textbook classifier train configs/classifier/edu-en.yaml", no_args_is_help=True)
 
 
 def parse_fraction(value: str | None) -> float | None:
@@ -54,7 +54,7 @@ def train_cmd(
 ) -> None:
     """Train a classifier from annotation files and write classifiers/<name>/ (model, metrics, card).
 
-    Example: textbook classifier train configs/classifier/edu-fasttext.yaml --keep-top 10%
+    Example: textbook classifier train configs/classifier/edu-en.yaml --keep-top 10%
     """
     from pipeline.classify.train import train_classifier
 
@@ -78,7 +78,7 @@ def _print_metrics(m: dict) -> None:
 
     if "binary" in m:
         row("all", m)
-    for name in ("validation", "test"):
+    for name in ("cv", "holdout"):  # cross-validated (calibration cross-fitted); the shipped model on its holdout
         if name in m:
             row(name, m[name])
     for name, b in m.get("eval_sets", {}).items():
@@ -89,7 +89,7 @@ def _print_metrics(m: dict) -> None:
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(
-    model: str = typer.Argument(..., help="Model directory, e.g. classifiers/edu-fasttext."),
+    model: str = typer.Argument(..., help="Model directory, e.g. classifiers/edu-en."),
     data: list[str] = typer.Argument(..., help="Labelled files (parquet/jsonl/csv/json)."),
     text_column: str = typer.Option("text", help="Column with the text."),
     score_column: str = typer.Option("score", help="Column with the annotator's score."),
@@ -103,7 +103,7 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate a trained model on labelled data: P/R/F1 at the threshold, macro-F1, confusion, Spearman.
 
-    Example: textbook classifier evaluate classifiers/edu-fasttext data.csv --score-column score --keep-top 10%
+    Example: textbook classifier evaluate classifiers/edu-en data.csv --score-column score --keep-top 10%
     """
     from pipeline.classify.model import load_classifier
     from pipeline.classify.train import evaluate_model, record_keep_top
@@ -140,7 +140,7 @@ def evaluate_cmd(
 @app.command("score")
 @user_errors
 def score_cmd(
-    model: str = typer.Argument(..., help="Model directory, e.g. classifiers/edu-fasttext."),
+    model: str = typer.Argument(..., help="Model directory, e.g. classifiers/edu-en."),
     inputs: list[str] = typer.Argument(..., help="Document files or directories (parquet/jsonl)."),
     out: str = typer.Option(..., "--out", help="Output directory for parquet documents with edu_score."),
     text_column: str = typer.Option("text", help="Column with the text."),
@@ -151,7 +151,7 @@ def score_cmd(
 ) -> None:
     """Score documents: writes them with `edu_score` (and the model in meta) plus stats.json.
 
-    Example: textbook classifier score classifiers/edu-fasttext ../shared/data/web/dolma_cc --out scored/
+    Example: textbook classifier score classifiers/edu-en ../shared/data/web/dolma_cc --out scored/
     """
     from pipeline.classify.score import score_files
 
@@ -175,10 +175,9 @@ def training_hashes_cmd(
     config: str = typer.Argument(..., help=CONFIG_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     model: str | None = typer.Option(None, "--model", help="Model directory (default train.out_dir/train.name)."),
-    all_documents: bool = typer.Option(False, "--all", help="Hash every labelled document (a model refitted "
-                                       "on all of them), not only the train split."),
 ) -> None:
-    """Write training_hashes.npz for a model trained before training runs wrote it, from its training config.
+    """Write training_hashes.npz for a model trained before training runs wrote it, from its training config
+    (every labelled document but the holdout: what the final fit saw).
 
     Example: textbook classifier training-hashes configs/classifier/legal-fasttext.yaml
     """
@@ -190,9 +189,10 @@ def training_hashes_cmd(
     cfg = load(config, set_)
     t = cfg.classifier.train
     target = resolve_model_dir(model or str(Path(t.out_dir) / t.name))
-    info = hashes_from_config(t, target, all_documents=all_documents)
-    console.print(f"{target}: hashed {info['texts']:,} texts ({info['hashed']}): {info['documents']:,} document "
-                  f"and {info['shingles']:,} shingle hashes", highlight=False)
+    info = hashes_from_config(t, target)
+    console.print(f"{target}: hashed {info['texts']:,} of {info['labelled']:,} labelled texts "
+                  f"({info['held_out']:,} held out): {info['documents']:,} document and {info['shingles']:,} "
+                  "shingle hashes", highlight=False)
 
 
 def register(parent: typer.Typer) -> None:
