@@ -6,8 +6,9 @@ import pytest
 
 from pipeline.classify import metrics as M
 from pipeline.classify.annotate import parse_score
-from pipeline.classify.data import Example, chunk, merge, split_of
+from pipeline.classify.data import Example, chunk, fold_of, is_held_out, merge, text_bucket
 from pipeline.classify.text import prepare
+from pipeline.config.classifier import HoldoutRule
 
 TRUTH = [0, 1, 3, 4, 5, 2]
 PRED = [0.4, 2.6, 3.2, 1.0, 4.6, 2.4]
@@ -74,15 +75,21 @@ def test_parse_score_is_strict(raw, expected):
     assert parse_score(raw, a.score_pattern, a.score_min, a.score_max) == expected
 
 
-def test_split_is_deterministic_and_repeats_merge():
-    fr = (0.8, 0.1, 0.1)
-    splits = [split_of(f"doc-{i}", fr) for i in range(2000)]
-    assert splits == [split_of(f"doc-{i}", fr) for i in range(2000)]
-    assert 0.75 < splits.count("train") / 2000 < 0.85 and splits.count("test") > 100
-    merged, repeats = merge([Example("a", "t", "s", [2]), Example("b", "u", "s", [5]), Example("a", "t", "s", [4])])
+def test_folds_and_holdout_are_deterministic_and_repeats_merge():
+    folds = [fold_of(f"doc-{i}", 5) for i in range(2000)]
+    assert folds == [fold_of(f"doc-{i}", 5) for i in range(2000)]
+    assert set(folds) == {0, 1, 2, 3, 4} and all(330 < folds.count(f) < 470 for f in range(5))
+    # the shared data's hash rule, checked by hand: sha256("hello") starts 2cf24dba -> 754077114 % 5 == 4
+    assert text_bucket("hello", 5) == int("2cf24dba", 16) % 5 == 4
+    assert is_held_out(Example("x", "hello", "s", [1]), HoldoutRule(modulo=5, remainder=4))
+    assert not is_held_out(Example("x", "hello", "s", [1]), HoldoutRule(modulo=5, remainder=1))
+    assert not is_held_out(Example("x", "hello", "s", [1]), None)
+    merged, repeats = merge([Example("a", "t", "s", [2], targets=[1.5]), Example("b", "u", "s", [5]),
+                             Example("a", "t", "s", [4], targets=[3.5])])
     assert repeats == 1 and len(merged) == 2
     a = next(e for e in merged if e.id == "a")
-    assert a.scores == [2, 4] and a.score == 3
+    b = next(e for e in merged if e.id == "b")
+    assert a.scores == [2, 4] and a.score == 3 and a.target == 2.5 and b.target == 5
 
 
 def test_chunk_and_prepare():

@@ -1,16 +1,19 @@
-"""Classifier backends behind one interface: fit on (text, integer label), predict a float score per text.
+"""Classifier backends behind one interface: fit on (text, label), predict a float *raw* score per text.
 
-Scores live on the rubric's scale (e.g. 0-5) whatever the backend, so thresholds, plots and `keep_top`
-cut-offs mean the same thing for every model:
+Raw scores are on the rubric's range (e.g. 0-5) but mean different things per mode:
 
-- mode `expected` (multi-class): score = sum_k P(class k) * k, the expectation over label probabilities.
-- mode `binary`: labels are 0/1 (1 = educational); score = score_max * P(1), so a binary model's score 3
-  on a 0-5 rubric means P(educational) = 0.6.
+- mode `expected` (multi-class): raw = sum_k P(class k) * k, the expectation over label probabilities (it
+  bunches around the mean label: few documents reach 3 on a skewed rubric).
+- mode `binary`: labels are 0/1 (1 = score >= threshold); raw = score_max * P(1).
 - mode `regression` (sklearn ridge): the regressor's output, clipped to the score range.
 
+A trained model maps raw scores onto the rubric's scale with the label-share calibration of
+`pipeline.classify.calibrate` (recorded in classifier.json), so every mode's "score >= 3" means the same thing.
+
 Backends: `fasttext` (supervised, word n-grams; optionally quantized to a small .ftz) and `sklearn`
-(TF-IDF or hashing features + logistic or ridge). Each writes its model file into the model directory and
-returns the file name; `classifier.json` (written by the caller) records everything needed to load it.
+(TF-IDF or hashing features + logistic or ridge, saved as plain arrays in model.npz). Each writes its model
+file into the model directory and returns the file name; `classifier.json` (written by the caller) records
+everything needed to load it.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ class Backend:
         self.score_max = float(score_max)
         self.params = {**self.defaults, **params}
 
-    def fit(self, texts: list[str], labels: list[int]) -> None:
+    def fit(self, texts: list[str], labels: list[float], final: bool = True) -> None:
+        """Fit on prepared texts; labels are 0/1 (binary), class integers (expected) or floats (regression).
+        `final` is False for a cross-validation fold (a backend may skip work only the shipped model needs)."""
         raise NotImplementedError
 
     def predict_scores(self, texts: list[str]) -> np.ndarray:
@@ -79,7 +84,8 @@ class FastTextBackend(Backend):
         self.model: Any = None
         self._label_values: list[int] = []
 
-    def fit(self, texts: list[str], labels: list[int]) -> None:
+    def fit(self, texts: list[str], labels: list[float], final: bool = True) -> None:
+        """Train in a fresh interpreter; `final=False` (a cross-validation fold) skips quantization."""
         import json
         import subprocess
         import sys
@@ -87,6 +93,7 @@ class FastTextBackend(Backend):
         from fasttext.FastText import _FastText
 
         p = self.params
+        labels = [int(round(float(v))) for v in labels]  # fastText learns classes
         with tempfile.TemporaryDirectory(prefix="textbook-ft-") as tmp:
             path = os.path.join(tmp, "train.txt")
             with open(path, "w", encoding="utf-8") as f:
@@ -95,7 +102,8 @@ class FastTextBackend(Backend):
             job = {"input": path, "out": os.path.join(tmp, "model.bin"),
                    "train_args": {k: p[k] for k in ("lr", "epoch", "wordNgrams", "dim", "minCount", "bucket",
                                                     "loss", "thread", "seed")},
-                   "quantize": {"qnorm": bool(p["qnorm"]), "cutoff": int(p["cutoff"])} if p.get("quantize") else None}
+                   "quantize": {"qnorm": bool(p["qnorm"]), "cutoff": int(p["cutoff"])}
+                   if p.get("quantize") and final else None}
             # a fresh interpreter per attempt: see _ft_train.py for the fastText NaN bug this avoids
             for attempt in range(1, 5):
                 proc = subprocess.run([sys.executable, "-m", "pipeline.classify._ft_train", json.dumps(job)],
@@ -145,72 +153,133 @@ SKLEARN_DEFAULTS: dict[str, Any] = {
     "features": "tfidf", "head": "logistic", "ngram_max": 2, "max_features": 200_000, "min_df": 2,
     "hash_features": 2**20, "C": 4.0, "alpha": 1.0, "class_weight": None, "max_iter": 2000,
 }
+_TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default: words of two or more word characters
 
 
 class SklearnBackend(Backend):
-    """TF-IDF (or hashing) word n-grams + logistic regression (classes) or ridge regression (scores)."""
+    """TF-IDF (or hashing) word n-grams + logistic regression (classes) or ridge regression (scores).
+
+    Saved as `model.npz` (no pickle: loading a model directory never runs code, and a model outlives the
+    scikit-learn version that fitted it): the vocabulary (or the hashing size), the IDF weights and the linear
+    head's coefficients. Scoring recomputes the same features: n-gram counts, sublinear tf (1 + log), x IDF,
+    L2-normalised rows, then `X @ coef.T + intercept` (ridge: the score; logistic: sigmoid/softmax → P)."""
 
     name = "sklearn"
     defaults = SKLEARN_DEFAULTS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.pipeline: Any = None
         if self.params["head"] == "ridge" and self.mode != "regression":
             self.mode = "regression"
         if self.params["head"] == "logistic" and self.mode == "regression":
             raise TextbookError("sklearn head 'logistic' needs mode expected or binary (use head 'ridge')")
+        if self.params["features"] not in ("tfidf", "hashing"):
+            raise TextbookError(f"sklearn features must be 'tfidf' or 'hashing', got {self.params['features']!r}")
+        if self.params["head"] not in ("logistic", "ridge"):
+            raise TextbookError(f"sklearn head must be 'logistic' or 'ridge', got {self.params['head']!r}")
+        self._counter: Any = None  # CountVectorizer (fixed vocabulary) or HashingVectorizer
+        self.idf: np.ndarray | None = None
+        self.coef: np.ndarray | None = None  # (k, n_features); k = 1 for ridge and binary logistic
+        self.intercept: np.ndarray | None = None
+        self.head_classes: list[int] = []
 
-    def _features(self) -> Any:
-        from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer, TfidfVectorizer
-        from sklearn.pipeline import make_pipeline
+    def _ngrams(self) -> tuple[int, int]:
+        return 1, int(self.params["ngram_max"])
 
-        p = self.params
-        ngrams = (1, int(p["ngram_max"]))
-        if p["features"] == "tfidf":
-            return TfidfVectorizer(ngram_range=ngrams, max_features=int(p["max_features"]),
-                                   min_df=int(p["min_df"]), sublinear_tf=True, dtype=np.float32)
-        if p["features"] == "hashing":
-            return make_pipeline(
-                HashingVectorizer(ngram_range=ngrams, n_features=int(p["hash_features"]), alternate_sign=False,
-                                  norm=None, dtype=np.float32),
-                TfidfTransformer(sublinear_tf=True),
-            )
-        raise TextbookError(f"sklearn features must be 'tfidf' or 'hashing', got {p['features']!r}")
+    def _counter_for(self, vocabulary: dict[str, int] | None = None) -> Any:
+        from sklearn.feature_extraction.text import CountVectorizer, HashingVectorizer
 
-    def fit(self, texts: list[str], labels: list[int]) -> None:
+        if self.params["features"] == "hashing":
+            return HashingVectorizer(ngram_range=self._ngrams(), n_features=int(self.params["hash_features"]),
+                                     alternate_sign=False, norm=None, token_pattern=_TOKEN_PATTERN,
+                                     dtype=np.float32)
+        if vocabulary is None:
+            return CountVectorizer(ngram_range=self._ngrams(), max_features=int(self.params["max_features"]),
+                                   min_df=int(self.params["min_df"]), token_pattern=_TOKEN_PATTERN,
+                                   dtype=np.float32)
+        return CountVectorizer(ngram_range=self._ngrams(), vocabulary=vocabulary, token_pattern=_TOKEN_PATTERN,
+                               dtype=np.float32)
+
+    def _weigh(self, counts: Any) -> Any:
+        """counts (CSR) → sublinear tf x idf, L2-normalised rows (TfidfVectorizer(sublinear_tf=True))."""
+        from sklearn.preprocessing import normalize
+
+        x = counts.tocsr().astype(np.float32)
+        np.log(x.data, out=x.data)
+        x.data += 1.0
+        x = x.multiply(self.idf).tocsr()
+        return normalize(x, norm="l2", copy=False)
+
+    def fit(self, texts: list[str], labels: list[float], final: bool = True) -> None:
         from sklearn.linear_model import LogisticRegression, Ridge
-        from sklearn.pipeline import make_pipeline
 
         p = self.params
+        counter = self._counter_for()
+        counts = counter.fit_transform(texts) if p["features"] == "tfidf" else counter.transform(texts)
+        counts = counts.tocsr()
+        n = counts.shape[0]
+        df = np.bincount(counts.indices, minlength=counts.shape[1]).astype(np.float64)
+        if p["features"] == "tfidf":
+            vocab = counter.vocabulary_
+            self._counter = self._counter_for(vocab)
+        else:
+            self._counter = counter
+        self.idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)  # smooth_idf, as scikit-learn
+        x = self._weigh(counts)
         if p["head"] == "ridge":
             head = Ridge(alpha=float(p["alpha"]))
-        elif p["head"] == "logistic":
-            head = LogisticRegression(C=float(p["C"]), max_iter=int(p["max_iter"]), class_weight=p["class_weight"])
+            head.fit(x, np.asarray(labels, dtype=np.float64))
+            self.coef = np.atleast_2d(head.coef_).astype(np.float32)
+            self.intercept = np.atleast_1d(head.intercept_).astype(np.float32)
+            self.head_classes = []
         else:
-            raise TextbookError(f"sklearn head must be 'logistic' or 'ridge', got {p['head']!r}")
-        self.pipeline = make_pipeline(self._features(), head)
-        self.pipeline.fit(texts, np.asarray(labels, dtype=np.float64 if p["head"] == "ridge" else np.int64))
+            head = LogisticRegression(C=float(p["C"]), max_iter=int(p["max_iter"]), class_weight=p["class_weight"])
+            head.fit(x, np.asarray(labels, dtype=np.int64))
+            self.coef = head.coef_.astype(np.float32)
+            self.intercept = head.intercept_.astype(np.float32)
+            self.head_classes = [int(c) for c in head.classes_]
+
+    def _decision(self, texts: list[str]) -> np.ndarray:
+        x = self._weigh(self._counter.transform(texts))
+        return np.asarray(x @ self.coef.T, dtype=np.float64) + self.intercept
 
     def predict_scores(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros(0, dtype=np.float32)
+        z = self._decision(texts)
         if self.mode == "regression":
-            out = self.pipeline.predict(texts)
-            return np.clip(out, 0.0, self.score_max).astype(np.float32)
-        proba = self.pipeline.predict_proba(texts)
-        return self._from_proba(proba, [int(c) for c in self.pipeline.classes_])
+            return np.clip(z[:, 0], 0.0, self.score_max).astype(np.float32)
+        if z.shape[1] == 1:  # binary logistic: P(classes[1]) = sigmoid(z)
+            p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+            proba = np.stack([1.0 - p1, p1], axis=1)
+        else:  # multinomial: softmax
+            z = z - z.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            proba = e / e.sum(axis=1, keepdims=True)
+        return self._from_proba(proba, self.head_classes)
 
     def save(self, model_dir: Path) -> str:
-        import joblib
-
-        joblib.dump(self.pipeline, model_dir / "model.joblib", compress=3)
-        return "model.joblib"
+        arrays: dict[str, Any] = {"idf": self.idf, "coef": self.coef, "intercept": self.intercept,
+                                  "classes": np.asarray(self.head_classes, dtype=np.int64)}
+        if self.params["features"] == "tfidf":
+            terms = sorted(self._counter.vocabulary, key=self._counter.vocabulary.get)
+            if any("\n" in t for t in terms):
+                raise TextbookError("vocabulary term with a newline (cannot happen with the default tokenizer)")
+            arrays["vocabulary"] = np.frombuffer("\n".join(terms).encode("utf-8"), dtype=np.uint8)
+        np.savez_compressed(model_dir / "model.npz", **arrays)
+        return "model.npz"
 
     def load(self, path: Path) -> None:
-        import joblib
-
-        self.pipeline = joblib.load(path)
+        with np.load(path, allow_pickle=False) as z:
+            self.idf, self.coef, self.intercept = z["idf"], z["coef"], z["intercept"]
+            self.head_classes = [int(c) for c in z["classes"]]
+            vocab = None
+            if self.params["features"] == "tfidf":
+                terms = z["vocabulary"].tobytes().decode("utf-8").split("\n")
+                vocab = {t: i for i, t in enumerate(terms)}
+        self._counter = self._counter_for(vocab)
+        if self.coef.shape[1] != len(self.idf):
+            raise TextbookError(f"{path}: coefficients and features differ in size")
 
 
 BACKENDS: dict[str, type[Backend]] = {"fasttext": FastTextBackend, "sklearn": SklearnBackend}

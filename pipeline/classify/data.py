@@ -26,8 +26,6 @@ from pipeline.config.classifier import LabelSource
 from pipeline.documents import clean_text, doc_id
 from pipeline.errors import ResourceUnavailable, TextbookError
 
-SPLITS = ("train", "validation", "test")
-
 
 @dataclass
 class Example:
@@ -36,10 +34,16 @@ class Example:
     source: str
     scores: list[float] = field(default_factory=list)
     fixed: bool = False  # label set by the source (DCLM-style), not by an annotator
+    targets: list[float] = field(default_factory=list)  # fit targets of a source with `target_column`
 
     @property
     def score(self) -> float:
         return sum(self.scores) / len(self.scores)
+
+    @property
+    def target(self) -> float:
+        """What a model is fitted on: the mean `target_column` value if the source has one, else `score`."""
+        return sum(self.targets) / len(self.targets) if self.targets else self.score
 
 
 @dataclass
@@ -241,6 +245,15 @@ def load_source(src: LabelSource, score_min: float, score_max: float, report: Lo
         if not score_min <= score <= score_max:
             bad("score_out_of_range", where, f"{score} not in [{score_min}, {score_max}]")
             continue
+        targets: list[float] = []
+        if src.target_column:
+            if src.target_column not in rec:
+                raise TextbookError(f"{where}: no target column '{src.target_column}' (columns: {', '.join(rec)})")
+            target = _to_float(rec[src.target_column], src.label_map)
+            if target is None or not score_min <= target <= score_max:
+                bad("bad_target", where, repr(rec[src.target_column])[:40])
+                continue
+            targets = [target]
         if src.markup == "rst":
             text = strip_rst(text)
         pieces = chunk(text, src.chunk_chars) if src.chunk_chars else [text]
@@ -250,7 +263,7 @@ def load_source(src: LabelSource, score_min: float, score_max: float, report: Lo
                 ident = f"{rid}#{i}" if len(pieces) > 1 else str(rid)
             else:
                 ident = doc_id(piece)
-            out.append(Example(ident, piece, name, [score], fixed=src.label is not None))
+            out.append(Example(ident, piece, name, [score], fixed=src.label is not None, targets=list(targets)))
         report.used += 1
     if src.limit is not None:
         # a deterministic sample of *documents* (all annotations of a chosen document stay)
@@ -267,9 +280,10 @@ def merge(examples: list[Example]) -> tuple[list[Example], int]:
     for ex in examples:
         seen = by_id.get(ex.id)
         if seen is None:
-            by_id[ex.id] = Example(ex.id, ex.text, ex.source, list(ex.scores), ex.fixed)
+            by_id[ex.id] = Example(ex.id, ex.text, ex.source, list(ex.scores), ex.fixed, list(ex.targets))
         else:
             seen.scores.extend(ex.scores)
+            seen.targets.extend(ex.targets)
             repeats += 1
     return list(by_id.values()), repeats
 
@@ -278,15 +292,21 @@ def _hash01(key: str) -> float:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
 
 
-def split_of(ident: str, fractions: tuple[float, float, float]) -> str:
-    """Deterministic split from the id's hash (same id → same split, in every run and on every machine)."""
-    total = sum(fractions)
-    u = _hash01(ident) * total
-    if u < fractions[0]:
-        return "train"
-    if u < fractions[0] + fractions[1]:
-        return "validation"
-    return "test"
+def fold_of(ident: str, folds: int) -> int:
+    """Cross-validation fold (0..folds-1) from the id's hash: same id, same fold, in every run and on every
+    machine, so the repeated annotations of one document never straddle folds."""
+    return min(int(_hash01(ident + "|fold") * folds), folds - 1)
+
+
+def text_bucket(text: str, modulo: int) -> int:
+    """`int(sha256(text)[:8], 16) % modulo` over the UTF-8 text: the hash rule of `../shared/data`'s hidden
+    splits and of `classifier.train.holdout`."""
+    return int(hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8], 16) % modulo
+
+
+def is_held_out(example: Example, rule: Any) -> bool:
+    """True when `rule` (a `HoldoutRule`, or None for no holdout) holds the example out of every fit."""
+    return rule is not None and text_bucket(example.text, rule.modulo) == rule.remainder
 
 
 def load_labelled(sources: list[LabelSource], score_min: float, score_max: float,

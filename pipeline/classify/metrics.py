@@ -122,3 +122,8 @@ def percentiles(scores: Any) -> list[float]:
 def keep_top_cutoff(scores: Any, fraction: float) -> float:
     """The score at or above which the top `fraction` of `scores` lies."""
     return float(np.percentile(np.asarray(scores, dtype=np.float64), (1 - fraction) * 100))
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    """A metric for a log line or a table: 'n/a' for an undefined one (e.g. Spearman on constant input)."""
+    return "n/a" if x is None else f"{x:.{digits}f}"

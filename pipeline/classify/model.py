@@ -1,9 +1,10 @@
 """A trained classifier on disk: `classifiers/<name>/` with `classifier.json` describing how to load and use it.
 
-classifier.json (format `textbook-classifier/1`): name, backend, mode, model_file (+ sha256), classes,
-score range, max_chars/lowercase (the text the model sees), threshold, keep-top calibration
-(score percentiles and an optional default keep-top cut-off). Anything missing or corrupt is a one-line
-TextbookError naming the file.
+classifier.json (format `textbook-classifier/2`): name, backend, mode, model_file (+ sha256), classes,
+score range, max_chars/lowercase (the text the model sees), threshold, `score_map` (the label-share
+calibration of `pipeline.classify.calibrate`: raw backend score → rubric scale; absent or null = raw scores),
+keep-top calibration (score percentiles and an optional default keep-top cut-off). Format 1 (no score map)
+still loads. Anything missing or corrupt is a one-line TextbookError naming the file.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from pipeline.classify.text import prepare
 from pipeline.errors import TextbookError
 from pipeline.paths import repo_path
 
-FORMAT = "textbook-classifier/1"
+FORMAT = "textbook-classifier/2"
+READABLE_FORMATS = ("textbook-classifier/1", FORMAT)
 META_FILE = "classifier.json"
 REQUIRED = ("format", "name", "backend", "mode", "model_file", "classes", "score_min", "score_max", "max_chars")
 
 
 def resolve_model_dir(model_dir: str | Path) -> Path:
-    """As given, else relative to the repository (so `classifiers/edu-fasttext` works from any directory)."""
+    """As given, else relative to the repository (so `classifiers/edu-en` works from any directory)."""
     p = Path(model_dir).expanduser()
     if not p.exists() and not p.is_absolute() and repo_path(str(p)).exists():
         p = repo_path(str(p))
@@ -63,13 +65,28 @@ class EduClassifier:
         n = self.max_chars if max_chars is None else max_chars
         return [prepare(t, n, self.lowercase) for t in texts]
 
+    @property
+    def score_map(self) -> dict[str, Any] | None:
+        """The label-share calibration (raw → rubric scale), or None for a model scoring raw."""
+        return self.meta.get("score_map") or None
+
     def score(self, texts: Sequence[str], max_chars: int | None = None) -> np.ndarray:
-        """Scores for raw texts; blank texts get score_min (callers count them: see `blank_mask`)."""
+        """(n,) float32 calibrated scores on the rubric scale for raw texts; blank texts get score_min."""
+        return self._score(texts, max_chars, calibrated=True)
+
+    def raw_score(self, texts: Sequence[str], max_chars: int | None = None) -> np.ndarray:
+        """(n,) float32 backend scores before the score map (what the calibration was fitted on)."""
+        return self._score(texts, max_chars, calibrated=False)
+
+    def _score(self, texts: Sequence[str], max_chars: int | None, calibrated: bool) -> np.ndarray:
+        from pipeline.classify.calibrate import apply_map
+
         prepared = self.prepare(texts, max_chars)
         out = np.full(len(prepared), self.score_min, dtype=np.float32)
         idx = [i for i, t in enumerate(prepared) if t]
         if idx:
-            out[idx] = self.backend.predict_scores([prepared[i] for i in idx])
+            raw = self.backend.predict_scores([prepared[i] for i in idx])
+            out[idx] = apply_map(self.score_map, raw, self.score_min, self.score_max) if calibrated else raw
         return out
 
     def cutoff_for_keep_top(self, fraction: float) -> float:
@@ -109,7 +126,7 @@ def load_classifier(model_dir: str | Path) -> EduClassifier:
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise TextbookError(f"{meta_path}: corrupt (missing keys: {', '.join(missing)})")
-    if meta["format"] != FORMAT:
+    if meta["format"] not in READABLE_FORMATS:
         raise TextbookError(f"{meta_path}: unsupported format {meta['format']!r} (expected {FORMAT})")
     model_path = d / meta["model_file"]
     if not model_path.is_file():

@@ -1,13 +1,19 @@
-"""`textbook classifier train`: labelled rows → split → fit → evaluate → calibrate → `classifiers/<name>/`.
+"""`textbook classifier train`: labelled rows → cross-validate → calibrate → refit on all → `classifiers/<name>/`.
 
 Steps (each small, each reported in metrics.json):
-1. read every source, count bad rows, merge repeated annotations of one document;
-2. split by hash of the document id (repeats never straddle train and test);
-3. fit the backend on the train split (text = the same bounded prefix used at scoring time);
-4. evaluate on validation and test, per source, and on evaluation-only sets;
-5. score a calibration sample (never training documents) → percentiles → keep-top cut-offs;
-6. write the model directory atomically: model file, classifier.json, metrics.json, thresholds.{json,md},
-   confusion_matrix.png, README.md (model card).
+1. read every source, count bad rows, merge repeated annotations of one document; `train_only` sources (weak
+   labels, other annotators) are fitted on but never measured; `holdout` documents (a hash rule on the text)
+   are never fitted on;
+2. k-fold cross-validation over the measured documents (folds by hash of the document id, so repeats never
+   straddle folds): every document gets a raw score from a model that did not see it;
+3. calibrate: the label-share map of `pipeline.classify.calibrate` (raw → rubric scale) fitted on those
+   cross-validated scores; the `cv` metrics use maps fitted on the *other* folds only (cross-fitted), so they
+   measure the calibration too;
+4. refit on every labelled document but the holdout (nothing is held back for good), score the holdout and the
+   evaluation-only sets with that shipped model;
+5. keep-top percentiles on a calibration sample (default: the cross-validated and holdout scores);
+6. write the model directory atomically: model file, classifier.json (with the score map), metrics.json,
+   thresholds.{json,md}, confusion_matrix.png, README.md (model card), training_hashes.npz.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,31 +32,96 @@ from typing import Any
 import numpy as np
 
 from pipeline.classify import metrics as M
-from pipeline.classify.backends import make_backend
-from pipeline.classify.data import SPLITS, Example, LoadReport, load_labelled, load_source, merge, split_of
+from pipeline.classify.backends import Backend, make_backend
+from pipeline.classify.calibrate import apply_map, fit_label_share
+from pipeline.classify.data import (
+    Example,
+    LoadReport,
+    fold_of,
+    is_held_out,
+    load_labelled,
+    load_source,
+    merge,
+)
 from pipeline.classify.model import FORMAT, META_FILE, EduClassifier, sha256_file
 from pipeline.classify.text import prepare
 from pipeline.config.classifier import TrainSection
 from pipeline.errors import TextbookError
 
 
+@dataclass
+class LabelledData:
+    """The documents of a training config, partitioned the way `train_classifier` uses them.
+
+    measured: cross-validated, then fitted on by the final model; train_only: fitted on, never measured;
+    holdout: never fitted on, measured by the shipped model. `fitted` = measured + train_only."""
+
+    measured: list[Example]
+    train_only: list[Example]
+    holdout: list[Example]
+    report: LoadReport
+    repeats: int
+    train_only_dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fitted(self) -> list[Example]:
+        return self.measured + self.train_only
+
+
+def labelled_data(train: TrainSection) -> LabelledData:
+    """Read, merge and partition `train.sources` (see `LabelledData`).
+
+    A `train_only` document whose text is also in a measured source, or that falls in the holdout, is dropped
+    (counted in `train_only_dropped`). Raises TextbookError when no measured source has a usable row."""
+    measured_src = [s for s in train.sources if not s.train_only]
+    extra_src = [s for s in train.sources if s.train_only]
+    if not measured_src:
+        raise TextbookError("classifier.train.sources: at least one source must be measured (not train_only)")
+    examples, report, repeats = load_labelled(measured_src, train.score_min, train.score_max, train.strict)
+    measured = [e for e in examples if not is_held_out(e, train.holdout)]
+    holdout = [e for e in examples if is_held_out(e, train.holdout)]
+    extra: list[Example] = []
+    dropped: Counter[str] = Counter()
+    if extra_src:
+        rows: list[Example] = []
+        for src in extra_src:
+            rows.extend(load_source(src, train.score_min, train.score_max, report, train.strict))
+        more, more_repeats = merge(rows)
+        repeats += more_repeats
+        known_ids = {e.id for e in examples}
+        known_texts = {e.text for e in examples}
+        for e in more:
+            if e.id in known_ids or e.text in known_texts:
+                dropped["also_measured"] += 1
+            elif is_held_out(e, train.holdout):
+                dropped["holdout"] += 1
+            else:
+                extra.append(e)
+    return LabelledData(measured, extra, holdout, report, repeats, dict(dropped))
+
+
 def labels_for(examples: list[Example], train: TrainSection) -> list[float]:
+    """Fit targets (`Example.target`: the source's target_column, else the score): 0/1 at the threshold
+    (binary), rounded integers (expected), means (regression)."""
     if train.mode == "binary":
-        return [1 if e.score >= train.threshold else 0 for e in examples]
+        return [1 if e.target >= train.threshold else 0 for e in examples]
     if train.mode == "regression":
-        return [float(e.score) for e in examples]
-    return M.to_int([e.score for e in examples], train.score_min, train.score_max).tolist()
+        return [float(e.target) for e in examples]
+    return M.to_int([e.target for e in examples], train.score_min, train.score_max).tolist()
 
 
-def _score(backend: Any, examples: list[Example], train: TrainSection, batch: int = 1024) -> np.ndarray:
-    from tqdm import tqdm
+def _texts(examples: list[Example], train: TrainSection) -> list[str]:
+    return [prepare(e.text, train.max_chars, train.lowercase) for e in examples]
 
-    out = []
-    for i in tqdm(range(0, len(examples), batch), desc="scoring", unit="batch", leave=False,
-                  disable=len(examples) < 5 * batch):
-        texts = [prepare(e.text, train.max_chars, train.lowercase) for e in examples[i:i + batch]]
-        out.append(backend.predict_scores(texts))
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+def _raw(backend: Backend, texts: list[str], batch: int = 1024) -> np.ndarray:
+    """Raw backend scores of prepared texts (a blank one gets 0, as EduClassifier gives it score_min)."""
+    out = np.zeros(len(texts), dtype=np.float32)
+    idx = [i for i, t in enumerate(texts) if t]
+    for i in range(0, len(idx), batch):
+        part = idx[i:i + batch]
+        out[part] = backend.predict_scores([texts[j] for j in part])
+    return out
 
 
 def _eval_block(examples: list[Example], pred: np.ndarray, train: TrainSection) -> dict[str, Any]:
@@ -60,93 +132,162 @@ def _eval_block(examples: list[Example], pred: np.ndarray, train: TrainSection) 
         idx = [i for i, e in enumerate(examples) if e.source == src]
         p = pred[idx]
         t = np.asarray([truth[i] for i in idx])
+        b = M.binary(t, p, train.threshold)
         by_source[src] = {"n": len(idx), "mean_label": float(t.mean()), "mean_score": float(p.mean()),
                           "keep_rate_at_threshold": float(np.mean(p >= train.threshold)),
-                          "label_positive_rate": float(np.mean(t >= train.threshold))}
+                          "label_positive_rate": float(np.mean(t >= train.threshold)),
+                          "precision": b["precision"], "recall": b["recall"], "f1": b["f1"],
+                          "spearman": M.spearman(t, p)}
     out["by_source"] = by_source
     return out
 
 
+def _new_backend(train: TrainSection, classes: list[int]) -> Backend:
+    return make_backend(train.backend, train.mode, classes, train.score_max, train.params)
+
+
+def _check_classes(labels: list[float], train: TrainSection, what: str) -> None:
+    if train.mode != "regression" and len({int(y) for y in labels}) < 2:
+        raise TextbookError(f"{what} has a single label ({sorted({int(y) for y in labels})}); need at least two "
+                            "(more labelled documents, or fewer cv_folds)")
+
+
 def train_classifier(train: TrainSection, keep_top: float | None = None, out_dir: str | Path | None = None,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train, evaluate and write `<out_dir>/<name>/`; returns metrics.json's content."""
+    """Cross-validate, calibrate, refit on all labelled documents (but the holdout) and write
+    `<out_dir>/<name>/`; returns metrics.json's content (keys: data, cv, holdout (with a holdout rule),
+    eval_sets, annotator_agreement, thresholds, score_map, calibration, timing).
+
+    Raises TextbookError on unusable data: no measured source, fewer than 2 documents per fold, a fold whose
+    training part has a single label."""
     keep_top = keep_top if keep_top is not None else train.keep_top
     if train.score_max <= train.score_min:
         raise TextbookError("classifier.train: score_max must be above score_min")
     t0 = time.perf_counter()
-    examples, report, repeats = load_labelled(train.sources, train.score_min, train.score_max, train.strict)
-    splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
-    for ex in examples:
-        splits[split_of(ex.id, train.split)].append(ex)
-    if len(splits["train"]) < 2 or not splits["test"]:
-        raise TextbookError(f"too few labelled documents to train and test ({len(examples)} after merging)")
-    y_train = labels_for(splits["train"], train)
-    classes = sorted({int(y) for y in y_train}) if train.mode != "regression" else \
+    data = labelled_data(train)
+    dev, extra, held = data.measured, data.train_only, data.holdout
+    k = train.cv_folds
+    if len(dev) < 2 * k:
+        raise TextbookError(f"too few labelled documents to cross-validate: {len(dev)} measured documents for "
+                            f"{k} folds (need at least {2 * k})")
+    folds = np.array([fold_of(e.id, k) for e in dev])
+    y_dev = labels_for(dev, train)
+    y_extra = labels_for(extra, train)
+    y_all = y_dev + y_extra
+    _check_classes(y_all, train, "the labelled data")
+    classes = sorted({int(v) for v in y_all}) if train.mode != "regression" else \
         list(range(int(train.score_min), int(train.score_max) + 1))
-    if train.mode != "regression" and len(classes) < 2:
-        raise TextbookError(f"the train split has a single label ({classes}); need at least two")
-    log(f"training {train.backend}/{train.mode} on {len(splits['train']):,} documents "
-        f"(validation {len(splits['validation']):,}, test {len(splits['test']):,}; "
-        f"{repeats:,} repeated annotations merged; bad rows: {dict(report.problems) or 'none'})")
-    backend = make_backend(train.backend, train.mode, classes, train.score_max, train.params)
+    dev_texts, extra_texts = _texts(dev, train), _texts(extra, train)
+    truth = np.array([e.score for e in dev], dtype=np.float64)
+    log(f"training {train.backend}/{train.mode}: {k}-fold cross-validation over {len(dev):,} documents"
+        f"{f' (+{len(extra):,} train-only)' if extra else ''}, then a refit on all of them; holdout "
+        f"{len(held):,}; {data.repeats:,} repeated annotations merged; bad rows: "
+        f"{dict(data.report.problems) or 'none'}")
+
+    # 2. cross-validation: every measured document scored by a model that did not see it
+    oof = np.zeros(len(dev), dtype=np.float64)
+    t_cv = time.perf_counter()
+    for f in range(k):
+        fit_idx = np.flatnonzero(folds != f)
+        out_idx = np.flatnonzero(folds == f)
+        if not len(out_idx):
+            continue
+        y_fit = [y_dev[i] for i in fit_idx] + y_extra
+        _check_classes(y_fit, train, f"cross-validation fold {f + 1}'s training part")
+        b = _new_backend(train, classes)
+        b.fit([dev_texts[i] for i in fit_idx] + extra_texts, y_fit, final=False)
+        oof[out_idx] = _raw(b, [dev_texts[i] for i in out_idx])
+        log(f"  fold {f + 1}/{k}: fitted on {len(fit_idx) + len(extra):,}, scored {len(out_idx):,}")
+    cv_s = time.perf_counter() - t_cv
+
+    # 3. calibration: cross-fitted for the cv metrics, on every cross-validated score for the shipped model
+    lo, hi = train.score_min, train.score_max
+
+    def fit_map(idx: np.ndarray) -> dict[str, Any] | None:
+        if train.calibrate == "none":
+            return None
+        return fit_label_share(oof[idx], truth[idx], lo, hi, train.threshold)
+
+    cv_scores = np.zeros(len(dev), dtype=np.float32)
+    for f in range(k):
+        out_idx = np.flatnonzero(folds == f)
+        if len(out_idx):
+            cv_scores[out_idx] = apply_map(fit_map(np.flatnonzero(folds != f)), oof[out_idx], lo, hi)
+    score_map = fit_map(np.arange(len(dev)))
+    cv_block = _eval_block(dev, cv_scores, train)
+    cv_block["uncalibrated"] = {"binary": M.binary(truth, oof, train.threshold), "spearman": M.spearman(truth, oof)}
+
+    # 4. the shipped model: refit on everything but the holdout
+    backend = _new_backend(train, classes)
     t_fit = time.perf_counter()
-    backend.fit([prepare(e.text, train.max_chars, train.lowercase) for e in splits["train"]], y_train)
+    backend.fit(dev_texts + extra_texts, y_all, final=True)
     fit_s = time.perf_counter() - t_fit
 
-    results: dict[str, Any] = {}
+    def shipped_scores(examples: list[Example]) -> np.ndarray:
+        return apply_map(score_map, _raw(backend, _texts(examples, train)), lo, hi)
+
+    results: dict[str, Any] = {"cv": cv_block}
     t_score = time.perf_counter()
-    n_scored = 0
-    test_pred = None
-    for name in ("validation", "test"):
-        if splits[name]:
-            pred = _score(backend, splits[name], train)
-            n_scored += len(pred)
-            results[name] = _eval_block(splits[name], pred, train)
-            if name == "test":
-                test_pred = pred
+    hold_scores = None
+    if held:
+        hold_scores = shipped_scores(held)
+        results["holdout"] = _eval_block(held, hold_scores, train)
+        results["holdout"]["rule"] = train.holdout.model_dump() if train.holdout else None
     score_s = time.perf_counter() - t_score
-    train_ids = {e.id for e in splits["train"]}
+    fitted_ids = {e.id for e in data.fitted}
+    fitted_texts = {e.text for e in data.fitted}
     eval_sets = {}
     for src in train.eval_sets:
         rep = LoadReport()
-        ex, _ = merge(load_source(src, train.score_min, train.score_max, rep, train.strict))
-        held = [e for e in ex if e.id not in train_ids]
-        if held:
-            block = _eval_block(held, _score(backend, held, train), train)
-            block["excluded_in_train_split"] = len(ex) - len(held)
+        ex, _ = merge(load_source(src, lo, hi, rep, train.strict))
+        unseen = [e for e in ex if e.id not in fitted_ids and e.text not in fitted_texts]
+        if unseen:
+            block = _eval_block(unseen, shipped_scores(unseen), train)
+            block["excluded_fitted"] = len(ex) - len(unseen)
             block["load"] = rep.as_dict()
             eval_sets[src.name or Path(src.path).name] = block
-    calibration = _calibrate(backend, train, splits, train_ids, keep_top)
+
+    # 5. keep-top percentiles
+    calibration = _keep_top_sample(train, fitted_ids, keep_top, shipped_scores, cv_scores, hold_scores)
     # only real annotations measure an annotator (fixed source labels always "agree")
-    agreement = M.agreement([e.scores for e in examples if not e.fixed], train.threshold, train.score_min,
-                            train.score_max)
+    agreement = M.agreement([e.scores for e in dev + held if not e.fixed], train.threshold, lo, hi)
+    main = "holdout" if held else "cv"
+    main_truth = [e.score for e in (held if held else dev)]
+    main_pred = hold_scores if held else cv_scores
 
     metrics = {
-        "name": train.name, "backend": train.backend, "mode": train.mode,
+        "name": train.name, "backend": train.backend, "mode": backend.mode,
         "params": backend.params, "threshold": train.threshold,
-        "score_range": [train.score_min, train.score_max], "max_chars": train.max_chars,
-        "data": {"documents": len(examples), "repeated_annotations_merged": repeats,
-                 "splits": {k: len(v) for k, v in splits.items()}, "split_fractions": list(train.split),
-                 "train_label_counts": dict(sorted(Counter(map(str, y_train)).items())),
-                 "sources": sorted({e.source for e in examples}), "load": report.as_dict()},
+        "score_range": [lo, hi], "max_chars": train.max_chars,
+        "data": {"documents": len(dev) + len(held), "cross_validated": len(dev), "holdout": len(held),
+                 "train_only": len(extra), "fitted": len(dev) + len(extra), "cv_folds": k,
+                 "holdout_rule": train.holdout.model_dump() if train.holdout else None,
+                 "repeated_annotations_merged": data.repeats, "train_only_dropped": data.train_only_dropped,
+                 "label_counts": dict(sorted(Counter(map(str, y_dev)).items())),
+                 "sources": sorted({e.source for e in dev + held}),
+                 "train_only_sources": sorted({e.source for e in extra}), "load": data.report.as_dict()},
         **results, "eval_sets": eval_sets, "annotator_agreement": agreement,
-        "thresholds": M.threshold_table([e.score for e in splits["test"]], test_pred, train.threshold,
-                                        train.score_min, train.score_max),
-        "calibration": {k: v for k, v in calibration.items() if k != "percentiles"},
-        "timing": {"fit_s": round(fit_s, 3), "scoring_docs_per_s": round(n_scored / score_s, 1) if score_s else None,
+        "thresholds_from": main,
+        "thresholds": M.threshold_table(main_truth, main_pred, train.threshold, lo, hi),
+        "score_map": score_map,
+        "calibration": {key: v for key, v in calibration.items() if key != "percentiles"},
+        "timing": {"cv_fits_s": round(cv_s, 3), "fit_s": round(fit_s, 3),
+                   "scoring_docs_per_s": round(len(held) / score_s, 1) if held and score_s else None,
                    "total_s": round(time.perf_counter() - t0, 3)},
     }
     target = Path(out_dir or train.out_dir) / train.name
     # the texts fitted on, hashed beside the model (pipeline.classify.overlap): scoring them later says so
-    write_model_dir(target, backend, train, metrics, calibration, classes,
-                    train_texts=[e.text for e in splits["train"]])
-    log(f"wrote {target} (test binary F1 {results['test']['binary']['f1']:.3f}, "
-        f"macro-F1 {results['test']['macro_f1']:.3f})")
+    write_model_dir(target, backend, train, metrics, calibration, classes, score_map=score_map,
+                    train_texts=[e.text for e in data.fitted])
+    shown = results[main]
+    log(f"wrote {target} ({main} binary F1 {shown['binary']['f1']:.3f} at {train.threshold:g}, Spearman "
+        f"{M.fmt(shown['spearman'])}, macro-F1 {shown['macro_f1']:.3f})")
     return metrics
 
 
-def _calibrate(backend: Any, train: TrainSection, splits: dict[str, list[Example]], train_ids: set[str],
-               keep_top: float | None) -> dict[str, Any]:
+def _keep_top_sample(train: TrainSection, fitted_ids: set[str], keep_top: float | None,
+                     score: Callable[[list[Example]], np.ndarray], cv_scores: np.ndarray,
+                     hold_scores: np.ndarray | None) -> dict[str, Any]:
     if train.calibration:
         rep = LoadReport()
         docs: list[Example] = []
@@ -154,16 +295,16 @@ def _calibrate(backend: Any, train: TrainSection, splits: dict[str, list[Example
             # labels are not needed: a fixed dummy label makes any text file usable
             src = src.model_copy(update={"label": src.label if src.label is not None else train.score_min})
             docs.extend(load_source(src, train.score_min, train.score_max, rep))
-        docs = [e for e in merge(docs)[0] if e.id not in train_ids]
-        where = "calibration sources (train-split documents excluded)"
+        docs = [e for e in merge(docs)[0] if e.id not in fitted_ids]
+        where = "calibration sources (documents the model was fitted on excluded)"
+        scores = score(docs) if docs else np.zeros(0)
     else:
-        docs = splits["validation"] + splits["test"]
-        where = "validation + test splits"
-    if not docs:
+        parts = [cv_scores] + ([hold_scores] if hold_scores is not None else [])
+        scores = np.concatenate(parts)
+        where = "cross-validated scores of the labelled documents" + (" and the holdout" if len(parts) > 1 else "")
+    if not len(scores):
         return {"sample": where, "documents": 0, "percentiles": []}
-    scores = _score(backend, docs, train)
-    pct = M.percentiles(scores)
-    out: dict[str, Any] = {"sample": where, "documents": len(docs), "percentiles": pct,
+    out: dict[str, Any] = {"sample": where, "documents": int(len(scores)), "percentiles": M.percentiles(scores),
                            "keep_top_cutoffs": {f"{f:g}": M.keep_top_cutoff(scores, f)
                                                 for f in (0.01, 0.05, 0.1, 0.2, 0.3, 0.5)}}
     if keep_top is not None:
@@ -173,7 +314,8 @@ def _calibrate(backend: Any, train: TrainSection, splits: dict[str, list[Example
 
 
 def write_model_dir(target: Path, backend: Any, train: TrainSection, metrics: dict[str, Any],
-                    calibration: dict[str, Any], classes: list[int], train_texts: list[str] | None = None) -> None:
+                    calibration: dict[str, Any], classes: list[int], score_map: dict[str, Any] | None = None,
+                    train_texts: list[str] | None = None) -> None:
     """Build in a temporary sibling directory and swap it in: a crash never leaves half a model."""
     from pipeline.classify.card import confusion_png, model_card, threshold_markdown
 
@@ -190,6 +332,7 @@ def write_model_dir(target: Path, backend: Any, train: TrainSection, metrics: di
             "model_file": model_file, "model_sha256": sha256_file(tmp / model_file),
             "classes": classes, "score_min": train.score_min, "score_max": train.score_max,
             "threshold": train.threshold, "max_chars": train.max_chars, "lowercase": train.lowercase,
+            "score_map": score_map,
             "params": backend.params, "language": train.language,
             "rubric": train.rubric, "annotator": train.annotator, "calibration": calibration,
             "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -198,7 +341,8 @@ def write_model_dir(target: Path, backend: Any, train: TrainSection, metrics: di
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
         (tmp / "thresholds.json").write_text(json.dumps(metrics["thresholds"], indent=2) + "\n", encoding="utf-8")
         (tmp / "thresholds.md").write_text(threshold_markdown(metrics), encoding="utf-8")
-        confusion_png(metrics["test"]["confusion"], tmp / "confusion_matrix.png", train.name)
+        main = metrics["thresholds_from"]
+        confusion_png(metrics[main]["confusion"], tmp / "confusion_matrix.png", f"{train.name}: {main}")
         (tmp / "README.md").write_text(model_card(meta, metrics, train), encoding="utf-8")
         for p in tmp.iterdir():
             p.chmod(0o644)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config.core import StrictModel
 
@@ -24,6 +24,10 @@ class LabelSource(StrictModel):
     name: str | None = Field(default=None, description="label in metrics and the model card (default: file name)")
     text_column: str = Field(default="text", description="column with the document text")
     score_column: str | None = Field(default="score", description="column with the annotator's score")
+    target_column: str | None = Field(
+        default=None, description="fit on this column instead (e.g. the mean of several annotators' labels when "
+        "score_column is their rounded majority); metrics and calibration still use score_column",
+    )
     id_column: str | None = Field(
         default=None, description="column identifying a document (repeated annotations share it); default: text hash"
     )
@@ -41,14 +45,39 @@ class LabelSource(StrictModel):
         default=None, ge=200, description="split long documents into paragraph-aligned chunks of about this size"
     )
     markup: Literal["none", "rst"] = Field(default="none", description="strip reST roles/directives before use")
+    train_only: bool = Field(
+        default=False,
+        description="extra training signal only (weak labels, another annotator, a skewed sample): fitted on, "
+        "never used to measure the model or to calibrate its scores; a document also in a measured source is "
+        "dropped from this one",
+    )
+
+
+class HoldoutRule(StrictModel):
+    """Documents whose text hashes to `remainder` modulo `modulo` are never fitted on, only measured.
+
+    Hash: `int(sha256(text)[:8], 16)` over the UTF-8 document text as read (the rule `../shared/data` uses for
+    its own hidden splits), so the held-out documents are the same in every run, on every machine, for every
+    model trained on the same files."""
+
+    modulo: int = Field(default=5, ge=2, description="number of hash buckets")
+    remainder: int = Field(default=1, ge=0, description="the bucket held out (0 <= remainder < modulo)")
+
+    @model_validator(mode="after")
+    def _bucket(self) -> HoldoutRule:
+        if self.remainder >= self.modulo:
+            raise ValueError(f"holdout.remainder must be below modulo ({self.modulo}), got {self.remainder}")
+        return self
 
 
 class TrainSection(StrictModel):
-    name: str = Field(default="edu-fasttext", description="model name; written to <out_dir>/<name>/")
+    name: str = Field(default="edu-en", description="model name; written to <out_dir>/<name>/")
     out_dir: str = Field(default="classifiers", description="parent directory of the model directory")
-    sources: list[LabelSource] = Field(default_factory=list, description="training data (all splits come from here)")
+    sources: list[LabelSource] = Field(
+        default_factory=list, description="labelled documents: cross-validated, then all fitted on (but the holdout)"
+    )
     eval_sets: list[LabelSource] = Field(
-        default_factory=list, description="extra evaluation-only sets (documents also in the train split are excluded)"
+        default_factory=list, description="extra evaluation-only sets (documents the model was fitted on are excluded)"
     )
     backend: Literal["fasttext", "sklearn"] = Field(default="fasttext")
     mode: Literal["expected", "binary", "regression"] = Field(
@@ -70,12 +99,25 @@ class TrainSection(StrictModel):
     calibration: list[LabelSource] = Field(
         default_factory=list,
         description="documents representative of what will be scored (labels not needed) for keep-top cut-offs; "
-        "default: the validation and test splits. Documents in the train split are excluded",
+        "default: the cross-validated scores of the labelled documents (and the holdout's). Documents the model "
+        "was fitted on are excluded",
     )
     max_chars: int = Field(default=4000, ge=0, description="score only this prefix (0: whole document)")
     lowercase: bool = Field(default=True, description="lower-case text before features")
-    split: tuple[float, float, float] = Field(
-        default=(0.8, 0.1, 0.1), description="train/validation/test fractions, by hash of the document id"
+    cv_folds: int = Field(
+        default=5, ge=2, le=20,
+        description="k-fold cross-validation over the labelled documents (folds by hash of the document id): "
+        "every document is scored by a model that did not see it; those scores measure the model and fit its "
+        "score calibration, then the shipped model is refit on all of them",
+    )
+    holdout: HoldoutRule | None = Field(
+        default=None, description="documents never fitted on (not even by the final refit), measured as `holdout`"
+    )
+    calibrate: Literal["label_share", "none"] = Field(
+        default="label_share",
+        description="label_share: a monotone map of the model's raw scores onto the rubric scale such that, on "
+        "the cross-validated scores, score >= t keeps the share of documents the labels put at >= t (for each "
+        "integer t and the threshold); none: raw backend scores (expected value, score_max x P, or regression)",
     )
     strict: bool = Field(
         default=False, description="bad rows (non-numeric or out-of-range scores) are an error instead of counted"
@@ -84,6 +126,7 @@ class TrainSection(StrictModel):
     annotator: str | None = Field(default=None, description="who labelled the data (for the model card)")
     language: str = Field(default="en", description="language of the training data (for the model card)")
     description: str = Field(default="", description="a paragraph for the model card: data, intended use, caveats")
+    limits: str = Field(default="", description="a paragraph for the model card's limits: known biases, ceilings")
 
 
 class AnnotateSection(StrictModel):
@@ -105,7 +148,7 @@ class AnnotateSection(StrictModel):
 
 
 class ClassifierSection(StrictModel):
-    model: str = Field(default="classifiers/edu-fasttext", description="model directory used for scoring")
+    model: str = Field(default="classifiers/edu-en", description="model directory used for scoring")
     max_chars: int | None = Field(
         default=None, ge=0, description="score only this prefix of each document (default: the model's own)"
     )
