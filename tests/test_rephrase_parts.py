@@ -17,7 +17,7 @@ from pipeline import run as runmod
 from pipeline.config import load_config
 from pipeline.config.rephrase import FidelityBounds
 from pipeline.documents import DocumentWriter
-from pipeline.errors import ConfigError, TextbookError
+from pipeline.errors import ConfigError, NoInputDocuments, TextbookError
 from pipeline.llm.types import LLMResult
 from pipeline.rephrase.chunks import chunk_budget, split_chunks
 from pipeline.rephrase.fidelity import SourceProfile, check, entities
@@ -27,8 +27,8 @@ from pipeline.rephrase.templates import load_templates, parse_template
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = ["textbook_section", "faq", "tutorial", "wikipedia", "math_word_problems", "table",
              "socratic_dialogue", "recycle"]
-STRICT = FidelityBounds(min_overlap=0.5, min_length_ratio=0.25, max_length_ratio=3.0, max_invented_entities=2,
-                        max_invented_share=0.2)
+STRICT = FidelityBounds(min_overlap=0.5, min_length_ratio=0.25, max_length_ratio=3.0, max_copied_share=0.6,
+                        max_invented_entities=2, max_invented_share=0.2)
 
 
 # ----------------------------------------------------------------------------------------------- chunking
@@ -72,6 +72,11 @@ def test_a_faithful_rewrite_passes_and_each_drift_is_named():
     assert check(off_topic, SOURCE, src, STRICT)[0] == "fidelity_low_overlap"
     assert check("Glaciers are ice.", SOURCE, src, STRICT)[0] == "fidelity_too_short"
     assert check(" ".join([SOURCE] * 4), SOURCE, src, STRICT)[0] == "fidelity_too_long"
+    # a copy is not a rewrite: the page's own sentences, barely touched
+    copy = SOURCE.replace("Over many years", "Over the years")
+    reason, figures = check(copy, SOURCE, src, STRICT)
+    assert reason == "fidelity_copied" and figures["copied"] > 0.8
+    assert check(faithful, SOURCE, src, STRICT, frozenset({"q", "a"}))[1]["copied"] < 0.2
 
 
 def test_entities_are_names_not_sentence_line_cell_or_turn_openings():
@@ -198,6 +203,14 @@ def test_a_policy_without_templates_needs_no_model(tmp_path, shared_data):
     high = sum(1 for p in pages if p["edu_score"] >= 3)
     assert stats["kept"] == stats["pages"]["kept"] == high and stats["dropped"] == {"policy_drop_rest": 30 - high}
     assert stats["requests"] == 0 and stats["llm"]["sent"] == 0 and stats["documents_out"]["total"] == high
+    # a policy that passes nothing on: the next stage stops, and the hint names the setting behind it
+    empty = _cfg(tmp_path / "empty", f"rephrase.inputs=[{path}]", "run.stages=[rephrase, dedup]",
+                 "rephrase.buckets=[{name: rest, min_score: null}]")
+    assert runmod.run_one(empty, "rephrase", log=lambda m: None)["dropped"] == {"policy_drop_rest": 30}
+    with pytest.raises(NoInputDocuments) as e:
+        runmod.run_one(empty, "dedup", log=lambda m: None)
+    assert "rephrase kept 0 of 30" in str(e.value)
+    assert any("policy_drop_rest" in h and "rephrase.buckets" in h for h in e.value.hints)
 
 
 # ----------------------------------------------------------------------------------------------- judge
@@ -229,7 +242,8 @@ def test_the_judge_joins_chunks_in_order_names_every_fate_and_accounts_every_bil
                   "inputs", {}) for i in range(6)]
     cfg = _cfg(tmp_path, "rephrase.min_tokens=10", "rephrase.min_source_words=10", "rephrase.chunk_tokens=40",
                "rephrase.buckets=[{name: mid, min_score: 2, templates: [recycle]}]", "rephrase.language=null",
-               "rephrase.decontaminate_sources=false", "budget.price_input_per_1m=1", "budget.price_output_per_1m=2")
+               "rephrase.decontaminate_sources=false", "budget.price_input_per_1m=1", "budget.price_output_per_1m=2",
+               "rephrase.fidelity_by_template={recycle: {max_copied_share: 1.0}}")  # rewrite 5: its page verbatim
     p = plan(cfg, pages)
     assert [len(rw.chunks) for rw in p.rewrites] == [3, 3, 3, 3, 3, 4]
     setup = _setup(cfg, p, tmp_path / "kept", tmp_path / "removed")

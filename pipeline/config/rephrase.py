@@ -54,6 +54,9 @@ class FidelityBounds(StrictModel):
                                            description="answer words / chunk words at least (fidelity_too_short)")
     max_length_ratio: float | None = Field(default=None, gt=0,
                                            description="answer words / chunk words at most (fidelity_too_long)")
+    max_copied_share: float | None = Field(default=None, ge=0, le=1,
+                                           description="share of the answer's word 6-grams found in its chunk at "
+                                                       "most (fidelity_copied: a copy, not a rewrite)")
     max_invented_entities: int | None = Field(default=None, ge=0,
                                               description="named entities (capitalised names, numbers of 2+ digits) "
                                                           "absent from the page that are tolerated")
@@ -63,8 +66,8 @@ class FidelityBounds(StrictModel):
 
 
 def _default_fidelity() -> FidelityBounds:
-    return FidelityBounds(min_overlap=0.5, min_length_ratio=0.25, max_length_ratio=3.0, max_invented_entities=2,
-                          max_invented_share=0.2)
+    return FidelityBounds(min_overlap=0.5, min_length_ratio=0.25, max_length_ratio=3.0, max_copied_share=0.6,
+                          max_invented_entities=2, max_invented_share=0.2)
 
 
 class RephraseSection(StageSection):

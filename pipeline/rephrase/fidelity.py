@@ -2,6 +2,9 @@
 
 - `fidelity_too_short` / `fidelity_too_long`: answer words / chunk words outside [min_length_ratio,
   max_length_ratio] (a one-line "summary" of a long chunk, or a ramble far past it);
+- `fidelity_copied`: the share of the answer's word 6-grams found in its chunk exceeds `max_copied_share`: a copy,
+  not a rewrite (dedup would keep one of the two anyway; a copy of a page the policy does not keep is not a
+  recycling of it);
 - `fidelity_low_overlap`: the share of the answer's distinct content words (lower-cased, stop words and the
   format's own words left out, crude suffix stemming) that occur in the source page is below `min_overlap`: the
   answer is about something else;
@@ -51,6 +54,7 @@ _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
 _NUMBER = re.compile(r"\d[\d,.]*\d|\d")
 # a token with what precedes it on its line: sentence/turn/cell openings are not evidence of a name
 _TOKEN = re.compile(r"[^\W_][\w'’.,-]*")
+COPY_NGRAM = 6
 _OPENER = re.compile(r"(^|[.!?:;|•*#>\-–—\"“(\[]|\d[.)])\s*$")
 
 
@@ -134,25 +138,40 @@ class SourceProfile:
         return entity in self.words or stem(entity) in self.words
 
 
+def copied_share(answer: str, chunk: str, n: int = COPY_NGRAM) -> float:
+    """Share of the answer's word n-grams (lower-cased words) that occur in the chunk (0 for an answer shorter
+    than n words)."""
+    a = [m.group(0).lower() for m in _WORD.finditer(answer)]
+    if len(a) < n:
+        return 0.0
+    c = [m.group(0).lower() for m in _WORD.finditer(chunk)]
+    seen = {tuple(c[i:i + n]) for i in range(len(c) - n + 1)}
+    grams = [tuple(a[i:i + n]) for i in range(len(a) - n + 1)]
+    return sum(g in seen for g in grams) / len(grams)
+
+
 def check(answer: str, chunk: str, source: SourceProfile, bounds: FidelityBounds,
           format_words: frozenset[str] = frozenset()) -> tuple[str | None, dict[str, Any]]:
     """(drop reason or None, the measured figures) for one answer to one chunk of a page. Reasons in order:
-    fidelity_too_short, fidelity_too_long, fidelity_low_overlap, fidelity_invented_entities."""
+    fidelity_too_short, fidelity_too_long, fidelity_copied, fidelity_low_overlap, fidelity_invented_entities."""
     a_words = len(answer.split())
     c_words = max(len(chunk.split()), 1)
     ratio = a_words / c_words
+    copied = copied_share(answer, chunk)
     stems = content_stems(answer, format_words)
     overlap = len(stems & source.stems) / len(stems) if stems else 0.0
     ents = entities(answer, format_words)
     invented = sorted(e for e in ents if not source.knows(e))
     allowed = max(bounds.max_invented_entities or 0, int((bounds.max_invented_share or 0) * len(ents)))
-    figures: dict[str, Any] = {"length_ratio": round(ratio, 3), "overlap": round(overlap, 3),
+    figures: dict[str, Any] = {"length_ratio": round(ratio, 3), "copied": round(copied, 3), "overlap": round(overlap, 3),
                                "content_words": len(stems), "entities": len(ents), "invented": invented[:20],
                                "invented_allowed": allowed}
     if bounds.min_length_ratio is not None and ratio < bounds.min_length_ratio:
         return "fidelity_too_short", figures
     if bounds.max_length_ratio is not None and ratio > bounds.max_length_ratio:
         return "fidelity_too_long", figures
+    if bounds.max_copied_share is not None and copied > bounds.max_copied_share:
+        return "fidelity_copied", figures
     if bounds.min_overlap is not None and overlap < bounds.min_overlap:
         return "fidelity_low_overlap", figures
     if len(invented) > allowed:

@@ -122,6 +122,8 @@ def source_files(cfg: RunConfig, inputs: list[Path], upstream: list[str], web_di
 def read_pages(files: dict[str, list[Path]], on_error: Callable[[str, str], None]) -> tuple[list[Page], Counter[str]]:
     """The pages of `files` in order (below_cutoff files: only rows the edu cut dropped for their score; guard
     and unscored drops are not pages to recycle) and counts of the removed rows left out, by reason."""
+    from tqdm import tqdm
+
     from pipeline.documents import iter_documents
 
     pages: list[Page] = []
@@ -129,7 +131,8 @@ def read_pages(files: dict[str, list[Path]], on_error: Callable[[str, str], None
     for origin, paths in files.items():
         if not paths:
             continue
-        for doc in iter_documents(paths, on_error=on_error):
+        for doc in tqdm(iter_documents(paths, on_error=on_error), desc=f"rephrase: reading pages ({origin})",
+                        unit="page", mininterval=1.0, file=sys.stderr, leave=False):
             if origin == "below_cutoff" and doc.get("reason") != BELOW_CUTOFF:
                 left_out[str(doc.get("reason"))] += 1
                 continue
@@ -158,6 +161,8 @@ def plan(cfg: RunConfig, pages: list[Page], index_loader: Callable[[], Any] | No
     """Buckets, policy and source checks for `pages` (their `fate`, `bucket`, `keep` are set here), then the
     rewrites and their requests. `index_loader()` returns the benchmark index for the source check (None: not
     checked)."""
+    from tqdm import tqdm
+
     r = cfg.rephrase
     names = list(dict.fromkeys(t for b in r.buckets for t in b.templates))
     templates = load_templates(r.templates_dir, names) if names else {}
@@ -189,7 +194,8 @@ def plan(cfg: RunConfig, pages: list[Page], index_loader: Callable[[], Any] | No
     chunks_of: dict[int, list[str]] = {}
     buckets = {b.name: b for b in r.buckets}
     lang_ok = _language_checker(r) if r.source_language_check and r.language else None
-    for p in open_pages:
+    for p in tqdm(open_pages, desc="rephrase: checking and chunking pages", unit="page", mininterval=1.0,
+                  file=sys.stderr, leave=False):
         if not buckets[p.bucket or ""].templates:
             continue
         if len(p.text.split()) < r.min_source_words:

@@ -13,6 +13,9 @@ the web stage's output (`supersedes: web` in the stage registry, so dedup reads 
 twice), and has its own accounting (every page ends in exactly one fate, every rewrite in one state). A run can do
 both: topic textbooks from generate and rephrased web from rephrase, resumable separately.
 
+One answer per chunk: `llm.n` (samples per prompt, for generate) is not used here; sampling parameters, model and
+template id enter each request's ledger key as in generate.
+
 Stats: `read`/`kept`/`dropped`/`errored` count PAGES (kept = kept as is + rewritten, split in `pages`); the
 rewrites have their own ledger per template (`rewrites`), and `documents_out` counts what kept/ holds (pages as is
 + kept rewrites). Sources: WRAP (Maini et al. 2024), Nemotron-CC (Su et al. 2024), REWIRE (Nguyen et al. 2025).
@@ -214,3 +217,29 @@ def input_files(section: Any) -> list[Path]:
     from pipeline.rephrase.templates import template_files
 
     return template_files(section.templates_dir)
+
+
+def explain_empty(cfg: RunConfig, stats: dict[str, Any]) -> list[str]:
+    """Hint lines for a rephrase stage that passed nothing on (`pipeline.run` asks when a later stage has no input):
+    the page fates that emptied it and the settings behind them. Never raises."""
+    read = int(stats.get("read", 0))
+    if stats.get("kept") or not read:
+        return [] if stats.get("kept") else ["rephrase read no page (the web stage's output, or rephrase.inputs)"]
+    dropped: dict[str, int] = {**stats.get("dropped", {}), **stats.get("errored", {})}
+    hints = []
+    for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1])[:3]:
+        if reason == "unscored":
+            why = "pages without an edu_score: turn on web.edu.enabled (or give rephrase.inputs an edu_score field)"
+        elif reason.startswith("policy_drop_") or reason == "below_buckets":
+            why = "the bucket policy drops them: give the bucket templates or keep: true (rephrase.buckets)"
+        elif reason.startswith("source_"):
+            why = ("a source check before paying (rephrase.min_source_words, max_chunks, source_language_check, "
+                   "decontamination)")
+        elif reason.startswith("rewrite_fidelity_"):
+            why = "every rewrite failed a fidelity check: see rephrase.fidelity and the removed rewrites' meta.fidelity"
+        elif reason.startswith("rewrite_"):
+            why = f"every rewrite was dropped ({reason.removeprefix('rewrite_')}): see stages/rephrase/removed/"
+        else:
+            why = "see stages/rephrase/removed/"
+        hints.append(f"rephrase: {n:,} of {read:,} pages {reason}: {why}")
+    return hints
