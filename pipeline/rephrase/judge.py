@@ -185,7 +185,7 @@ class RephraseJudge:
             extra.update(self.guard.observe(key, rw.cell, joined))
         if fate == "kept":
             for figures in chunk_figures:
-                for name in ("overlap", "length_ratio"):
+                for name in ("overlap", "length_ratio", "copied"):
                     self.figures[rw.template][name].append(figures[name])
         doc = self._doc(r, results, joined, chunk_figures, extra)
         self.outcomes[r] = (fate, reason)
@@ -272,5 +272,4 @@ class RephraseJudge:
                 "requests": dict(self.requests), "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "billed": billed, "diversity": self.guard.stats(),
                 "fidelity_mean_of_kept": fidelity, "contamination": contamination,
-                "kept_words": sum(int(d["meta"].get("words", 0)) for d in self.kept.values()),
-                "kept_ids": {str(r): d["id"] for r, d in self.kept.items()}}
+                "kept_words": sum(int(d["meta"].get("words", 0)) for d in self.kept.values())}

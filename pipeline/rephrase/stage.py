@@ -126,7 +126,7 @@ def _nothing_judged() -> dict[str, Any]:
     return {"outcomes": {}, "requests": {}, "prompt_tokens": 0, "completion_tokens": 0,
             "billed": {"kept": dict(zero), "dropped": dict(zero), "dropped_by_reason": {}},
             "diversity": {"requests_not_sent_per_cell": {}}, "fidelity_mean_of_kept": {},
-            "contamination": {"checked": False}, "kept_words": 0, "kept_ids": {}}
+            "contamination": {"checked": False}, "kept_words": 0}
 
 
 def _page_doc(p: Page, fate: str, rewritten_as: list[str]) -> dict[str, Any]:
