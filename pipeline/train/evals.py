@@ -46,7 +46,8 @@ Forward = Callable[[torch.Tensor], torch.Tensor]  # token ids (B, T) int64 -> lo
 
 def set_threads(threads: int | None = None) -> int:
     """Set torch's CPU threads: `threads`, else $OMP_NUM_THREADS, else os.cpu_count(). Returns the number."""
-    n = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    n = threads or (int(env) if env.isdigit() and int(env) > 0 else 0) or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
 
