@@ -166,3 +166,49 @@ def test_an_old_ledger_gains_the_bill_columns_and_a_success_is_never_overwritten
         led.put_many([(LLMResult(key="b", ok=False, text=None, finish_reason=None, prompt_tokens=0,
                                  completion_tokens=0, latency_s=0.0, attempts=2, error="boom", model="m"), req)])
         assert led.unusable_counts() == {} and led.get_failed("b").error == "boom"
+
+
+def test_tight_cap_at_concurrency_16_stays_within_the_stated_bound(tmp_path):
+    """The tester's case: concurrency 16, max_usd $0.01, answers billed 2,000 + 100 tokens against a prompt
+    estimate of about 10. Before: 24 requests (16 slots + 8 prefetched) were sent before the first bill, $0.0404
+    over the cap, above the stated bound. Now, with a cap: no prefetch, the first request goes alone until its bill
+    arrives, and a bill that raises the estimate re-reserves what is in flight at the new estimate."""
+    budget = BudgetSection(price_input_per_1m=1.0, price_output_per_1m=1.0, max_usd=0.01)
+    per_answer = budget.cost(2000, 100)  # $0.0021
+    with FaultyOpenAIServer(mode="thread", rate_filter=1.0, filter_usage=[2000, 100]) as srv:
+        llm = _llm(srv, concurrency=16)
+        s = run_requests(_requests(llm, 200), llm, budget, tmp_path / "a.sqlite", progress=False)
+        assert srv.stats()["answered_total"] == s.sent
+    # the first bill calibrates: then only what fits is sent (4 x $0.0021 <= $0.01 < 5 x), nothing over the cap
+    assert s.sent == 4 and s.cost_usd == pytest.approx(4 * per_answer) and s.cost_usd <= 0.01
+    assert s.stopped_by == "budget" and s.unanswered == {"budget": 196}
+
+    # the bound itself: the first answer is cheap (it calibrates the estimate low), every later one is billed
+    # 2,000 + 100. At most `concurrency` requests are dispatched and unbilled when the bills jump: 16, not 24;
+    # and once one of them is billed, the other 15 are reserved at the new estimate, so nothing more goes out.
+    with FaultyOpenAIServer(mode="thread", filter_usage=[2000, 100]) as srv:
+        llm = _llm(srv, concurrency=16)
+        reqs = _requests(llm, 200, lambda i: " CONTENT_FILTER" if i else "")
+        s = run_requests(reqs, llm, budget, tmp_path / "b.sqlite", progress=False)
+        answered = srv.stats()["answered_total"]
+    assert s.sent == answered == 1 + llm.concurrency
+    overshoot = s.cost_usd - 0.01
+    assert 0 < overshoot <= llm.concurrency * per_answer  # the stated bound: concurrency x largest bill
+    # the stop quotes the final spend (the 16 in flight at the stop included), said once, per run
+    assert s.stopped_reason.count("budget.max_usd=0.01: this run spent") == 1
+    assert f"${s.cost_usd:.4f}" in s.stopped_reason and "per run" in s.stopped_reason
+
+
+def test_an_unusable_answer_without_usage_says_its_tokens_are_estimated(tmp_path):
+    budget = BudgetSection(price_input_per_1m=1.0, price_output_per_1m=2.0)
+    with FaultyOpenAIServer(mode="thread", filter_usage=None) as srv:
+        llm = _llm(srv)
+        results: list[LLMResult] = []
+        s = run_requests(_requests(llm, 2, lambda i: " CONTENT_FILTER" if i == 0 else ""), llm, budget,
+                         tmp_path / "l.sqlite", on_result=results.append, progress=False)
+    filtered = next(r for r in results if r.tag["i"] == 0)
+    est = _requests(llm, 1, lambda i: " CONTENT_FILTER")[0].estimated_prompt_tokens()
+    assert filtered.outcome == "content_filter" and filtered.unusable_prompt_tokens == est
+    assert f"billed ({est} prompt + 0 completion tokens, estimated: an answer carried no usage)" in filtered.error
+    assert s.unusable_outcomes == {"content_filter": {"answers": 1, "prompt_tokens": est, "completion_tokens": 0,
+                                                      "cost_usd": pytest.approx(budget.cost(est, 0))}}

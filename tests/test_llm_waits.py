@@ -15,7 +15,7 @@ from pipeline.config.llm import BudgetSection, LLMSection
 from pipeline.llm.runner import _Progress, run_requests, wait_text
 from pipeline.llm.testserver import FaultyOpenAIServer, render_header
 from pipeline.llm.types import LLMRequest, LLMResult
-from pipeline.llm.waits import parse_wait, server_wait
+from pipeline.llm.waits import parse_wait, server_wait, unreadable_why
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 
@@ -35,8 +35,10 @@ NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
     ("2027-01-15T09:01:30+01:00", False, 90.0),           # ISO-8601 with an offset
     (str(int(NOW) + 90), False, 90.0),                    # epoch seconds (GitHub-style x-ratelimit-reset)
     (str(int(NOW * 1000) + 90_000), False, 90.0),         # epoch milliseconds (OpenRouter)
-    ("Fri, 15 Jan 2027 07:00:00 GMT", False, 0.0),        # a time in the past: go now
-    ("-1", False, 0.0),
+    ("Fri, 15 Jan 2027 07:59:00 GMT", False, 0.0),        # a reset a minute ago (or a little clock skew): go now
+    (str(int(NOW) - 60), False, 0.0),
+    ("0", False, 0.0),
+    ("999999999", True, 999_999.999),                     # a -ms header is milliseconds, whatever its size below 1e9
 ])
 def test_every_wait_form_parses_at_a_fixed_clock(value, ms, seconds):
     assert parse_wait(value, ms=ms, now=NOW) == pytest.approx(seconds, abs=1e-6)
@@ -45,6 +47,22 @@ def test_every_wait_form_parses_at_a_fixed_clock(value, ms, seconds):
 @pytest.mark.parametrize("value", ["soon", "tomorrow", "1 minute", "5x", "", "inf", "nan", "12:30"])
 def test_unknown_forms_are_none_never_a_number(value):
     assert parse_wait(value, now=NOW) is None
+
+
+@pytest.mark.parametrize(("value", "ms", "why"), [
+    ("-5", False, "a negative wait"),
+    ("-1", True, "a negative wait"),
+    ("1500000000", False, "in the past"),                 # epoch 2017: not "go now"
+    ("1000000000", False, "in the past"),                 # 2001
+    ("1e12", False, "in the past"),                       # epoch milliseconds of 2001
+    ("Wed, 21 Oct 2015 07:28:00 GMT", False, "in the past"),
+    ("Fri, 15 Jan 2027 07:00:00 GMT", False, "in the past"),  # an hour ago: no reset a server would name
+    ("1500000000", True, "1e9 ms or more"),               # retry-after-ms: 17 days, never read as epoch seconds
+    (str(int(NOW * 1000) + 90_000), True, "1e9 ms or more"),  # epoch milliseconds in a -ms header: not an epoch
+])
+def test_implausible_values_are_none_never_go_now(value, ms, why):
+    assert parse_wait(value, ms=ms, now=NOW) is None
+    assert why in unreadable_why(value, ms=ms, now=NOW)
 
 
 def test_which_header_decides():
@@ -170,7 +188,8 @@ def test_the_progress_line_shows_a_running_wait():
     assert "waiting" not in prog.info(RunSummary(), 0.0)
     prog.announce_wait(45, "server rate limit (retry-after: 45)", time.time() + 45)
     line = prog.info(RunSummary(), 0.0)
-    assert re.search(r"\| waiting 4[45] s: server rate limit \(retry-after: 45\)$", line), line
+    # first: a terminal cuts the end of a long line, never its start
+    assert re.match(r"waiting 4[45] s: server rate limit \(retry-after: 45\) \| ", line), line
     assert wait_text(45.2, "server rate limit") == "waiting 45 s: server rate limit"
     prog.announce_wait(1, "over", time.time() - 1)  # a wait that has ended is not shown
     prog.wait = (time.time() - 1, "over")
@@ -186,3 +205,66 @@ def test_an_unknown_header_form_is_ignored_with_one_warning(tmp_path, capfd):
     assert s.ok == 2 and s.retries == 3
     assert len(s.warnings) == 1 and "retry-after: 'in a while'" in s.warnings[0]
     assert capfd.readouterr().err.count("ignored rate-limit header retry-after") == 1
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_a_long_wait_is_visible_at_80_columns_and_without_a_terminal(tty, capfd):
+    """The progress line at 80 columns shows the wait (it leads the line); a wait of 5 s or more is also printed
+    as a line of its own, once for the 16 requests that heard the same 429, which is all a log shows."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from pipeline.llm.types import RunSummary
+
+    screen = io.StringIO()
+    prog = _Progress(True, 24, console=Console(file=screen, width=80, force_terminal=tty))
+    until = time.time() + 45
+    for i in range(16):
+        prog.announce_wait(45, "server rate limit (retry-after: 45)", until + i * 0.001)
+    prog.update(RunSummary(total=24, ok=3), 0.0, force=True)
+    prog.close()
+    shown = screen.getvalue()
+    assert "waiting 4" in shown and "s: server rate limit" in shown, shown
+    assert all(len(line) <= 80 for line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown).splitlines())
+    # on stderr (in a terminal, rich prints it above the progress line, on its console)
+    printed = capfd.readouterr().err + shown
+    assert printed.count("llm: waiting 45 s: server rate limit (retry-after: 45)") == 1, printed
+
+
+def test_wall_clock_waiting_is_reported_beside_the_sum_over_requests(tmp_path):
+    """Four requests hear a 429 asking for 2 s at the same time: the sum over requests is about 8 s, the run
+    waited about 2 s of wall-clock time (`waits.wall_s`)."""
+    with FaultyOpenAIServer(mode="thread", first_429=4, headers_429={"retry-after": "2"}) as srv:
+        llm = _llm(srv, concurrency=4)
+        srv.hold(after=0)  # the four requests meet at the gate, so their 429s come back together
+        results: list[LLMResult] = []
+
+        def release_when_all_held() -> None:
+            from waiting import wait_until
+
+            wait_until(lambda: srv.stats()["held"] == 4, "four requests at the gate")
+            srv.release()
+
+        import threading
+
+        t = threading.Thread(target=release_when_all_held)
+        t.start()
+        s = run_requests(_requests(llm, 4), llm, BudgetSection(), tmp_path / "l.sqlite", on_result=results.append,
+                         progress=False)
+        t.join()
+    assert s.ok == 4 and s.waits["count"] == 4
+    assert s.waits["total_s"] >= 4 * 2.0 and 2.0 <= s.waits["wall_s"] < s.waits["total_s"] / 2
+
+
+def test_an_implausible_header_warns_once_and_the_request_backs_off(tmp_path):
+    """`Retry-After: 1500000000` (an epoch of 2017) used to read as "go now", silently. Now: one warning, and the
+    request waits by its own backoff (here 2-4 s, so the wait is announced), then is answered."""
+    with FaultyOpenAIServer(mode="thread", first_429=2, headers_429={"retry-after": "1500000000"}) as srv:
+        llm = _llm(srv, concurrency=2, backoff_base_s=4.0, backoff_max_s=4.0)
+        s = run_requests(_requests(llm, 2), llm, BudgetSection(), tmp_path / "l.sqlite", progress=False)
+    assert s.ok == 2 and s.retries == 2
+    assert len(s.warnings) == 1 and "retry-after: '1500000000'" in s.warnings[0] and "in the past" in s.warnings[0]
+    # each retry waited its backoff (>= 2 s, announced); read as "go now" it would have waited under 1 s
+    assert s.waits["count"] == 2 and s.waits["longest_s"] >= 2.0

@@ -21,9 +21,16 @@ before the batch is created, and the batch id as soon as it is; a batch's result
 in one transaction. A run killed at any point resumes from the ledger: a batch with an id is polled, never
 submitted again; a submission whose create call may have gone out without its id being recorded is looked up
 among the provider's batches (`GET /v1/batches`, by input file id or our `metadata.textbook_ref`) before anything
-is created. Requests in an open batch are not submitted again, whatever this run asks. A batch that an earlier
-run submitted for requests this run does not ask for is still polled while this run has batches in flight, and
-its results recorded (they are billed either way); it does not keep this run waiting.
+is created. Requests in an open batch are not submitted again, whatever this run asks (and an online run does not
+send them either: `runner`, skipped `in_open_batch`). Every batch an earlier run left open is polled at least once
+by each batch-mode run, even when this run asks for none of its requests or finds them all answered in the ledger,
+and again while this run has batches in flight; a finished one has its results recorded (they are billed either
+way). It does not keep this run waiting: one still running at the end is named in a warning.
+
+Under a budget cap the batches go progressively: the first request goes in a batch of its own, and the rest are
+formed only once its bill has come back (`runner.Budget`: the estimate learns from it), each within what the cap
+leaves after the spend and the reservations of the batches in flight. So a prompt estimate far below what the
+provider bills costs at most one request's bill before it is corrected, not the whole job's.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from typing import Any
 from pipeline.config.llm import BudgetSection, LLMSection
 from pipeline.errors import TextbookError
 from pipeline.llm.client import Secret, read_answer, redact, request_body
-from pipeline.llm.runner import DriverBase, api_key
+from pipeline.llm.runner import LEFT_FOR_RERUN, DriverBase, api_key
 from pipeline.llm.types import LLMRequest, LLMResult, RunSummary
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -170,6 +177,7 @@ class _Carry:
     cost_usd: float = 0.0
     unusable_cost_usd: float = 0.0
     latency_s: float = 0.0
+    unusable_outcomes: dict[str, list[int]] = field(default_factory=dict)
 
 
 class BatchDriver(DriverBase):
@@ -193,17 +201,21 @@ class BatchDriver(DriverBase):
             self.api = BatchAPI(self.llm, api_key(self.llm))
             self._resume()
             self._collect()
+            polled = False
             while True:
                 if self.s.stopped_reason is None:
                     self._submit_pending()
                 if self.s.stopped_reason is not None:
                     self._drop_pending()
-                if not any(o.mine for o in self.open.values()):
+                # every open batch is polled at least once, even one this run needs nothing from
+                if not any(o.mine for o in self.open.values()) and (polled or not self.open):
                     break
                 finished = self._poll_all()
+                polled = True
                 self._update_progress()
-                if not finished:
+                if not finished and any(o.mine for o in self.open.values()):
                     time.sleep(self.llm.batch_poll_s)  # the provider's pace: a batch takes minutes to hours
+            self._leftover_warning()
             self._update_progress(force=True)
         finally:
             if self.api is not None:
@@ -212,6 +224,17 @@ class BatchDriver(DriverBase):
             self.ledger.close()
         self.s.batches = self.finished + [self._batch_info(o) for o in self.open.values()]
         return self._summary()
+
+    def _leftover_warning(self) -> None:
+        """Batches of earlier runs still open at the end (this run needs none of their requests)."""
+        left = [o for o in self.open.values() if not o.mine]
+        if left:
+            shown = ", ".join(f"{o.batch_id or o.ref} ({o.status}, {len(o.requests)} requests)" for o in left[:5])
+            self._notices([("warning", f"{len(left)} batch(es) an earlier run submitted are still open at the "
+                                       f"provider: {shown}. This run needs none of their requests (answered "
+                                       "already, or not asked); a later batch-mode run records their results, "
+                                       "which the provider bills. Cancel them at the provider if they are not "
+                                       "wanted")])
 
     def _update_progress(self, force: bool = False) -> None:
         statuses = Counter(o.status for o in self.open.values() if o.mine)
@@ -458,7 +481,7 @@ class BatchDriver(DriverBase):
                              completion_tokens=0, latency_s=latency, attempts=1,
                              error=f"{answer.outcome}: {answer.detail}", model=self.llm.model,
                              unusable_prompt_tokens=p, unusable_completion_tokens=c, unusable_answers=1,
-                             outcome=answer.outcome), True
+                             unusable_outcomes={answer.outcome: [1, p, c]}, outcome=answer.outcome), True
         body_error = ((response or {}).get("body") or {}).get("error") if response else None
         err = error or (body_error if isinstance(body_error, dict) else {}) or {}
         code = str(err.get("code") or (f"http_{status}" if status else "batch_error"))
@@ -506,6 +529,7 @@ class BatchDriver(DriverBase):
         final.unusable_prompt_tokens += carry.unusable_prompt_tokens
         final.unusable_completion_tokens += carry.unusable_completion_tokens
         final.unusable_answers += carry.unusable_answers
+        final.unusable_outcomes = _merge_outcomes(final.unusable_outcomes, carry.unusable_outcomes)
         final.cost_usd += carry.cost_usd
         final.unusable_cost_usd += carry.unusable_cost_usd
         if not final.ok and not (final.error or "").startswith("after "):
@@ -517,6 +541,7 @@ class BatchDriver(DriverBase):
         carry.unusable_prompt_tokens += r.unusable_prompt_tokens
         carry.unusable_completion_tokens += r.unusable_completion_tokens
         carry.unusable_answers += r.unusable_answers
+        carry.unusable_outcomes = _merge_outcomes(carry.unusable_outcomes, r.unusable_outcomes)
         carry.cost_usd += r.cost_usd
         carry.unusable_cost_usd += r.unusable_cost_usd
 
@@ -525,12 +550,7 @@ class BatchDriver(DriverBase):
         self.budget.settle(r.key, req, r)
         s.prompt_tokens += r.billed_prompt_tokens
         s.completion_tokens += r.billed_completion_tokens
-        if r.unusable_answers:
-            u = s.unusable
-            u["answers"] += r.unusable_answers
-            u["prompt_tokens"] += r.unusable_prompt_tokens
-            u["completion_tokens"] += r.unusable_completion_tokens
-            u["cost_usd"] += r.unusable_cost_usd
+        self._add_unusable(r)
 
     def _final(self, r: LLMResult, req: LLMRequest, billed: bool = False) -> None:
         """A request's one result for the caller (its rounds already billed when `billed`)."""
@@ -566,11 +586,23 @@ class BatchDriver(DriverBase):
         r.unusable_prompt_tokens = carry.unusable_prompt_tokens
         r.unusable_completion_tokens = carry.unusable_completion_tokens
         r.unusable_answers = carry.unusable_answers
+        r.unusable_outcomes = dict(carry.unusable_outcomes)
         r.cost_usd, r.unusable_cost_usd = carry.cost_usd, carry.unusable_cost_usd
         r.tag = req.tag
+        if reason in LEFT_FOR_RERUN:
+            self.unanswered[reason] += 1
         s = self.s
         s.sent += 1
         s.attempts += r.attempts
         s.retries += max(0, r.attempts - 1)
         self.latencies.append(r.latency_s)
         self._emit(r)
+
+
+def _merge_outcomes(a: dict[str, list[int]], b: dict[str, list[int]]) -> dict[str, list[int]]:
+    """{outcome: [answers, prompt tokens, completion tokens]} of both."""
+    out = {k: list(v) for k, v in a.items()}
+    for k, v in b.items():
+        have = out.setdefault(k, [0, 0, 0])
+        out[k] = [x + y for x, y in zip(have, v, strict=True)]
+    return out

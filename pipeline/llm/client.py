@@ -25,7 +25,14 @@ from typing import Any
 from pipeline.config.llm import LLMSection
 from pipeline.llm.limiter import Limiter
 from pipeline.llm.types import LLMRequest, LLMResult
-from pipeline.llm.waits import ServerWait, parse_duration, ratelimit_pause, retry_after, server_wait
+from pipeline.llm.waits import (
+    ServerWait,
+    parse_duration,
+    ratelimit_pause,
+    retry_after,
+    server_wait,
+    unreadable_why,
+)
 
 __all__ = ["LLMClient", "Secret", "redact", "read_answer", "Answer", "parse_duration", "ratelimit_pause",
            "retry_after", "VISIBLE_WAIT_S", "UNUSABLE_OUTCOMES"]
@@ -149,13 +156,15 @@ class LLMClient:
         return out
 
     def _unknown_header(self, name: str, value: str) -> None:
-        """Once per header name: a rate-limit header in no known form is ignored, and said so."""
+        """Once per header name: a rate-limit header in no known form, or with an implausible value (negative, a
+        time long past, 1e9 ms or more), is ignored, and said so: the request waits by its own backoff."""
         if name in self._warned:
             return
         self._warned.add(name)
         shown = redact(value, self.secret)[:80]
-        self.notices.append(("warning", f"ignored rate-limit header {name}: {shown!r} (a form this client does "
-                                        "not know; it waits by its own backoff instead)"))
+        why = unreadable_why(value, ms=name.endswith("-ms"))
+        self.notices.append(("warning", f"ignored rate-limit header {name}: {shown!r} ({why}; it waits by its "
+                                        "own backoff instead)"))
 
     def _notice_wait(self, seconds: float, reason: str) -> None:
         if seconds >= VISIBLE_WAIT_S:
@@ -211,12 +220,12 @@ class LLMClient:
         return msg, False, None
 
     def _failed(self, key: str, t0: float, attempts: int, error: str, unusable: tuple[int, int, int],
-                outcome: str | None = None) -> LLMResult:
+                by_outcome: dict[str, list[int]], outcome: str | None = None) -> LLMResult:
         return LLMResult(key=key, ok=False, text=None, finish_reason=None, prompt_tokens=0, completion_tokens=0,
                          latency_s=time.monotonic() - t0, attempts=attempts,
                          error=f"after {attempts} attempt(s): {error}", model=self.llm.model,
                          unusable_prompt_tokens=unusable[0], unusable_completion_tokens=unusable[1],
-                         unusable_answers=unusable[2], outcome=outcome)
+                         unusable_answers=unusable[2], unusable_outcomes=by_outcome, outcome=outcome)
 
     async def call(self, req: LLMRequest, key: str, allowance: int | None = None) -> LLMResult:
         """Send `req` until it has a usable answer, a failure that is not retryable, `llm.max_retries` retries of
@@ -230,6 +239,8 @@ class LLMClient:
         error = "not attempted"
         attempts = failures = 0
         un_p = un_c = un_n = 0
+        by_outcome: dict[str, list[int]] = {}  # outcome -> [answers, prompt tokens, completion tokens]
+        estimated = False  # an unusable answer without `usage`: its tokens are the estimate
         while True:
             await self.limiter.acquire(est)
             attempts += 1
@@ -246,9 +257,10 @@ class LLMClient:
                 status = getattr(e, "status_code", None)
                 self.recent_429.append(status == 429)
                 if wait is not None and wait.seconds > llm.max_wait_s:
+                    # "server_wait: <what was asked>; <the error>": the driver quotes the part before the ";"
                     reason = (f"server_wait: the server asked to wait {wait.seconds:,.0f} s ({wait.header}), above "
                               f"llm.max_wait_s={llm.max_wait_s:g}; {error}")
-                    return self._failed(key, t0, attempts, reason, (un_p, un_c, un_n), "server_wait")
+                    return self._failed(key, t0, attempts, reason, (un_p, un_c, un_n), by_outcome, "server_wait")
                 what = "server rate limit" if status == 429 else "server overloaded" if status == 503 else \
                     f"server asked (HTTP {status})"
                 # scattered 429s only delay their own request; mostly-429s means back off together
@@ -283,14 +295,19 @@ class LLMClient:
                 return LLMResult(key=key, ok=True, text=answer.text, finish_reason=answer.finish_reason,
                                  prompt_tokens=p_tok, completion_tokens=c_tok, latency_s=time.monotonic() - t0,
                                  attempts=attempts, error=None, model=llm.model, unusable_prompt_tokens=un_p,
-                                 unusable_completion_tokens=un_c, unusable_answers=un_n)
+                                 unusable_completion_tokens=un_c, unusable_answers=un_n,
+                                 unusable_outcomes=by_outcome)
             un_p, un_c, un_n = un_p + p_tok, un_c + c_tok, un_n + 1
+            counts = by_outcome.setdefault(answer.outcome, [0, 0, 0])
+            counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + p_tok, counts[2] + c_tok
+            estimated = estimated or answer.prompt_tokens is None or answer.completion_tokens is None
             if un_n >= allowance:
+                how = ", estimated: an answer carried no usage" if estimated else ""
                 reason = (f"{answer.outcome}: {answer.detail}; {un_n} unusable answer(s) billed ({un_p} prompt + "
-                          f"{un_c} completion tokens), llm.content_filter_retries={llm.content_filter_retries}")
-                return self._failed(key, t0, attempts, reason, (un_p, un_c, un_n), answer.outcome)
+                          f"{un_c} completion tokens{how}), llm.content_filter_retries={llm.content_filter_retries}")
+                return self._failed(key, t0, attempts, reason, (un_p, un_c, un_n), by_outcome, answer.outcome)
             error = f"{answer.outcome}: {answer.detail}"  # asked again at once: the limiter paces it
-        return self._failed(key, t0, attempts, error, (un_p, un_c, un_n))
+        return self._failed(key, t0, attempts, error, (un_p, un_c, un_n), by_outcome)
 
 
 def request_body(req: LLMRequest, model: str) -> tuple[str, dict[str, Any]]:

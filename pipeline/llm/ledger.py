@@ -231,6 +231,13 @@ class Ledger:
                         "model": model, "n": n, "status": status, "created": created, "requests": reqs})
         return out
 
+    def open_batch_keys(self, model: str) -> dict[str, tuple[str, str]]:
+        """Keys of `model`'s requests in submissions whose results are not recorded yet: key -> (the provider's
+        batch id, or our ref before it has one; status)."""
+        rows = self.db.execute("SELECT r.key, COALESCE(b.batch_id, b.ref), b.status FROM batches b "
+                               "JOIN batch_requests r ON r.ref = b.ref WHERE b.done = 0 AND b.model = ?", (model,))
+        return {key: (batch, status) for key, batch, status in rows}
+
     def finish_batch(self, ref: str, status: str, detail: str | None,
                      items: Iterable[tuple[LLMResult, LLMRequest | str]]) -> None:
         """A batch's results and its `done` flag in one transaction: a kill leaves either both or neither, so a

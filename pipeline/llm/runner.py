@@ -7,13 +7,17 @@ Workers are Ray actors (or, with `llm.workers: 0`, one in-process thread) runnin
 Results are written to the ledger in one transaction per arrival batch, then handed to `on_result`.
 With `llm.mode: batch` the same accounting (`DriverBase`) drives the batch API instead (`pipeline.llm.batch`).
 
-Budget (`budget.max_usd` / `budget.max_tokens`, this run's spend): every answer with `usage` is billed, usable
-or not. A request is dispatched only if spent + the reserved worst case of everything in flight + its own worst
-case fits under the cap; its worst case is (1 + unusable answers it may still take) x (estimated prompt tokens x
-the largest billed/estimated prompt ratio seen so far + max_tokens) at the configured prices. So the cap is
-overshot only where a provider bills more prompt tokens than that estimate, and never by more than the in-flight
-requests' billed cost: overshoot <= sum over requests in flight when spend crossed the cap of (billed - reserved),
-<= `concurrency` (batch: the requests of the batches in flight) x one request's maximum billed cost.
+Budget (`budget.max_usd` / `budget.max_tokens`, a cap on what ONE run spends; a re-run may spend it again): every
+answer with `usage` is billed, usable or not. A request is dispatched only if spent + the reserved worst case of
+everything in flight + its own worst case fits under the cap; its worst case is (1 + unusable answers it may still
+take) x (estimated prompt tokens x the largest billed/estimated prompt ratio seen so far + max_tokens x the
+largest billed/max_tokens completion ratio seen so far) at the configured prices. Estimates learn from bills: the
+first request goes alone (online: until its answer; batch: in a batch of its own) until an answer has been billed,
+and when a bill raises a ratio, what is in flight is reserved again at the new estimate. With a cap, the online
+driver queues no request beyond `concurrency` (no prefetch), so requests dispatched but not yet billed never
+exceed `llm.concurrency`. The cap is overshot only where a bill exceeds its reservation, and never by more than
+the requests in flight when spend crossed the cap: overshoot <= sum over those of (billed - reserved) <=
+`llm.concurrency` (batch: the requests of the batches in flight) x one request's largest billed cost.
 `summary.max_inflight_usd` is the largest reservation that was in flight at once.
 """
 
@@ -37,6 +41,10 @@ from pipeline.llm.ledger import Ledger
 from pipeline.llm.types import LLMRequest, LLMResult, RunSummary
 
 _OPENAI_DEFAULT = "https://api.openai.com/v1"
+# skip/failure reasons of requests a run leaves for a re-run (`RunSummary.unanswered`): the run stopped before them
+# (the budget cap; a server wait above llm.max_wait_s), or they sit in a batch an earlier batch-mode run left open
+LEFT_FOR_RERUN = ("budget", "server_wait", "in_open_batch")
+PRINTED_WAIT_S = 5.0  # a wait this long or longer is also printed as a line (logs, non-TTY output, narrow terminals)
 
 
 # --------------------------------------------------------------------------------------------- endpoint
@@ -187,11 +195,13 @@ def prestart_workers(llm: LLMSection) -> WorkerPool | None:
 
 # --------------------------------------------------------------------------------------------- budget
 class Budget:
-    """Hard caps on this run's spend, counting what was billed and what is in flight (see the module docstring).
+    """Hard caps on this run's spend (USD, tokens), counting what was billed and what is in flight (see the module
+    docstring).
 
     `take(key, req, allowance)` reserves a request's worst case if it fits (`force=True`: reserve whatever, for
     requests already at the provider, e.g. a resumed batch); `settle(key, req, result)` swaps the reservation for
-    the result's billed cost (`result.cost_usd`, set by `cost`); `release(key)` drops a reservation unused."""
+    the result's billed cost (`result.cost_usd`, set by `price`); `release(key)` drops a reservation unused.
+    Until a billed answer has been settled (`calibrated`), a capped budget holds one reservation at a time."""
 
     def __init__(self, budget: BudgetSection, llm: LLMSection, batch: bool = False) -> None:
         self.b = budget
@@ -201,8 +211,11 @@ class Budget:
         self.capped = budget.max_usd is not None or budget.max_tokens is not None
         self.spent_usd = self.reserved_usd = 0.0
         self.spent_tok = self.reserved_tok = 0
-        self.held: dict[str, tuple[float, int]] = {}
-        self.prompt_scale = 1.0  # the largest billed / estimated prompt tokens seen: estimates learn from bills
+        self.held: dict[str, tuple[float, int, LLMRequest, int]] = {}  # key -> (USD, tokens, request, allowance)
+        # estimates learn from bills: the largest billed / estimated prompt tokens, billed / max_tokens completion
+        self.prompt_scale = 1.0
+        self.completion_scale = 1.0
+        self.calibrated = False  # an answer has been billed: its ratios are known
         self.max_inflight_usd = 0.0
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
@@ -210,30 +223,33 @@ class Budget:
         return self.b.cost(prompt_tokens, completion_tokens, batch=self.batch)
 
     def worst(self, req: LLMRequest, allowance: int = 1) -> tuple[float, int]:
-        """(USD, tokens) the request may be billed at most, `allowance` answers of it."""
+        """(USD, tokens) the request may be billed at most, `allowance` answers of it, at the current estimate."""
         p = math.ceil(req.estimated_prompt_tokens() * self.prompt_scale)
-        c = req.max_completion_tokens(self.default_max_tokens)
+        c = math.ceil(req.max_completion_tokens(self.default_max_tokens) * self.completion_scale)
         n = max(1, allowance)
         return self.cost(p, c) * n, (p + c) * n
 
     def take(self, key: str, req: LLMRequest, allowance: int = 1, force: bool = False) -> bool:
-        """Reserve the request's worst case if it fits under the caps; False (nothing reserved) if not."""
+        """Reserve the request's worst case if it fits under the caps; False (nothing reserved) if not, and while
+        the budget is not calibrated and another reservation is held (the first request goes alone)."""
         if not self.capped:
             return True
+        if not force and not self.calibrated and self.held:
+            return False
         usd, tok = self.worst(req, allowance)
         if not force:
             if self.b.max_usd is not None and self.spent_usd + self.reserved_usd + usd > self.b.max_usd:
                 return False
             if self.b.max_tokens is not None and self.spent_tok + self.reserved_tok + tok > self.b.max_tokens:
                 return False
-        self.held[key] = (usd, tok)
+        self.held[key] = (usd, tok, req, allowance)
         self.reserved_usd += usd
         self.reserved_tok += tok
         self.max_inflight_usd = max(self.max_inflight_usd, self.reserved_usd)
         return True
 
     def release(self, key: str) -> None:
-        usd, tok = self.held.pop(key, (0.0, 0))
+        usd, tok, _, _ = self.held.pop(key, (0.0, 0, None, 0))
         self.reserved_usd -= usd
         self.reserved_tok -= tok
 
@@ -242,9 +258,26 @@ class Budget:
         self.spent_usd += result.cost_usd
         self.spent_tok += result.billed_prompt_tokens + result.billed_completion_tokens
         answers = result.unusable_answers + (1 if result.ok else 0)
-        if self.capped and req is not None and answers and result.billed_prompt_tokens:
-            est = req.estimated_prompt_tokens() * answers
-            self.prompt_scale = max(self.prompt_scale, result.billed_prompt_tokens / est)
+        if not (self.capped and req is not None and answers):
+            return
+        self.calibrated = True
+        p_scale = result.billed_prompt_tokens / (req.estimated_prompt_tokens() * answers)
+        c_scale = result.billed_completion_tokens / (req.max_completion_tokens(self.default_max_tokens) * answers)
+        if p_scale > self.prompt_scale or c_scale > self.completion_scale:
+            self.prompt_scale = max(self.prompt_scale, p_scale)
+            self.completion_scale = max(self.completion_scale, c_scale)
+            self._reserve_again()
+
+    def _reserve_again(self) -> None:
+        """A bill raised the estimate: what is in flight is reserved at the new estimate (never less than before),
+        so no further request is dispatched on the old, too low one."""
+        for key, (usd, tok, req, allowance) in list(self.held.items()):
+            new_usd, new_tok = self.worst(req, allowance)
+            new_usd, new_tok = max(usd, new_usd), max(tok, new_tok)
+            self.held[key] = (new_usd, new_tok, req, allowance)
+            self.reserved_usd += new_usd - usd
+            self.reserved_tok += new_tok - tok
+        self.max_inflight_usd = max(self.max_inflight_usd, self.reserved_usd)
 
     def price(self, result: LLMResult) -> None:
         """Set the result's `cost_usd` (all it was billed) and `unusable_cost_usd` at this run's prices."""
@@ -259,14 +292,16 @@ class Budget:
                 or (self.b.max_tokens is not None and self.spent_tok >= self.b.max_tokens))
 
     def message(self) -> str:
+        """What the stop says (the caller adds what to do): the caps, per run, and this run's spend so far (the
+        driver asks again at the end, so the summary quotes the final spend, requests in flight at the stop
+        included)."""
         caps = []
         if self.b.max_usd is not None:
-            caps.append(f"budget.max_usd={self.b.max_usd} (spent ${self.spent_usd:.4f}, at most "
-                        f"${self.max_inflight_usd:.4f} was reserved in flight at once)")
+            caps.append(f"budget.max_usd={self.b.max_usd:g}: this run spent ${self.spent_usd:.4f} (at most "
+                        f"${self.max_inflight_usd:.4f} reserved in flight at once)")
         if self.b.max_tokens is not None:
-            caps.append(f"budget.max_tokens={self.b.max_tokens} (used {self.spent_tok})")
-        return "budget cap reached: " + ", ".join(caps) + "; results so far are in the ledger, " \
-            "raise the cap and re-run to continue"
+            caps.append(f"budget.max_tokens={self.b.max_tokens:,}: this run used {self.spent_tok:,} tokens")
+        return "budget cap reached (a cap per run): " + "; ".join(caps)
 
 
 # --------------------------------------------------------------------------------------------- progress
@@ -276,23 +311,34 @@ def wait_text(seconds_left: float, reason: str) -> str:
 
 
 class _Progress:
-    def __init__(self, enabled: bool, total: int | None) -> None:
+    """The progress line (rich, when enabled). A running wait leads the line, so it survives an 80-column terminal
+    (rich cuts the end of a long line); a wait of `PRINTED_WAIT_S` or more is also printed as a line of its own on
+    stderr when progress is enabled, which is all a log or a non-TTY output shows while the run waits."""
+
+    def __init__(self, enabled: bool, total: int | None, console: Any = None) -> None:
         self.total = total
         self.bar = None
         self.t0 = time.monotonic()
         self._last = 0.0
         self.wait: tuple[float, str] | None = None  # (until, epoch s; reason) of the longest wait announced
+        self.printed_until = 0.0  # epoch s: the end of the last wait printed as a line
+        self.enabled = enabled
         if enabled:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bar = Progress(TextColumn("[bold]llm"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False)
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False,
+                                console=console)
             self.bar.start()
             self.task = self.bar.add_task("llm", total=total, info="")
 
     def announce_wait(self, seconds: float, reason: str, until: float) -> None:
         if self.wait is None or until > self.wait[0] or self.wait[0] < time.time():
             self.wait = (until, reason)
+        # one line per stretch of waiting: the many requests that hear the same 429 at once print it once
+        if self.enabled and seconds >= PRINTED_WAIT_S and until > self.printed_until + PRINTED_WAIT_S:
+            self.printed_until = until
+            print(f"llm: {wait_text(seconds, reason)}", file=sys.stderr, flush=True)
 
     def wait_line(self) -> str:
         """The active wait's notice, '' when none is running."""
@@ -315,10 +361,10 @@ class _Progress:
         unusable = f" (unusable ${s.unusable['cost_usd']:.4f})" if s.unusable["answers"] else ""
         info = (f"{rate:.1f} req/s {s.completion_tokens / dt:,.0f} out tok/s | ok {s.ok} (cached {s.cached}) "
                 f"failed {s.failed} skipped {s.skipped} retries {s.retries} | ${spent:.4f}{unusable}{eta}")
-        for part in (extra, self.wait_line()):
-            if part:
-                info += f" | {part}"
-        return info
+        if extra:
+            info += f" | {extra}"
+        wait = self.wait_line()
+        return f"{wait} | {info}" if wait else info  # first: the end of a long line is what a terminal cuts
 
     def update(self, s: RunSummary, spent: float, force: bool = False, extra: str = "") -> None:
         if self.bar is None:
@@ -333,6 +379,18 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _union_s(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the (start, end) spans: wall-clock time spent waiting."""
+    total = 0.0
+    end = -math.inf
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -412,6 +470,14 @@ class DriverBase:
         self.held: tuple[str, LLMRequest, int] | None = None  # next request, waiting for budget room
         self.exhausted = False
         self.stop_skip = "budget"  # the skip reason of what is not sent after a stop
+        self.unanswered: Counter[str] = Counter()  # requests left for a re-run, by LEFT_FOR_RERUN reason
+        self.unusable_by: dict[str, dict[str, float]] = {}  # outcome -> answers, tokens, USD
+        self.wait_spans: list[tuple[float, float]] = []  # (start, end) epoch s of every announced wait
+        # online: requests in a batch an earlier batch-mode run left open are not sent (they would be paid twice)
+        self.in_open_batch: dict[str, tuple[str, str]] = {}  # key -> (batch id or ref, status)
+        self.open_batches_met: set[tuple[str, str]] = set()
+        if llm.mode != "batch":
+            self.in_open_batch = self.ledger.open_batch_keys(llm.model)
         self.t0 = time.monotonic()
 
     # -- emitting results (exactly one per request)
@@ -424,10 +490,14 @@ class DriverBase:
         elif result.skipped:
             s.skipped += 1
             self.skipped[result.skipped] += 1
+            if result.skipped in LEFT_FOR_RERUN:
+                self.unanswered[result.skipped] += 1
         else:
             s.failed += 1
             self.failed[(result.error or "unknown").split(":", 2)[-1].strip()[:80]
                         if result.outcome is None else result.outcome] += 1
+            if result.outcome == "server_wait" and not result.cached:
+                self.unanswered["server_wait"] += 1
         if self.on_result is not None:
             self.on_result(result)
 
@@ -443,6 +513,7 @@ class DriverBase:
     def _stop(self, reason: str, skip: str) -> None:
         if self.s.stopped_reason is None:
             self.s.stopped_reason = reason
+            self.s.stopped_by = skip
             self.stop_skip = skip
 
     # -- pulling requests
@@ -466,6 +537,10 @@ class DriverBase:
             if hit is not None:
                 hit.tag = req.tag
                 self._emit(hit)
+                continue
+            if key in self.in_open_batch:
+                self.open_batches_met.add(self.in_open_batch[key])
+                self._skip(key, req, "in_open_batch")
                 continue
             return key, req, allowed - self.unusable_before.get(key, 0)
         self.exhausted = True
@@ -524,18 +599,31 @@ class DriverBase:
         s.retries += max(0, r.attempts - 1)
         s.prompt_tokens += r.billed_prompt_tokens
         s.completion_tokens += r.billed_completion_tokens
-        if r.unusable_answers:
-            u = s.unusable
-            u["answers"] += r.unusable_answers
-            u["prompt_tokens"] += r.unusable_prompt_tokens
-            u["completion_tokens"] += r.unusable_completion_tokens
-            u["cost_usd"] += r.unusable_cost_usd
+        self._add_unusable(r)
         if not r.ok and r.outcome:
             self.outcomes[r.outcome] += 1
         if r.outcome == "server_wait":
-            self._stop(f"the server asked for a wait above llm.max_wait_s: {(r.error or '').split(': ', 1)[-1]}",
-                       "server_wait")
+            # the client's error: "after N attempt(s): server_wait: <what the server asked>; <the HTTP error>"
+            asked = (r.error or "").split("server_wait: ", 1)[-1].split("; ", 1)[0]
+            self._stop(asked, "server_wait")
         self.latencies.append(r.latency_s)
+
+    def _add_unusable(self, r: LLMResult) -> None:
+        """The summary's billed-but-unusable figures: in all (`unusable`) and by outcome (`unusable_outcomes`)."""
+        if not r.unusable_answers:
+            return
+        u = self.s.unusable
+        u["answers"] += r.unusable_answers
+        u["prompt_tokens"] += r.unusable_prompt_tokens
+        u["completion_tokens"] += r.unusable_completion_tokens
+        u["cost_usd"] += r.unusable_cost_usd
+        for outcome, (n, p_tok, c_tok) in r.unusable_outcomes.items():
+            by = self.unusable_by.setdefault(outcome, {"answers": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                                       "cost_usd": 0.0})
+            by["answers"] += n
+            by["prompt_tokens"] += p_tok
+            by["completion_tokens"] += c_tok
+            by["cost_usd"] += self.budget.cost(p_tok, c_tok)
 
     def _check_spend(self) -> None:
         if self.budget.exhausted():
@@ -550,16 +638,35 @@ class DriverBase:
                 w["count"] = w.get("count", 0) + 1
                 w["total_s"] = round(w.get("total_s", 0.0) + seconds, 3)
                 w["longest_s"] = round(max(w.get("longest_s", 0.0), seconds), 3)
+                self.wait_spans.append((until - seconds, until))
                 self.progress.announce_wait(seconds, reason, until)
             elif n[0] == "warning" and n[1] not in self.s.warnings:
                 self.s.warnings.append(n[1])
                 print(f"llm: warning: {n[1]}", file=sys.stderr)
+
+    def _open_batch_warning(self) -> None:
+        """Online: say which requests were not sent because an earlier batch-mode run left them in open batches."""
+        n = self.skipped.get("in_open_batch", 0)
+        if not n:
+            return
+        batches = sorted(self.open_batches_met)
+        shown = ", ".join(f"{b} ({status})" for b, status in batches[:5]) + (" ..." if len(batches) > 5 else "")
+        self._notices([("warning", f"{n} request(s) not sent: they are in {len(batches)} batch(es) an earlier "
+                                   f"llm.mode: batch run left open ({shown}); sent online they would be paid for "
+                                   "twice. Run once with llm.mode: batch to collect them (it polls open batches "
+                                   "first), then this run answers them from the ledger")])
 
     def _summary(self) -> RunSummary:
         s = self.s
         s.skipped_reasons = dict(self.skipped)
         s.failed_reasons = dict(self.failed)
         s.outcomes = dict(self.outcomes)
+        s.unanswered = dict(self.unanswered)
+        s.unusable_outcomes = {k: {**v, "cost_usd": round(v["cost_usd"], 6)} for k, v in self.unusable_by.items()}
+        if s.stopped_by == "budget":
+            s.stopped_reason = self.budget.message()  # the final spend: requests in flight at the stop included
+        if s.waits:
+            s.waits["wall_s"] = round(_union_s(self.wait_spans), 3)
         # batch mode: an earlier run's results this run did not ask for are counted apart (`unrequested`)
         other = s.unrequested.get("cost_usd", 0.0)
         s.cost_usd = round(self.budget.spent_usd - other, 6)
@@ -611,6 +718,7 @@ class _Driver(DriverBase):
                 self._loop(handles, first)
             elif self.s.stopped_reason is not None:
                 self._drain_unsent()
+            self._open_batch_warning()
             self.progress.update(self.s, self.budget.spent_usd, force=True)
         finally:
             if pool is not None:
@@ -621,7 +729,9 @@ class _Driver(DriverBase):
 
     def _loop(self, handles: list[Any], first: list[tuple[str, LLMRequest, int]]) -> None:
         slots = _slots(self.llm)
-        caps = [s + max(2, s // 2) for s in slots]  # prefetch: a freed slot never waits on the driver
+        # prefetch: a freed slot never waits on the driver; not under a budget cap, where every request dispatched
+        # but not billed yet counts in the overshoot bound (at most `concurrency` of them)
+        caps = list(slots) if self.budget.capped else [s + max(2, s // 2) for s in slots]
         outstanding = [0] * len(handles)
         handles[0].submit(first)
         outstanding[0] = len(first)

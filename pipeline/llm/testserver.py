@@ -20,7 +20,7 @@ which is where a kill test kills it. A held request whose client goes away is dr
 Billed-but-unusable answers (what providers really send): a body containing `CONTENT_FILTER` (or a share
 `rate_filter` of requests) gets HTTP 200 with `finish_reason: "content_filter"`, `content: null` and a `usage` of
 `filter_usage` (400 + 700 tokens by default); `NULL_CONTENT` gets `content: null` with `finish_reason: "stop"`.
-Both are counted in `answered` (they are billed) and in `faults`.
+Both are counted in `answered` (they are billed) and in `faults`; batch lines get the same (`rate_filter` too).
 
 Rate-limit header forms: `first_429=N` answers the first N requests 429 whatever the rates, with the headers
 `headers_429` (default `retry-after` + `retry-after-ms` from `retry_after_s`); a value may hold a time relative
@@ -85,7 +85,8 @@ class FaultConfig:
     first_429: int = 0  # the first N requests received answer 429 (with headers_429) whatever the rates
     headers_429: dict[str, str] | None = None  # a 429's rate-limit headers (templates: see the module docstring)
     rate_filter: float = 0.0  # share of answers withheld by a "content filter" (HTTP 200, content null, billed)
-    filter_usage: list[int] = field(default_factory=lambda: [400, 700])  # usage of a filtered answer
+    # usage of a filtered answer; None: it carries no usage block (the client bills its estimate)
+    filter_usage: list[int] | None = field(default_factory=lambda: [400, 700])
     batch_fail: int = 0  # the first N batches fail validation
     batch_expire: int = 0  # the first N batches expire with half their requests answered
     # rephrasing: a prompt holding <tag>passage</tag> is answered with a rewrite of the passage (see `_rephrase`)
@@ -238,8 +239,8 @@ class _App:
             self.held -= 1
 
     def filtered(self, key: str, body: dict, null_only: bool = False) -> dict:
-        """HTTP 200, content null: `finish_reason` content_filter (or stop, `null_only`), usage `filter_usage`."""
-        p_tok, c_tok = self.cfg.filter_usage
+        """HTTP 200, content null: `finish_reason` content_filter (or stop, `null_only`), usage `filter_usage`
+        (none when it is None)."""
         finish = "stop" if null_only else "content_filter"
         if "messages" in body:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": None},
@@ -248,9 +249,12 @@ class _App:
         else:
             choice = {"index": 0, "text": None, "finish_reason": finish, "logprobs": None}
             obj = "text_completion"
-        return {"id": "cmpl-" + key[:24], "object": obj, "created": int(time.time()), "model": body.get("model"),
-                "choices": [choice], "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok,
-                                               "total_tokens": p_tok + c_tok}}
+        out: dict[str, Any] = {"id": "cmpl-" + key[:24], "object": obj, "created": int(time.time()),
+                               "model": body.get("model"), "choices": [choice]}
+        if self.cfg.filter_usage is not None:
+            p_tok, c_tok = self.cfg.filter_usage
+            out["usage"] = {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}
+        return out
 
     def answer(self, key: str, body: dict, raw: bytes, fault: str | None) -> dict:
         """The body of a 200 answer: filtered, null content, or the completion."""
@@ -541,7 +545,11 @@ class _App:
                     "body": {"error": {"message": "internal error", "type": "server_error"}}}}))
                 continue
             key = _canonical_key(body)
-            answer = self.answer(key, body, raw, None)
+            # a share `rate_filter` of lines is content-filtered, as online (drawn in line order)
+            fault = "content_filter" if self.cfg.rate_filter and self.rng.random() < self.cfg.rate_filter else None
+            if fault is not None:
+                self.faults[fault] += 1
+            answer = self.answer(key, body, raw, fault)
             out.append(json.dumps({"id": rid, "custom_id": cid, "error": None,
                                    "response": {"status_code": 200, "request_id": rid, "body": answer}}))
             self.answered[key] += 1

@@ -125,7 +125,8 @@ class LLMResult:
     Billing (tokens as the provider's `usage` reports them; an answer without `usage` counts its estimate):
     `prompt_tokens` / `completion_tokens` are the answer this result carries (0 for a failure);
     `unusable_*` are answers that were billed but not usable (content filter, null content, refusal, no
-    choices), `unusable_answers` of them, including those retried before an ok answer. `outcome` names why a
+    choices), `unusable_answers` of them, including those retried before an ok answer; `unusable_outcomes` splits
+    them by outcome: {outcome: [answers, prompt tokens, completion tokens]}. `outcome` names why a
     failure failed when it is one of those (`content_filter`, `null_content`, `refusal`, `no_choices`) or
     `server_wait` (the server asked to wait longer than `llm.max_wait_s`). `cost_usd` / `unusable_cost_usd`
     (USD, this run's prices and mode; 0 when cached) are set by the driver: `cost_usd` is all this request
@@ -151,6 +152,7 @@ class LLMResult:
     outcome: str | None = None
     cost_usd: float = 0.0
     unusable_cost_usd: float = 0.0
+    unusable_outcomes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def billed_prompt_tokens(self) -> int:
@@ -175,6 +177,7 @@ class LLMResult:
             "unusable_prompt_tokens": self.unusable_prompt_tokens,
             "unusable_completion_tokens": self.unusable_completion_tokens, "unusable_answers": self.unusable_answers,
             "outcome": self.outcome, "cost_usd": self.cost_usd, "unusable_cost_usd": self.unusable_cost_usd,
+            "unusable_outcomes": self.unusable_outcomes,
         }
 
     @classmethod
@@ -202,8 +205,12 @@ class RunSummary:
     # billed but unusable (content filter, null content, refusal, no choices): part of the three figures above
     unusable: dict[str, float] = field(default_factory=lambda: {"answers": 0, "prompt_tokens": 0,
                                                                 "completion_tokens": 0, "cost_usd": 0.0})
-    outcomes: dict[str, int] = field(default_factory=dict)  # unusable answers by named outcome
-    waits: dict[str, float] = field(default_factory=dict)  # server-directed waits: count, longest_s, total_s
+    # billed-but-unusable answers by outcome: {outcome: {answers, prompt_tokens, completion_tokens, cost_usd}}
+    unusable_outcomes: dict[str, dict[str, float]] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)  # failed requests by named outcome (unusable, server_wait)
+    # waits of 2 s or more (server-directed, and backoff after errors): count, longest_s, total_s (the sum over
+    # requests, which overlap) and wall_s (wall-clock time during which at least one request was waiting)
+    waits: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # one-time warnings (an unknown rate-limit header form)
     max_inflight_usd: float = 0.0  # the largest reserved worst-case cost in flight at once (budget bound)
     mode: str = "online"
@@ -217,6 +224,11 @@ class RunSummary:
     output_tokens_per_s: float = 0.0
     latency_s: dict[str, float] = field(default_factory=dict)  # p50/p90/p99/max of sent requests
     stopped_reason: str | None = None  # e.g. the budget cap; None when everything was processed
+    stopped_by: str | None = None  # what stopped the run: "budget" or "server_wait"
+    # requests left for a re-run (not answered, not final), by why: budget / server_wait (the run stopped before
+    # them, or on them), in_open_batch (online: in a batch an earlier batch-mode run left open). A re-run of the
+    # same requests sends them; what was answered comes from the ledger.
+    unanswered: dict[str, int] = field(default_factory=dict)
     model: str = ""
     ledger: str = ""
 

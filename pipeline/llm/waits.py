@@ -8,8 +8,12 @@ Forms read (a header value, whatever the header):
 - a Go-style duration: `6m0s`, `1m30s`, `2m59.56s`, `250ms`, `1h` (OpenAI and Groq `x-ratelimit-reset-*`);
 - an HTTP-date (`Retry-After: Wed, 21 Oct 2026 07:28:00 GMT`, RFC 9110 section 10.2.3);
 - an ISO-8601 / RFC 3339 time (Anthropic `anthropic-ratelimit-requests-reset: 2026-10-21T07:28:00Z`).
-A time in the past is a wait of 0. Anything else is unknown: `None`, and `on_unknown` is told once per header name
-(the caller warns once), never read as a number of some other unit.
+A time at most `PAST_TOLERANCE_S` in the past (a reset that just happened, a little clock skew) is a wait of 0.
+Implausible values are not read as "go now": a negative number, a time further in the past (`Retry-After:
+1500000000` is 2017, `1e12` read as epoch milliseconds is 2001), a `-ms` header of 1e9 ms (11.6 days) or more
+(a `-ms` value is milliseconds, never reinterpreted as an epoch). Those and anything else are unknown: `None`, and
+`on_unknown` is told once per header name (the caller warns once and waits by its own backoff), never read as a
+number of some other unit. `unreadable_why` says which it was, for the warning.
 
 Which header decides (`server_wait`), as the openai SDK and Anthropic's docs order them: `retry-after-ms`, then
 `retry-after`; else, for a limit the response says is exhausted (`…remaining…: 0`), its reset time (the longest
@@ -33,6 +37,8 @@ from typing import Any
 
 _EPOCH_S = 1e9  # 2001-09-09: no server asks for a 31-year wait, so a number this large is a point in time
 _EPOCH_MS = 1e12
+_MS_MAX = 1e9  # a `-ms` header this large (11.6 days) is no wait a server means
+PAST_TOLERANCE_S = 300.0  # an absolute time this far in the past still reads as "now" (reset just passed, skew)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -54,9 +60,19 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _until(when: float, now: float) -> float | None:
+    """Seconds from `now` to the absolute time `when` (epoch s): 0 if it passed at most `PAST_TOLERANCE_S` ago,
+    None (implausible) if longer ago."""
+    left = when - now
+    if left < -PAST_TOLERANCE_S:
+        return None
+    return max(0.0, left)
+
+
 def parse_wait(value: str | None, *, ms: bool = False, now: float | None = None) -> float | None:
-    """Seconds to wait from `value` (any form above; `ms=True`: a bare number is milliseconds), measured from
-    `now` (epoch seconds, default the clock). None for an absent or unknown form; never negative."""
+    """Seconds to wait from `value` (any form above; `ms=True`: a bare number is milliseconds, never an epoch),
+    measured from `now` (epoch seconds, default the clock). None for an absent, unknown or implausible value
+    (negative, a time more than `PAST_TOLERANCE_S` in the past, `ms` of 1e9 or more); never negative."""
     if value is None:
         return None
     text = value.strip()
@@ -65,19 +81,47 @@ def parse_wait(value: str | None, *, ms: bool = False, now: float | None = None)
     now = time.time() if now is None else now
     number = _number(text)
     if number is not None:
+        if number < 0:
+            return None
+        if ms:
+            return number / 1000 if number < _MS_MAX else None
         if number >= _EPOCH_MS:
-            return max(0.0, number / 1000 - now)
+            return _until(number / 1000, now)
         if number >= _EPOCH_S:
-            return max(0.0, number - now)
-        return max(0.0, number / 1000 if ms else number)
+            return _until(number, now)
+        return max(0.0, number)  # -0 is 0
     compact = text.replace(" ", "")
     parts = _DURATION_PART.findall(compact)
     if parts and "".join(n + u for n, u in parts) == compact:
         return sum(float(n) * _UNIT_S[u] for n, u in parts)
     when = _http_date(text) or _iso_time(text)
     if when is not None:
-        return max(0.0, when.timestamp() - now)
+        return _until(when.timestamp(), now)
     return None
+
+
+def unreadable_why(value: str, *, ms: bool = False, now: float | None = None) -> str:
+    """Why `parse_wait` read nothing from `value` (for the one-time warning): 'negative', 'a time ... in the
+    past', 'above 1e9 ms', or 'a form this client does not know'."""
+    now = time.time() if now is None else now
+    text = value.strip()
+    number = _number(text)
+    if number is not None:
+        if number < 0:
+            return "a negative wait"
+        if ms:
+            return f"{number:,.0f} ms is no plausible wait (1e9 ms or more; a -ms header is never an epoch)"
+        when = number / 1000 if number >= _EPOCH_MS else number
+        return f"read as a time, it is {_ago(now - when)} in the past"
+    when_dt = _http_date(text) or _iso_time(text)
+    if when_dt is not None:
+        return f"a time {_ago(now - when_dt.timestamp())} in the past"
+    return "a form this client does not know"
+
+
+def _ago(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:,.0f} days" if days >= 2 else f"{seconds:,.0f} s"
 
 
 def _http_date(text: str) -> datetime | None:
