@@ -282,3 +282,100 @@ def test_an_earlier_runs_batch_for_requests_not_asked_now_is_recorded_and_billed
         stats = srv.stats()
     assert again.cached == 6 and again.sent == 0
     assert stats["batches_created"] == 1 and stats["answered_total"] == 6
+
+
+def test_batch_under_a_tight_cap_submits_progressively(tmp_path):
+    """The tester's case: max_usd $0.01, 100 requests billed 2,000 + 100 tokens each against a prompt estimate of
+    about 10, batches of at most 5. Before: every reservation fit on the estimate, all 20 batches went at once,
+    $0.105 spent (10.5 x the cap). Now the first request goes in a batch of its own; its bill corrects the
+    estimate before anything else is reserved, and the rest go within what the cap leaves."""
+    budget = BudgetSection(price_input_per_1m=1.0, price_output_per_1m=1.0, max_usd=0.01)
+    per_answer = budget.cost(2000, 100, batch=True)  # $0.00105 at the batch price
+    with FaultyOpenAIServer(mode="thread", filter_usage=[2000, 100]) as srv:
+        llm = _llm(srv, batch_max_requests=5)
+        s = run_requests(_requests(llm, 100, lambda i: " CONTENT_FILTER"), llm, budget, tmp_path / "l.sqlite",
+                         progress=False)
+        stats = srv.stats()
+    assert s.batches[0]["requests"] == 1  # the calibration batch
+    # then 8 more fit ($0.00105 + 8 x $0.00105 <= $0.01 < + 9 x): two batches of 5 and 3
+    assert sorted(b["requests"] for b in s.batches[1:]) == [3, 5] and stats["batches_created"] == 3
+    assert s.sent == stats["answered_total"] == 9 and s.cost_usd == pytest.approx(9 * per_answer)
+    assert s.cost_usd <= 0.01 and s.unanswered == {"budget": 91} and s.stopped_by == "budget"
+
+
+def test_a_batch_killed_mid_poll_is_not_sent_again_online_and_a_later_batch_run_collects_it(tmp_path):
+    """Kill a batch run while its batch is in progress (observed: the batch id in the ledger, the child polling
+    it); an online run then sends none of its requests (they are in an open batch: paid twice otherwise), says
+    so and leaves them for a re-run; a batch-mode run collects the batch, without submitting it again, and the
+    online run finds them all in the ledger."""
+    n = 6
+    ledger, log = tmp_path / "ledger.sqlite", tmp_path / "child.log"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with FaultyOpenAIServer(mode="thread", words=30) as srv:
+        srv.hold_batches()
+        with log.open("w") as f:
+            proc = subprocess.Popen([sys.executable, "-c", _CHILD, srv.base_url, str(ledger), str(n)], stdout=f,
+                                    stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_until(lambda: len(_ledger_batch_ids(ledger)) == 1 and srv.stats()["batch_polls"] >= 2,
+                       "the child to record its batch id and poll it", proc=proc, log=log)
+        finally:
+            proc.kill()
+            proc.wait(30)
+        # the child's requests, online (same model and sampling parameters: the same ledger keys)
+        online = LLMSection(base_url=srv.base_url, model="test-model", max_tokens=100, workers=0,
+                            api_key_env="TEXTBOOK_TEST_NO_KEY")
+        reqs = [LLMRequest(messages=({"role": "user", "content": f"topic {i}"},), params=online.sampling_params(),
+                           tag={"i": i}) for i in range(n)]
+        s = run_requests(reqs, online, BudgetSection(), ledger, progress=False)
+        assert srv.stats()["received"] == 0  # not one completion sent online
+        assert s.skipped_reasons == {"in_open_batch": n} and s.unanswered == {"in_open_batch": n}
+        assert len(s.warnings) == 1 and "batch_000001 (in_progress)" in s.warnings[0]
+
+        srv.release_batches()
+        out = subprocess.run([sys.executable, "-c", _CHILD, srv.base_url, str(ledger), str(n)], capture_output=True,
+                             text=True, env=env, timeout=240)
+        assert out.returncode == 0, out.stderr[-2000:]
+        again = run_requests(reqs, online, BudgetSection(), ledger, progress=False)
+        stats = srv.stats()
+    assert out.stdout.split() == ["DONE", str(n), "0", str(n), "1"]  # ok, cached, sent, batches: polled, collected
+    assert stats["batches_created"] == 1 and stats["answered_total"] == n and stats["received"] == 0
+    assert (again.cached, again.sent) == (n, 0)
+    with Ledger(ledger) as led:
+        assert led.open_batches() == []
+
+
+def test_a_leftover_batch_whose_requests_look_answered_is_still_polled_and_collected(tmp_path):
+    """An open batch whose requests the ledger already answers (answered online before this check existed):
+    each batch-mode run polls it anyway; still running, it is named in a warning; finished, its results are
+    recorded (billed, `unrequested`) and it is closed, where before it stayed open in the ledger forever."""
+    from openai import OpenAI
+
+    ledger = tmp_path / "l.sqlite"
+    with FaultyOpenAIServer(mode="thread", words=30) as srv:
+        llm = _llm(srv)
+        reqs = _requests(llm, 6)
+        run_requests(reqs, llm.model_copy(update={"mode": "online", "workers": 0}), BudgetSection(), ledger,
+                     progress=False)
+        items = [(r.key(llm.model), r) for r in reqs]
+        data = "".join(batch_line(k, r, llm.model)[1] + "\n" for k, r in items).encode()
+        client = OpenAI(api_key="EMPTY", base_url=srv.base_url)
+        file_id = client.files.create(file=("in.jsonl", data, "application/jsonl"), purpose="batch").id
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        with Ledger(ledger) as led:
+            led.add_batch("ref-1", "/v1/chat/completions", llm.model, items)
+            led.update_batch("ref-1", input_file_id=file_id, batch_id=batch.id, status=batch.status)
+        srv.hold_batches()
+        polls = srv.stats()["batch_polls"]
+        first = run_requests(reqs, llm, BudgetSection(**PRICES), ledger, progress=False)
+        assert first.cached == 6 and srv.stats()["batch_polls"] == polls + 1
+        assert any(f"{batch.id} (in_progress, 6 requests)" in w for w in first.warnings)
+        srv.release_batches()
+        while client.batches.retrieve(batch.id).status != "completed":  # the provider finishes it meanwhile
+            pass
+        client.close()
+        second = run_requests(reqs, llm, BudgetSection(**PRICES), ledger, progress=False)
+    assert second.cached == 6 and second.unrequested["requests"] == 6 and second.unrequested["cost_usd"] > 0
+    assert not second.warnings
+    with Ledger(ledger) as led:
+        assert led.open_batches() == []
