@@ -103,6 +103,10 @@ class LocalServer:
         return [*_serve_command(), self.model, "--host", "127.0.0.1", "--port", str(self.port),
                 "--device", self.device, "--log-level", "warning", *self.extra_args]
 
+    def environment(self) -> dict[str, str] | None:
+        """The server's environment (None: this process's)."""
+        return None
+
     def prepare(self) -> None:
         self._ensure_model()
         # `/v1/models` fails until the Hugging Face cache directory exists, even for a local model directory
@@ -170,7 +174,7 @@ class LocalServer:
             logf.write(("$ " + " ".join(cmd) + "\n").encode())
             logf.flush()
             self.proc = subprocess.Popen(with_parent_death_signal(cmd), stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True, env=self.environment())
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -237,6 +241,11 @@ class LlamaCppServer(LocalServer):
                 "(builds llama-cpp-python from source once, then pip caches it; `make run` does this)")
         if not Path(self.model).is_file():
             raise ResourceUnavailable(f"GGUF model {self.model}: no such file")
+
+    def environment(self) -> dict[str, str]:
+        # OpenMP threads that spin while waiting starve when the CPUs are shared (the driver, the judge, Ray):
+        # on 2 busy cores a 200-token answer then took minutes instead of seconds. Passive waiting costs little.
+        return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "llama_cpp.server", "--model", self.model, "--model_alias", self.alias,
