@@ -179,7 +179,7 @@ def training_hashes_cmd(
     """Write training_hashes.npz for a model trained before training runs wrote it, from its training config
     (every labelled document but the holdout: what the final fit saw).
 
-    Example: textbook classifier training-hashes configs/classifier/legal-fasttext.yaml
+    Example: textbook classifier training-hashes configs/classifier/edu-en.yaml --model /path/to/old-model
     """
     from pathlib import Path
 
