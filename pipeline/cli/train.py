@@ -129,7 +129,7 @@ def eval_mc(
                                           "$TEXTBOOK_BENCHMARKS or ../shared/data/benchmarks)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Answers per forward pass."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default $OMP_NUM_THREADS "
-                                       "or all cores)."),
+                                       "or the CPUs this process may run on)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, auto."),
     dtype: str = typer.Option("float32", "--dtype", help="Hugging Face models: float32, bfloat16 or float16."),
     out: str | None = typer.Option(None, "--out", help="Also write the results as JSON here."),

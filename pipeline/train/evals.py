@@ -26,7 +26,6 @@ lm_eval/models/huggingface.py (`_encode_pair`, `_loglikelihood_tokens`).
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -45,9 +44,11 @@ Forward = Callable[[torch.Tensor], torch.Tensor]  # token ids (B, T) int64 -> lo
 
 
 def set_threads(threads: int | None = None) -> int:
-    """Set torch's CPU threads: `threads`, else $OMP_NUM_THREADS, else os.cpu_count(). Returns the number."""
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    n = threads or (int(env) if env.isdigit() and int(env) > 0 else 0) or os.cpu_count() or 1
+    """Set torch's CPU threads as the trainer does (`trainer.cpu_threads`: `threads`, else $OMP_NUM_THREADS,
+    else the CPUs this process may run on). Returns the number."""
+    from pipeline.train.trainer import cpu_threads
+
+    n = cpu_threads(threads)
     torch.set_num_threads(n)
     return n
 
