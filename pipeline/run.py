@@ -5,6 +5,14 @@ A stage is a function `run_stage(ctx: StageContext) -> StageStats` in its own mo
 `ctx.removed_dir`, and may keep private resume state in `ctx.state_dir`. After it returns, this module
 writes `stats.json` and `_SUCCESS.json` (the stage's content hash). A stage whose `_SUCCESS.json` carries
 the same hash (resolved section + run-level settings + inputs) is skipped, so a re-run after a crash resumes.
+
+A stage that stopped early with work a re-run can still do (an LLM stage stopped by the budget cap or a server
+wait above llm.max_wait_s: its stats carry `partial` = {"unanswered": n, "reasons": {reason: n}, "message": str})
+gets `_PARTIAL.json` instead of `_SUCCESS.json`: it is not complete, so the same command runs it again (the LLM
+ledger answers what was answered, for nothing; the rest is sent). Its kept documents still feed later stages, under
+a hash of their own per attempt (`output_hash`), so those re-run once it has gone further. `run_pipeline` goes on
+past a partial stage only when the budget alone stopped it (the user's own limit: a legitimate end, said so);
+any other stop (a server wait, requests in an open batch) ends the run there, the later stages not run.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import importlib
 import json
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +135,10 @@ def _success_path(run_dir: Path, stage: str) -> Path:
     return run_dir / "stages" / stage / "_SUCCESS.json"
 
 
+def _partial_path(run_dir: Path, stage: str) -> Path:
+    return run_dir / "stages" / stage / "_PARTIAL.json"
+
+
 def completed_hash(run_dir: Path, stage: str) -> str | None:
     p = _success_path(run_dir, stage)
     if not p.is_file():
@@ -134,6 +147,28 @@ def completed_hash(run_dir: Path, stage: str) -> str | None:
         return json.loads(p.read_text())["hash"]
     except (ValueError, KeyError, OSError):
         return None
+
+
+def partial_marker(run_dir: Path, stage: str) -> dict[str, Any] | None:
+    """`_PARTIAL.json` of a stage that stopped early (hash, attempt, partial), None when there is none."""
+    p = _partial_path(run_dir, stage)
+    if not p.is_file() or _success_path(run_dir, stage).is_file():
+        return None
+    try:
+        marker = json.loads(p.read_text())
+        return marker if isinstance(marker, dict) and "hash" in marker else None
+    except (ValueError, OSError):
+        return None
+
+
+def output_hash(run_dir: Path, stage: str) -> str | None:
+    """What a later stage's hash records of this upstream stage: its completed hash, or for a partial stage its
+    hash and attempt (each attempt's output differs); None when it has no output to read."""
+    done = completed_hash(run_dir, stage)
+    if done is not None:
+        return done
+    marker = partial_marker(run_dir, stage)
+    return None if marker is None else f"{marker['hash']}:partial:{marker.get('attempt', '')}"
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -159,15 +194,15 @@ def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str],
         return [], []
     for group in spec.upstream:
         present = [s for s in group
-                   if s not in skipped and (s in planned or completed_hash(run_dir, s) is not None)]
+                   if s not in skipped and (s in planned or output_hash(run_dir, s) is not None)]
         if name in OPTIONAL_UPSTREAM:  # an optional upstream feeds the stage once it has completed, not before
-            present = [s for s in present if completed_hash(run_dir, s) is not None]
+            present = [s for s in present if output_hash(run_dir, s) is not None]
         present = [s for s in present if not any(s in STAGES[o].supersedes for o in present)]
         if present:
             files: list[Path] = []
             for s in present:
                 kept = run_dir / "stages" / s / "kept"
-                if completed_hash(run_dir, s) is None:
+                if output_hash(run_dir, s) is None:
                     raise TextbookError(f"stage {name}: upstream stage '{s}' has not completed in {run_dir} "
                                         f"(run it first, or list {name}.inputs)")
                 if kept.is_dir():
@@ -190,7 +225,7 @@ def stage_hash(cfg: RunConfig, name: str, inputs: list[Path], upstream: list[str
         "section": getattr(cfg, name).model_dump(mode="json") if hasattr(cfg, name) else None,
         "deps": {d: getattr(cfg, d).model_dump(mode="json") for d in spec.depends_on},
         "seed": cfg.run.seed,
-        "upstream": {u: completed_hash(run_dir, u) for u in upstream},
+        "upstream": {u: output_hash(run_dir, u) for u in upstream},
     }
     if spec.code_versions:
         parts["code_versions"] = {t: _import_target(t) for t in spec.code_versions}
@@ -239,8 +274,18 @@ def run_one(cfg: RunConfig, name: str, planned: list[str] | None = None, force: 
     if not force and completed_hash(run_dir, name) == digest:
         log(f"[{name}] already complete for this config and inputs: skipped ({out_dir})")
         return json.loads((out_dir / "stats.json").read_text()) if (out_dir / "stats.json").is_file() else {}
+    earlier = partial_marker(run_dir, name)
+    if earlier is not None and earlier.get("hash") == digest:
+        p = earlier.get("partial") or {}
+        log(f"[{name}] an earlier attempt stopped early ({p.get('unanswered', '?')} unanswered: "
+            f"{_reasons(p)}): continuing it (what was answered comes from the LLM ledger, paid once)")
+    for u in upstream:
+        if partial_marker(run_dir, u) is not None:
+            log(f"[{name}] note: upstream stage '{u}' is partial (it stopped early): reading the documents it kept "
+                "so far")
     success = _success_path(run_dir, name)
     success.unlink(missing_ok=True)
+    _partial_path(run_dir, name).unlink(missing_ok=True)
     # Outputs of an earlier attempt are rewritten; private state (state/) survives for resume.
     for sub in ("kept", "removed"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
@@ -259,9 +304,26 @@ def run_one(cfg: RunConfig, name: str, planned: list[str] | None = None, force: 
     stats.check()
     stats.write(out_dir / "stats.json")
     stats.write_errors(out_dir / "errors.jsonl")
-    atomic_write_text(success, json.dumps({"hash": digest, "version": __version__,
-                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    marker = {"hash": digest, "version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    partial = stats.as_dict().get("partial")
+    if partial:  # stopped early: not complete, so the same command runs it again and goes on from the ledger
+        atomic_write_text(_partial_path(run_dir, name),
+                          json.dumps({**marker, "attempt": uuid.uuid4().hex, "partial": partial}) + "\n")
+    else:
+        atomic_write_text(success, json.dumps(marker) + "\n")
     return stats.as_dict()
+
+
+def _reasons(partial: dict[str, Any]) -> str:
+    """'budget 12, server_wait 2' from a stage's `partial` stats."""
+    return ", ".join(f"{k} {v:,}" for k, v in (partial.get("reasons") or {}).items()) or "stopped early"
+
+
+def partial_goes_on(partial: dict[str, Any]) -> bool:
+    """Whether `run_pipeline` runs the later stages after this partial stage: only when the budget cap alone
+    stopped it (a limit the user set, so what was kept is a legitimate result)."""
+    reasons = set(partial.get("reasons") or {})
+    return bool(reasons) and reasons <= {"budget"}
 
 
 def _kept_by(run_dir: Path, stages: list[str]) -> int | None:
@@ -298,7 +360,7 @@ def stage_funnel(cfg: RunConfig, name: str) -> list[dict[str, Any]]:
         if s not in cfg.run.stages or not p.is_file():
             continue
         st = json.loads(p.read_text())
-        if completed_hash(run_dir, s) is None and not st.get("skipped") and not st.get("no_input"):
+        if output_hash(run_dir, s) is None and not st.get("skipped") and not st.get("no_input"):
             continue  # left over from an attempt that did not finish
         filters = {f: dict(v.get("reasons") or {}) for f, v in (st.get("filters") or {}).items()
                    if isinstance(v, dict) and v.get("reasons")}
@@ -360,7 +422,9 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: bool = 
                  log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run `stages` (default run.stages) in order; a stage whose resource is unavailable is skipped and the run
     goes on. A stage with no input documents ends the run: `NoInputDocuments` is raised with the upstream funnel,
-    hints and the results so far (its stats.json records them too)."""
+    hints and the results so far (its stats.json records them too). A partial stage (see the module docstring)
+    ends the run there unless the budget alone stopped it; the results then hold it (with `partial`) and the
+    later stages that were not run are left out."""
     planned = stages or list(cfg.run.stages)
     unknown = [s for s in planned if s not in STAGES]
     if unknown:
@@ -373,6 +437,20 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: bool = 
         log(f"[{name}] {STAGES[name].help}")
         try:
             results[name] = run_one(cfg, name, planned=planned, force=force, log=log, skipped=frozenset(skipped))
+            partial = results[name].get("partial")
+            if partial:
+                later = planned[planned.index(name) + 1:]
+                if partial_goes_on(partial):
+                    log(f"[{name}] PARTIAL: {partial.get('message')}; {partial['unanswered']:,} request(s) not "
+                        f"answered. " + (f"The later stages ({', '.join(later)}) use the {results[name].get('kept', 0):,}"
+                                         " documents it kept. " if later else "")
+                        + "Run the same command again to send the rest (budget caps are per run)")
+                else:
+                    log(f"[{name}] PARTIAL: {partial.get('message')}; {partial['unanswered']:,} request(s) not "
+                        f"answered ({_reasons(partial)}). " + (f"The later stages ({', '.join(later)}) were not run. "
+                                                               if later else "")
+                        + "Run the same command again later: it sends the rest and goes on")
+                    break
         except ResourceUnavailable as e:
             # Offline or unreachable: say what is missing, record it, go on with what can still run.
             skipped.add(name)
@@ -397,6 +475,7 @@ def mark_skipped(run_dir: Path, name: str, why: str) -> dict[str, Any]:
     out = run_dir / "stages" / name
     out.mkdir(parents=True, exist_ok=True)
     _success_path(run_dir, name).unlink(missing_ok=True)
+    _partial_path(run_dir, name).unlink(missing_ok=True)
     for sub in ("kept", "removed"):
         shutil.rmtree(out / sub, ignore_errors=True)
     stats.write(out / "stats.json")

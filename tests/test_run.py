@@ -132,3 +132,77 @@ def test_stage_whose_inputs_were_all_skipped_is_skipped_too(tmp_path, monkeypatc
     results = runmod.run_pipeline(cfg, log=lambda m: None)
     assert "TEXTBOOK_WEB" in results["web"]["skipped"]
     assert results["dedup"]["skipped"] == "no input, because web could not run (see above)"
+
+
+GENERATED: dict[str, int] = {}  # the fake LLM stage's progress: documents answered so far, per run directory
+
+
+def partial_llm_stage(ctx: runmod.StageContext) -> StageStats:
+    """A fake LLM stage: each call answers 2 more of its 6 requests (as a re-run answers what a stopped run left,
+    from the ledger plus new calls) and stops early, with `partial`, until all 6 are answered."""
+    CALLS.append(ctx.name)
+    key = str(ctx.run_dir)
+    done = GENERATED[key] = min(6, GENERATED.get(key, 0) + 2)
+    stats = StageStats(ctx.name)
+    with DocumentWriter(ctx.kept_dir) as kept:
+        for i in range(done):
+            stats.read()
+            kept.write({"id": f"g{i}", "text": f"generated document number {i}"})
+            stats.keep()
+    reason = STOP["reason"]
+    for _ in range(6 - done):
+        stats.read()
+        stats.drop(f"skipped_{reason}")
+    if done < 6:
+        stats.set("partial", {"unanswered": 6 - done, "reasons": {reason: 6 - done}, "message": f"stopped by {reason}"})
+    return stats
+
+
+STOP = {"reason": "budget"}  # why the fake stage stops early
+
+
+@pytest.fixture
+def llm_pipeline(monkeypatch):
+    CALLS.clear()
+    GENERATED.clear()
+    monkeypatch.setitem(runmod.STAGES, "generate", runmod.StageSpec("generate", f"{__name__}:partial_llm_stage"))
+    monkeypatch.setitem(runmod.STAGES, "dedup", runmod.StageSpec("dedup", f"{__name__}:drop_short_stage",
+                                                                 upstream=(("generate",),)))
+
+
+@pytest.mark.parametrize("reason", ["server_wait", "budget"])
+def test_a_partial_stage_is_not_complete_and_the_same_command_continues_it(tmp_path, llm_pipeline, monkeypatch,
+                                                                            reason):
+    """A stage that stopped early is marked partial (no _SUCCESS.json): the same command runs it again until it
+    completes. A budget stop (the user's own cap) lets the later stages run on what was kept, and they run
+    again once the stage has gone further; any other stop ends the run there."""
+    monkeypatch.setitem(STOP, "reason", reason)
+    cfg = load_config(None, [f"run.out={tmp_path / 'out'}", "run.stages=[generate, dedup]"])
+    logs: list[str] = []
+    out = tmp_path / "out/stages"
+
+    first = runmod.run_pipeline(cfg, log=logs.append)
+    assert first["generate"]["partial"]["unanswered"] == 4
+    assert (out / "generate/_PARTIAL.json").is_file() and not (out / "generate/_SUCCESS.json").exists()
+    assert runmod.completed_hash(tmp_path / "out", "generate") is None
+    if reason == "budget":  # goes on, and says so
+        assert first["dedup"]["read"] == 2 and CALLS == ["generate", "dedup"]
+        assert any("PARTIAL" in m and "use the 2 documents it kept" in m for m in logs)
+    else:  # stops there, and says so
+        assert "dedup" not in first and CALLS == ["generate"] and not (out / "dedup").exists()
+        assert any("PARTIAL" in m and "(dedup) were not run" in m for m in logs)
+
+    logs.clear()
+    second = runmod.run_pipeline(cfg, log=logs.append)  # the same command: continues, never "already complete"
+    assert CALLS.count("generate") == 2 and not any("already complete" in m and "[generate]" in m for m in logs)
+    assert any("an earlier attempt stopped early (4 unanswered" in m for m in logs)
+    assert second["generate"]["partial"]["unanswered"] == 2
+    if reason == "budget":  # the later stage re-runs on the 4 documents kept now
+        assert second["dedup"]["read"] == 4 and CALLS.count("dedup") == 2
+
+    third = runmod.run_pipeline(cfg, log=lambda m: None)
+    assert "partial" not in third["generate"] and third["dedup"]["read"] == 6
+    assert (out / "generate/_SUCCESS.json").is_file() and not (out / "generate/_PARTIAL.json").exists()
+    runmod.run_pipeline(cfg, log=lambda m: None)  # complete now: neither stage runs again
+    assert CALLS.count("generate") == 3 and CALLS[-1] == "dedup"
+    assert CALLS.count("dedup") == (3 if reason == "budget" else 1)

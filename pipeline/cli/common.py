@@ -117,7 +117,8 @@ def print_run_summary(cfg: Any, results: dict[str, dict[str, Any]]) -> None:
         table.add_column(col, justify="left" if col in ("stage", "note") else "right")
     for stage, s in results.items():
         note = ("[yellow]SKIPPED[/] (reason below)" if s.get("skipped") else
-                "[red]NO INPUT[/] (funnel below)" if s.get("no_input") else "")
+                "[red]NO INPUT[/] (funnel below)" if s.get("no_input") else
+                "[yellow]PARTIAL[/] (below)" if s.get("partial") else "")
         table.add_row(stage, f"{s.get('read', 0):,}", f"{s.get('kept', 0):,}",
                       f"{sum(s.get('dropped', {}).values()):,}", f"{sum(s.get('errored', {}).values()):,}",
                       str(s.get("seconds", "")), note)
@@ -141,6 +142,19 @@ def print_run_summary(cfg: Any, results: dict[str, dict[str, Any]]) -> None:
     if skipped:
         console.print("re-run the same command once the missing pieces are there: completed stages are not redone "
                       "(README, 'Offline use': local web data, a local model directory or endpoint, local benchmarks)")
+    from pipeline.run import partial_goes_on
+
+    for k, v in results.items():
+        p = v.get("partial")
+        if p:
+            from rich.text import Text
+
+            later = ("the later stages used the documents it kept" if partial_goes_on(p)
+                     else "the run stopped there")
+            console.print(Text.assemble(("partial ", "yellow"), f"{k}: {p.get('message')}; "
+                                        f"{p.get('unanswered', 0):,} request(s) not answered; {later}. Run the same "
+                                        "command again to continue it (answered requests come from the ledger, paid "
+                                        "once; budget caps are per run)"))
     for k, v in results.items():
         if v.get("no_input"):
             from types import SimpleNamespace

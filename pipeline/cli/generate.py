@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.text import Text
 
 from pipeline.cli.common import CONFIG_HELP, SET_HELP, console, run_stage_command, user_errors
 
@@ -32,24 +33,59 @@ def generate(
         _dry_run(config, sets, samples)
         return
     result = run_stage_command("generate", config, sets, force=force)
-    llm = result.get("llm") or {}
-    if llm:
-        console.print(f"requests {result.get('requests', 0):,}: sent {llm.get('sent', 0):,}, from ledger "
-                      f"{llm.get('cached', 0):,}, failed {llm.get('failed', 0):,}, skipped {llm.get('skipped', 0):,}; "
-                      f"cost ${llm.get('cost_usd', 0):.4f}")
-        unusable = llm.get("unusable") or {}
-        if unusable.get("answers"):
-            console.print(f"billed but unusable: {unusable['answers']:,} answer(s) (content filter, null content, "
-                          f"...), ${unusable.get('cost_usd', 0):.4f}: {llm.get('outcomes') or {}}")
-        for warning in llm.get("warnings") or []:
-            console.print(f"[yellow]llm warning[/]: {warning}", highlight=False)
-    if result.get("stopped_reason"):
-        hint = "re-run with a larger budget to go on" if "budget" in result["stopped_reason"] else \
-            "re-run later: what was not answered is sent again"
-        console.print(f"[yellow]stopped early[/]: {result['stopped_reason']} ({hint})")
+    for style, label, text in llm_summary_lines(result):
+        console.print(Text.assemble((label, style), text) if label else Text(text))
     stopped = (result.get("diversity") or {}).get("cells_stopped") or {}
     for cell, why in stopped.items():
         console.print(f"[yellow]diversity guard[/]: stopped '{cell}' (repeat rate {why['repeat_rate']})")
+
+
+# what to do about requests a run left unanswered, by reason (`RunSummary.unanswered`)
+_RERUN_HINTS = {
+    "budget": "run the same command again to send them: budget.max_usd / max_tokens cap each run, so every run may "
+              "spend up to the cap again (raise it to go further in one run)",
+    "server_wait": "run the same command again once the server's limit has lifted: it sends them",
+    "in_open_batch": "they are in batches an earlier llm.mode: batch run left open: run once with --set "
+                     "llm.mode=batch to collect them, then this command answers them from the ledger",
+}
+
+
+def llm_summary_lines(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """What `textbook generate` prints after the stage table, as (style, label, text) lines: requests and cost,
+    billed-but-unusable spend by outcome, waits, LLM warnings, and a stop: what stopped it, what is left and
+    what to do (answered requests always come from the ledger, paid once)."""
+    lines: list[tuple[str, str, str]] = []
+    llm = result.get("llm") or {}
+    if llm:
+        lines.append(("", "", f"requests {result.get('requests', 0):,}: sent {llm.get('sent', 0):,}, from ledger "
+                              f"{llm.get('cached', 0):,}, failed {llm.get('failed', 0):,}, skipped "
+                              f"{llm.get('skipped', 0):,}; cost ${llm.get('cost_usd', 0):.4f}"))
+        unusable = llm.get("unusable") or {}
+        if unusable.get("answers"):
+            by = llm.get("unusable_outcomes") or {}
+            parts = ", ".join(f"{k} {v['answers']:,} (${v['cost_usd']:.4f})"
+                              for k, v in sorted(by.items(), key=lambda kv: -kv[1]["cost_usd"]))
+            lines.append(("", "", f"billed but unusable: {unusable['answers']:,} answer(s), "
+                                  f"${unusable.get('cost_usd', 0):.4f}" + (f": {parts}" if parts else "")))
+        waits = llm.get("waits") or {}
+        if waits.get("count"):
+            lines.append(("", "", f"waits: {waits['count']:,} of 2 s or more (rate limits, backoff), longest "
+                                  f"{waits.get('longest_s', 0):,.0f} s; {waits.get('wall_s', 0):,.0f} s of wall-clock "
+                                  f"time waiting (summed over requests: {waits.get('total_s', 0):,.0f} s)"))
+        for warning in llm.get("warnings") or []:
+            lines.append(("yellow", "llm warning: ", warning))
+    partial = result.get("partial")
+    if partial:
+        if result.get("stopped_reason"):
+            lines.append(("yellow", "stopped early: ", result["stopped_reason"]))
+        for reason, n in (partial.get("reasons") or {}).items():
+            hint = _RERUN_HINTS.get(reason, "run the same command again to send them")
+            lines.append(("yellow", "not answered: ", f"{n:,} request(s) ({reason}): {hint}"))
+        lines.append(("", "", "the stage is partial, not complete: what was answered is in the ledger and is not "
+                              "paid again"))
+    elif result.get("stopped_reason"):
+        lines.append(("yellow", "stopped: ", f"{result['stopped_reason']} (every request was answered)"))
+    return lines
 
 
 def _dry_run(config: str, sets: list[str], samples: int) -> None:

@@ -179,6 +179,8 @@ def run_stage(ctx: Any) -> StageStats:
     stats.set("billed", {**judged["billed"], "reconciled": billed_reconciles(judged["billed"], summary)})
     stats.set("latency_s", summary.latency_s)
     stats.set("stopped_reason", summary.stopped_reason)
+    if summary.partial() is not None:  # requests left unanswered: not complete, the same command continues it
+        stats.set("partial", summary.partial())
     kept_specs = [the_plan.specs[i] for i in judged["kept_spec_indices"]]
     stats.set("coverage", {
         "requested": coverage(the_plan.specs, the_plan.grid_cells, the_plan.taxonomy),

@@ -236,6 +236,17 @@ class RunSummary:
     def reconciled(self) -> bool:
         return self.total == self.ok + self.failed + self.skipped
 
+    def partial(self) -> dict[str, Any] | None:
+        """For a stage's stats (`pipeline.run`: a partial stage is run again by the same command): None when no
+        request was left for a re-run, else {"unanswered": n, "reasons": {reason: n}, "message": why}."""
+        n = sum(self.unanswered.values())
+        if not n:
+            return None
+        message = self.stopped_reason or (
+            f"{self.unanswered.get('in_open_batch', 0):,} request(s) are in batches an earlier llm.mode: batch run "
+            "left open: run once with llm.mode: batch to collect them")
+        return {"unanswered": n, "reasons": dict(self.unanswered), "message": message}
+
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
