@@ -124,7 +124,7 @@ def eval_mc(
                                 "checkpoint) or a Hugging Face model directory (e.g. from export-hf)."),
     sets: str = typer.Option("arc_easy,arc_challenge,hellaswag,mmlu", "--sets",
                              help="Comma-separated tasks: arc_easy, arc_challenge, hellaswag, mmlu, mmlu_cloze, piqa."),
-    items: int = typer.Option(300, "--items", min=1, help="Items per task, chosen deterministically (0: all)."),
+    items: int = typer.Option(300, "--items", min=0, help="Items per task, chosen deterministically (0: all)."),
     benchmarks: str | None = typer.Option(None, "--benchmarks", help="Benchmarks folder (default "
                                           "$TEXTBOOK_BENCHMARKS or ../shared/data/benchmarks)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Answers per forward pass."),
