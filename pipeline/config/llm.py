@@ -139,10 +139,12 @@ class BudgetSection(StrictModel):
     price_input_per_1m: float = Field(default=0.0, ge=0, description="USD per 1M prompt tokens")
     price_output_per_1m: float = Field(default=0.0, ge=0, description="USD per 1M completion tokens")
     max_usd: float | None = Field(
-        default=None, gt=0, description="hard cap on spend in this run: stop cleanly before exceeding it"
+        default=None, gt=0,
+        description="cap on what one run spends, USD (a re-run may spend it again): no request goes out unless its "
+                    "worst case fits; overshoot bounded by the requests in flight (README, 'Waits, money')",
     )
     max_tokens: int | None = Field(
-        default=None, gt=0, description="hard cap on prompt + completion tokens in this run"
+        default=None, gt=0, description="cap on the prompt + completion tokens one run is billed (a re-run may again)"
     )
     batch_discount: float = Field(
         default=0.5, ge=0, lt=1,
