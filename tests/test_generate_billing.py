@@ -118,7 +118,7 @@ def test_a_server_wait_stop_is_partial_and_the_same_command_sends_only_what_was_
 
         out2, second = _invoke(cfg)  # the same command
         served = srv.stats()
-    assert "already complete" not in out2 and "an earlier attempt stopped early" in out2
+    assert "already complete" not in out2 and "[generate] an earlier attempt stopped early" in out2
     assert second["llm"]["sent"] == left and "partial" not in second
     assert (stage / "_SUCCESS.json").is_file() and not (stage / "_PARTIAL.json").exists()
     n_filtered = second["errored"].get("failed_content_filter", 0)

@@ -330,7 +330,7 @@ def test_a_batch_killed_mid_poll_is_not_sent_again_online_and_a_later_batch_run_
         s = run_requests(reqs, online, BudgetSection(), ledger, progress=False)
         assert srv.stats()["received"] == 0  # not one completion sent online
         assert s.skipped_reasons == {"in_open_batch": n} and s.unanswered == {"in_open_batch": n}
-        assert len(s.warnings) == 1 and "batch_000001 (in_progress)" in s.warnings[0]
+        assert len(s.warnings) == 1 and "(batch_000001 in_progress)" in s.warnings[0]
 
         srv.release_batches()
         out = subprocess.run([sys.executable, "-c", _CHILD, srv.base_url, str(ledger), str(n)], capture_output=True,

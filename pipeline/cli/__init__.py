@@ -72,7 +72,7 @@ def run_cmd(
     cfg = load(config, set_)
     chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     try:
-        results = run_pipeline(cfg, chosen, force=force, log=lambda m: console.print(m, highlight=False))
+        results = run_pipeline(cfg, chosen, force=force, log=lambda m: console.print(m, highlight=False, markup=False))
     except NoInputDocuments as e:
         print_run_summary(cfg, e.results)  # the table, then what emptied the run; the error line comes last
         raise

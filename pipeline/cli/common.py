@@ -66,7 +66,7 @@ def run_stage_command(stage: str, config: str, sets: list[str] | None, force: bo
     write_resolved_config(cfg, run_dir_of(cfg))
     try:
         result = run_one(cfg, stage, planned=[s for s in cfg.run.stages if s in STAGES] or [stage], force=force,
-                         log=lambda m: console.print(m, highlight=False))
+                         log=lambda m: console.print(m, highlight=False, markup=False))
     except NoInputDocuments as e:
         print_funnel(e)
         raise

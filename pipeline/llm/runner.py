@@ -650,7 +650,7 @@ class DriverBase:
         if not n:
             return
         batches = sorted(self.open_batches_met)
-        shown = ", ".join(f"{b} ({status})" for b, status in batches[:5]) + (" ..." if len(batches) > 5 else "")
+        shown = ", ".join(f"{b} {status}" for b, status in batches[:5]) + (" ..." if len(batches) > 5 else "")
         self._notices([("warning", f"{n} request(s) not sent: they are in {len(batches)} batch(es) an earlier "
                                    f"llm.mode: batch run left open ({shown}); sent online they would be paid for "
                                    "twice. Run once with llm.mode: batch to collect them (it polls open batches "
