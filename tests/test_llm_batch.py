@@ -291,11 +291,11 @@ def test_batch_under_a_tight_cap_submits_progressively(tmp_path):
     estimate before anything else is reserved, and the rest go within what the cap leaves."""
     budget = BudgetSection(price_input_per_1m=1.0, price_output_per_1m=1.0, max_usd=0.01)
     per_answer = budget.cost(2000, 100, batch=True)  # $0.00105 at the batch price
-    with FaultyOpenAIServer(mode="thread", filter_usage=[2000, 100]) as srv:
+    with FaultyOpenAIServer(mode="thread", rate_filter=1.0, filter_usage=[2000, 100]) as srv:
         llm = _llm(srv, batch_max_requests=5)
-        s = run_requests(_requests(llm, 100, lambda i: " CONTENT_FILTER"), llm, budget, tmp_path / "l.sqlite",
-                         progress=False)
+        s = run_requests(_requests(llm, 100), llm, budget, tmp_path / "l.sqlite", progress=False)
         stats = srv.stats()
+    assert stats["faults"] == {"content_filter": 9}  # the server's rate_filter applies to batch lines too
     assert s.batches[0]["requests"] == 1  # the calibration batch
     # then 8 more fit ($0.00105 + 8 x $0.00105 <= $0.01 < + 9 x): two batches of 5 and 3
     assert sorted(b["requests"] for b in s.batches[1:]) == [3, 5] and stats["batches_created"] == 3
