@@ -241,6 +241,7 @@ def test_controls_from_a_real_labelled_file(shared_data, web_sets, tmp_path):
     """High-label and low-label arms from real Llama-3-labelled FineWeb pages, built through the shard code;
     the held-out pages and the configured eval set's pages stay out of both arms; then a short ablation of
     the two controls runs end to end."""
+    from pipeline.errors import TextbookError
     from pipeline.shards import open_shards
     from pipeline.train.ablate import build_controls, load_ablation_config
     from pipeline.train.ablate_data import doc_hash
@@ -271,6 +272,23 @@ def test_controls_from_a_real_labelled_file(shared_data, web_sets, tmp_path):
     assert open_shards(root / "high").manifest["splits"]["train"]["sources"] == {
         "control-high": {"documents": len(texts["high"]), "tokens": rec["sets"]["high"]["train"]["tokens"]}}
     assert build_controls(cfg, log=lambda m: pytest.fail(m)) == rec  # built once, then reused
+    # heldout: classifier holds out exactly the labelled pages the classifier was not trained on
+    from pipeline.classify.overlap import write_training_hashes
+    from pipeline.train.ablate import _unseen_by_classifier
+    from pipeline.train.ablate_data import split_controls
+
+    model = tmp_path / "clf"
+    model.mkdir()
+    write_training_hashes(model, [r["text"] for r in rows[::2]])  # "trained" on every other page
+    cfg2 = load_ablation_config(path, [f"classifier={model}", "controls.heldout=classifier"])
+    unseen = _unseen_by_classifier(cfg2, rows)
+    assert unseen == {doc_hash(r["text"]) for r in rows[1::2]}
+    pages = split_controls(rows, score_field="score", high=">=4", low="<1", heldout_fraction=0.2,
+                           heldout_eval="high", exclude=set(), balance=False, heldout_pages=unseen)
+    assert {doc_hash(t) for t in pages.heldout} == {doc_hash(r["text"]) for r in rows[1::2] if r["score"] >= 4}
+    assert not {doc_hash(t) for t in pages.high + pages.low} & unseen
+    with pytest.raises(TextbookError, match="training_hashes.npz"):
+        _unseen_by_classifier(load_ablation_config(path, ["controls.heldout=classifier"]), rows)
     r = CliRunner().invoke(app, ["ablate", str(path)])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "abl" / "results.json").read_text())

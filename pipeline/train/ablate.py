@@ -81,6 +81,9 @@ class ControlsSection(StrictModel):
     low: str = Field(default="<=1", description="pages of the negative control arm, e.g. '<=1'")
     heldout_fraction: float = Field(
         default=0.2, ge=0, lt=1, description="share of the pages (chosen by a hash of the text) kept out of both arms")
+    heldout: Literal["hash", "classifier"] = Field(
+        default="hash", description="which pages are held out: a hash-chosen heldout_fraction, or exactly the "
+        "labelled pages the ablation's `classifier:` was not trained on (its training_hashes.npz)")
     heldout_eval: Literal["high", "all", "none"] = Field(
         default="high", description="evaluation set of the held-out pages: those passing `high`, all, or none")
     eval_name: str = Field(default="heldout-labelled", description="name of that evaluation set")
@@ -261,21 +264,48 @@ def _file_identity(path: str | Path) -> list[Any]:
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
+def _unseen_by_classifier(cfg: AblationConfig, records: list[dict[str, Any]]) -> set[int] | None:
+    """With `controls.heldout: classifier`: the doc_hash of every labelled page the ablation's classifier was
+    not trained on (per its training_hashes.npz); None in hash mode. Raises TextbookError without hashes."""
+    from pipeline.classify.overlap import TrainingHashes
+    from pipeline.train.ablate_data import classifier_dirs, doc_hash
+
+    if cfg.controls is None or cfg.controls.heldout != "classifier":
+        return None
+    dirs = classifier_dirs([], cfg.classifier)
+    hashes = TrainingHashes.load(dirs[0]) if dirs else None
+    if hashes is None:
+        raise TextbookError(f"controls.heldout: classifier needs `classifier:` naming a model directory with "
+                            f"training_hashes.npz (got {cfg.classifier!r})")
+    texts = [r["text"] for r in records]
+    trained = hashes.contains_documents(texts)
+    return {doc_hash(t) for t, seen in zip(texts, trained, strict=True) if not seen}
+
+
 def build_controls(cfg: AblationConfig, log: Log = print) -> dict[str, Any] | None:
     """Build (once; under a lock, so parallel invocations wait for one builder) the control arms' shard sets
     `out/controls/high`, `low` and the held-out set `heldout` from the labelled file, with the arms' tokenizer.
-    Pages of the configured text evaluation sets are excluded. Returns the build record (also
+    Pages of the configured text evaluation sets are excluded; the held-out pages are hash-chosen or, with
+    `heldout: classifier`, the labelled pages the ablation's classifier never saw. Returns the build record (also
     `out/controls/build.json`), None without controls. Raises TextbookError when an arm would be empty."""
     c = cfg.controls
     if c is None:
         return None
     from pipeline.documents import iter_documents
-    from pipeline.train.ablate_data import doc_hash, eval_set_texts, split_controls, write_shard_set
+    from pipeline.train.ablate_data import (
+        classifier_dirs,
+        doc_hash,
+        eval_set_texts,
+        split_controls,
+        write_shard_set,
+    )
 
     root = cfg.out_dir / "controls"
     tok = _tokenizer(cfg)
     exclude_sets = [e for e in cfg.eval_sets if e.task is None]
+    clf = [_file_identity(Path(d) / "training_hashes.npz") for d in classifier_dirs([], cfg.classifier)]
     key = config_hash({"controls": c.model_dump(mode="json"), "labels": _file_identity(c.labels),
+                       "classifier": clf if c.heldout == "classifier" else None,
                        "tokenizer": tok.sha256, "exclude": [[e.model_dump(mode="json"), _file_identity(e.path)]
                                                             for e in exclude_sets]})
     with file_lock(root / ".lock"):
@@ -287,11 +317,11 @@ def build_controls(cfg: AblationConfig, log: Log = print) -> dict[str, Any] | No
         log(f"controls: building {c.high_arm} ({c.high}) and {c.low_arm} ({c.low}) from {c.labels}")
         exclude = {doc_hash(t) for e in exclude_sets for t in (eval_set_texts(e) or ())}
         problems: list[str] = []
-        records = iter_documents([c.labels], text_field=c.text_field,
-                                 on_error=lambda reason, where: problems.append(f"{reason} at {where}"))
+        records = list(iter_documents([c.labels], text_field=c.text_field,
+                                      on_error=lambda reason, where: problems.append(f"{reason} at {where}")))
         pages = split_controls(records, score_field=c.score_field, high=c.high, low=c.low,
                                heldout_fraction=c.heldout_fraction, heldout_eval=c.heldout_eval,
-                               exclude=exclude, balance=c.balance)
+                               exclude=exclude, balance=c.balance, heldout_pages=_unseen_by_classifier(cfg, records))
         if not pages.high or not pages.low:
             raise TextbookError(f"controls: {c.labels} gives {len(pages.high)} pages for {c.high_arm} ({c.high}) and "
                                 f"{len(pages.low)} for {c.low_arm} ({c.low}) with field {c.score_field!r}: both need "
@@ -323,7 +353,7 @@ def run_checks(cfg: AblationConfig, log: Log = print) -> list[str]:
     arms = {a.name: list(a.shards) for a in all_arms(cfg)}
     sets = [e for e in all_eval_sets(cfg) if e.task is None]
     classifiers = classifier_dirs([s for a in cfg.arms for s in a.shards], cfg.classifier)
-    if cfg.classifier and cfg.classifier not in classifiers:
+    if cfg.classifier and not classifier_dirs([], cfg.classifier):
         log(f"note: classifier {cfg.classifier} is not a directory: overlap with its training data not checked")
     key = config_hash({"arms": {n: [_file_identity(p) for p in ps] for n, ps in arms.items()},
                        "sets": [[e.model_dump(mode="json"), _file_identity(e.path)] for e in sets],

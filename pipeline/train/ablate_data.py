@@ -155,7 +155,10 @@ def _mark(seen: dict[str, np.ndarray], hashes: dict[str, np.ndarray], batch: lis
 def classifier_dirs(shard_paths: Iterable[str | Path], extra: str | None) -> list[str]:
     """Classifier model directories to check: `extra` (the ablation's `classifier:`), and the edu model an arm's
     shards recorded in their manifest (run config `web.edu.model`, else `classifier.model`, when `web.edu`
-    was enabled). Only directories that exist."""
+    was enabled). A relative path that is not a directory here is looked up in the checkout (as the web stage
+    does). Only directories that exist."""
+    from pipeline.paths import repo_path
+
     out: list[str] = [extra] if extra else []
     for p in shard_paths:
         m = Path(p) / "manifest.json"
@@ -167,7 +170,12 @@ def classifier_dirs(shard_paths: Iterable[str | Path], extra: str | None) -> lis
             model = edu.get("model") or (cfg.get("classifier") or {}).get("model")
             if model and model not in out:
                 out.append(model)
-    return [d for d in out if Path(d).is_dir()]
+    found = []
+    for d in out:
+        p = Path(d) if Path(d).is_dir() or Path(d).is_absolute() else repo_path(d)
+        if p.is_dir() and str(p) not in found:
+            found.append(str(p))
+    return found
 
 
 # --- unigram baseline ------------------------------------------------------------------------------------------
@@ -228,12 +236,13 @@ class ControlPages:
 
 def split_controls(records: Iterable[dict[str, Any]], *, score_field: str, high: str, low: str,
                    heldout_fraction: float, heldout_eval: str, exclude: set[int], balance: bool,
-                   salt: str = "textbook-controls") -> ControlPages:
+                   heldout_pages: set[int] | None = None, salt: str = "textbook-controls") -> ControlPages:
     """Sort labelled records into high / low / held out.
 
     A record is skipped when its text is empty or its score is missing or not a number. A page whose hash is
     in `exclude` (an evaluation set's page) goes to no arm. Of the others, those with `_unit(text, salt) <
-    heldout_fraction` are held out of both arms; held-out pages passing `high` (or all of them:
+    heldout_fraction` (or, given `heldout_pages`, those whose `doc_hash` is in it: e.g. the pages a classifier
+    was not trained on) are held out of both arms; held-out pages passing `high` (or all of them:
     heldout_eval="all") form the evaluation set. With `balance`, the larger arm keeps pages in hash order until
     it has as many characters as the smaller one (the two then differ in kind, not in amount of unique text).
     """
@@ -261,7 +270,7 @@ def split_controls(records: Iterable[dict[str, Any]], *, score_field: str, high:
             continue
         seen.add(h)
         u = _unit(text, salt)
-        if u < heldout_fraction:
+        if (h in heldout_pages) if heldout_pages is not None else (u < heldout_fraction):
             counts["held_out"] += 1
             if heldout_eval == "all" or (heldout_eval == "high" and is_high(score)):
                 held.append((u, text))
