@@ -177,7 +177,7 @@ def test_parallel_processes_then_gather(shards, web_sets, tmp_path):
     md = (out / "results.md").read_text()
     assert "| web | " in md and "| book | " in md and "(baseline)" in md and "Δ vs web" in md
     assert "unigram bpb" in md and "± 0.0000" not in md
-    assert "heldout: bits per byte (lower is better)" in r.output
+    assert "heldout bpb" in r.output and "Δ vs web" in r.output and "2 seeds" in r.output
     # a plain invocation reuses the finished runs
     r = CliRunner().invoke(app, ["ablate", str(path)])
     assert r.exit_code == 0 and r.output.count("already trained") == 4
@@ -196,6 +196,11 @@ def test_parallel_processes_then_gather(shards, web_sets, tmp_path):
     assert len(runs) == 4 and status["missing"] == [{"arm": "web", "seed": 2}, {"arm": "book", "seed": 2}]
     r = CliRunner().invoke(app, ["ablate", str(path2), "--arm", "nope"])
     assert r.exit_code == 1 and "--arm nope: no such arm" in r.output
+    # a run whose data changed under the same paths (a shard set rebuilt) is stale, not reused
+    inputs = run_dir(cfg, "book", 0) / "inputs.json"
+    inputs.write_text(json.dumps({"key": "another shard set"}))
+    runs, status = collect(cfg)
+    assert {"arm": "book", "seed": 0} in status["stale"] and len(runs) == 3
 
 
 def test_check_arms_rejects_a_missing_eval_path(shards, tmp_path):

@@ -221,25 +221,32 @@ def ablate(
 
 
 def _print_ablation(results: dict) -> None:
-    """One table per compared figure: arm, mean ± std over seeds, paired Δ vs the baseline, verdict."""
+    """The headline figures (bits per byte, length-normalised accuracy) in one table: per arm the mean over
+    seeds (± std with two or more), the paired Δ against the baseline with its 95 % interval, the verdict;
+    every figure is in results.md."""
     from rich.table import Table
 
-    from pipeline.train.ablate_report import METRICS, fmt_cell, fmt_paired, split_key
+    from pipeline.train.ablate_report import METRICS, fmt_paired, split_key
 
     st = results["status"]
     base = results["baseline"]
-    console.print(f"ablation {results['name']}: {st['finished']} of {st['expected']} runs finished", highlight=False)
+    n = len(results["seeds"])
+    table = Table(title=f"ablation {results['name']}: {st['finished']} of {st['expected']} runs finished; "
+                        f"baseline {base}; " + ("1 seed: no spread measured" if n == 1 else f"{n} seeds"))
+    for col in ("figure", "arm", "mean" if n == 1 else "mean ± std", f"Δ vs {base} [95 % CI]", "verdict", "unigram"):
+        table.add_column(col, justify="left" if col in ("figure", "arm", "verdict") else "right")
     for key in results["metrics"]:
         name, metric = split_key(key)
-        direction, label = METRICS[metric]
-        table = Table(title=f"{name}: {label} ({direction} is better)")
-        for col in ("arm", "mean ± std over seeds", f"Δ vs {base} [95 % CI]", "verdict", "unigram"):
-            table.add_column(col, justify="left" if col in ("arm", "verdict") else "right")
-        for a, row in results["arms"].items():
+        if metric not in ("bpb", "acc_norm"):
+            continue
+        for i, (a, row) in enumerate(results["arms"].items()):
+            c = row["metrics"].get(key)
+            cell = "n/a" if not c else f"{c['mean']:.4f}" + (f" ± {c['std']:.4f}" if c["std"] is not None else "")
             diff, verdict = ("(baseline)", "") if a == base else fmt_paired(results["paired"][key].get(a), base)
             u = (row.get("unigram") or {}).get(name) if metric == "bpb" else None
-            table.add_row(a, fmt_cell(row["metrics"].get(key)), diff, verdict, "" if u is None else f"{u:.4f}")
-        console.print(table)
+            label = f"{name} {'bpb' if metric == 'bpb' else 'acc_norm'} ({METRICS[metric][0]} better)" if i == 0 else ""
+            table.add_row(label, a, cell, diff, verdict, "" if u is None else f"{u:.4f}")
+    console.print(table)
     for line in results.get("checks") or []:
         console.print(line, highlight=False)
 

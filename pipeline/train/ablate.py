@@ -382,12 +382,28 @@ def prepare(cfg: AblationConfig, log: Log = print) -> list[str]:
 
 
 # --- runs ------------------------------------------------------------------------------------------------------
-def finished_summary(section: PretrainSection, out: Path) -> dict[str, Any] | None:
-    """The run's summary.json when it finished with exactly this config, else None."""
+def inputs_key(cfg: AblationConfig, arm: ArmSection) -> str:
+    """Identity of a run's data beyond its config: the arm's shard manifests and the evaluation sets' files
+    (a shard set rebuilt at the same path, e.g. the controls after a change of rules, is other data)."""
+    evals = [_file_identity(e.path) for e in all_eval_sets(cfg) if e.path and Path(e.path).exists()]
+    return config_hash({"shards": [_file_identity(s) for s in arm.shards], "eval": evals})
+
+
+def _inputs_of(out: Path) -> str | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((out / "inputs.json").read_text()).get("key")
+    return None
+
+
+def finished_summary(section: PretrainSection, out: Path, inputs: str | None = None) -> dict[str, Any] | None:
+    """The run's summary.json when it finished with exactly this config (and, given `inputs`, the same data:
+    `inputs_key`, recorded in out/inputs.json), else None."""
     p = out / "summary.json"
     try:
         done = json.loads(p.read_text())
     except (OSError, ValueError):
+        return None
+    if inputs is not None and _inputs_of(out) != inputs:
         return None
     if done.get("config_hash") == config_hash(section) and done.get("steps") == section.train.max_steps:
         return done
@@ -409,14 +425,16 @@ def select_runs(cfg: AblationConfig, arms: list[str] | None = None, seeds: list[
 
 
 def run_one(cfg: AblationConfig, arm: ArmSection, seed: int, log: Log = print) -> dict[str, Any] | None:
-    """Train one run unless it is finished (same config) or another process holds its lock (then None).
-    Interrupted runs resume from their newest checkpoint; a run with another config starts over."""
+    """Train one run unless it is finished (same config and data) or another process holds its lock (then
+    None). Interrupted runs resume from their newest checkpoint; a run with another config or other data
+    (`inputs_key`) starts over."""
     from pipeline.train.trainer import train
 
     section = run_config(cfg, arm, seed)
     out = run_dir(cfg, arm.name, seed)
     tag = f"[{arm.name} seed {seed}]"
-    done = finished_summary(section, out)
+    inputs = inputs_key(cfg, arm)
+    done = finished_summary(section, out, inputs)
     if done is not None:
         log(f"{tag} already trained: {out}")
         return done
@@ -425,12 +443,18 @@ def run_one(cfg: AblationConfig, arm: ArmSection, seed: int, log: Log = print) -
         if not got:
             log(f"{tag} being trained by {_holder(lock)}: skipped here")
             return None
-        done = finished_summary(section, out)  # another process may have finished it before we got the lock
+        done = finished_summary(section, out, inputs)  # another process may have finished it meanwhile
         if done is not None:
             log(f"{tag} already trained: {out}")
             return done
+        resume = "auto"
+        if out.is_dir() and _inputs_of(out) not in (None, inputs):
+            log(f"{tag} its shards or evaluation sets changed since it was trained: starting over")
+            resume = "force"
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "inputs.json", json.dumps({"key": inputs}) + "\n")
         log(f"{tag} {section.train.max_steps} steps -> {out}")
-        return train(section, out, resume="auto", log=log)
+        return train(section, out, resume=resume, log=log)
 
 
 def run_parallel(config_path: str, overrides: list[str], todo: list[tuple[ArmSection, int]], jobs: int,
@@ -482,7 +506,7 @@ def collect(cfg: AblationConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     for arm, seed in select_runs(cfg):
         status["expected"] += 1
         out = run_dir(cfg, arm.name, seed)
-        done = finished_summary(run_config(cfg, arm, seed), out)
+        done = finished_summary(run_config(cfg, arm, seed), out, inputs_key(cfg, arm))
         if done is None:
             status["stale" if (out / "summary.json").is_file() else "missing"].append({"arm": arm.name, "seed": seed})
             continue
