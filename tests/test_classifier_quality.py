@@ -22,8 +22,9 @@ from pipeline.config import load_config
 from pipeline.config.classifier import HoldoutRule, LabelSource, TrainSection
 from pipeline.paths import repo_path
 
-# TF-IDF + logistic at P >= 0.5 on the same holdout (benchmarks/results/classifier.md): the issue's 0.46
-BASELINE_F1_EN = 0.46
+# the strongest quick baseline on the same holdout (benchmarks/results/classifier.md): TF-IDF + logistic with
+# balanced class weights at P >= 0.5 (plain fastText: 0.471; TF-IDF + logistic unweighted: 0.078)
+BASELINE_F1_EN = 0.516
 
 
 def _config(name: str) -> TrainSection:
@@ -62,15 +63,17 @@ def test_every_mode_has_recall_at_its_default_cutoff(tmp_path, shared_data):
     """Random FineWeb pages (8 % labelled >= 3): uncalibrated, the expected-value and regression modes put
     almost nothing at >= 3; calibrated, every mode keeps about the labelled share at its default cut-off and
     finds positives on documents it never saw."""
-    src = _llama_small(shared_data, 900)
+    src = _llama_small(shared_data, 1500)
     modes = [("sklearn", "binary", {"head": "logistic", "max_features": 20_000}),
              ("sklearn", "expected", {"head": "logistic", "max_features": 20_000}),
              ("sklearn", "regression", {"head": "ridge", "max_features": 20_000}),
-             ("fasttext", "expected", {"epoch": 5, "dim": 16, "bucket": 20_000, "quantize": False}),
-             ("fasttext", "binary", {"epoch": 5, "dim": 16, "bucket": 20_000, "quantize": False})]
+             ("fasttext", "expected", {"epoch": 20, "dim": 16, "bucket": 50_000, "quantize": False}),
+             ("fasttext", "binary", {"epoch": 20, "dim": 16, "bucket": 50_000, "quantize": False})]
     for backend, mode, params in modes:
-        train = TrainSection(name=f"m-{backend}-{mode}", backend=backend, mode=mode, params=params, max_chars=1500,
-                             cv_folds=2, holdout=HoldoutRule(), sources=[src])
+        # 3 folds of ~380 pages: fewer makes the fold models (whose pooled scores fit the map) too unlike the
+        # final model for a weak binary model
+        train = TrainSection(name=f"m-{backend}-{mode}", backend=backend, mode=mode, params=params, max_chars=1000,
+                             cv_folds=3, holdout=HoldoutRule(), sources=[src])
         m = train_classifier(train, out_dir=tmp_path, log=lambda s: None)
         cv, hold = m["cv"], m["holdout"]
         share = cv["binary"]["positives"] / cv["n"]
@@ -120,12 +123,12 @@ def _holdout_scores(default_holdout):
 
 def test_default_model_on_the_holdout(default_holdout):
     """Llama-3 labels of 706 pages the model never saw: Spearman >= 0.65 (measured 0.728) and binary F1 at
-    the default cut-off above the TF-IDF + logistic baseline (0.46); the calibrated cut-off keeps about the
-    labelled share."""
+    the default cut-off above the best quick baseline (measured 0.550 vs 0.516); the calibrated cut-off keeps
+    about the labelled share."""
     truth, scores, clf = _holdout_scores(default_holdout)
     assert M.spearman(truth, scores) >= 0.65
     b = M.binary(truth, scores, clf.selection_cutoff()[0])
-    assert b["f1"] > BASELINE_F1_EN + 0.05, b
+    assert b["f1"] > BASELINE_F1_EN, b
     assert abs(b["predicted_positive_rate"] - np.mean(truth >= 3)) < 0.03, b
 
 

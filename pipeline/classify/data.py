@@ -1,10 +1,11 @@
-"""Labelled documents for training and evaluation: read, validate, merge repeats, split by id hash.
+"""Labelled documents for training and evaluation: read, validate, merge repeats, assign folds and holdout by hash.
 
 Every row read ends as a used annotation or a counted problem (`LoadReport`): empty text, invalid UTF-8
 (replaced and kept), non-numeric label, score outside the rubric's range, filtered by `where`. With
 `strict`, the first bad row is a one-line error naming the file and the row instead.
 Repeated annotations of one document (same id, or same normalised text) are merged into one example whose
-score is their mean; the split is decided per document, so repeats never straddle train and test.
+score is their mean; cross-validation folds (`fold_of`, hash of the id) and the holdout (`is_held_out`, hash of
+the text) are decided per document, so repeats never straddle a fit and its measurement.
 """
 
 from __future__ import annotations
