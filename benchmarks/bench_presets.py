@@ -78,12 +78,14 @@ class CpuClock:
         self.last = now
 
 
-def speed(preset: str, shards: Path, steps: int, out: Path, threads: int) -> dict:
+def speed(preset: str, shards: Path, steps: int, out: Path, threads: int, overrides: dict | None = None) -> dict:
     """Median and best wall tokens/s and median tokens per CPU-second over `steps` steps (after 2 warm-up
-    steps) at the preset's own batch shape."""
+    steps) at the preset's own batch shape (or the shape `overrides` sets, e.g. a smaller batch on a CPU)."""
+    over = overrides or {}
     cfg = PretrainSection.model_validate({
-        "preset": preset, "train": {"max_steps": steps + 2, "log_every": 1, "checkpoint_every": 100_000,
-                                    "warmup_steps": 1, "device": "cpu", "compile": False, "threads": threads},
+        **over, "preset": preset,
+        "train": {**over.get("train", {}), "max_steps": steps + 2, "log_every": 1, "checkpoint_every": 100_000,
+                  "warmup_steps": 1, "device": "cpu", "compile": False, "threads": threads},
         "eval": {"own_validation": False}})
     t0 = time.perf_counter()
     clock = CpuClock()
@@ -91,7 +93,7 @@ def speed(preset: str, shards: Path, steps: int, out: Path, threads: int) -> dic
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][2:]
     per_step = cfg_tokens_per_step(cfg)
-    return {"preset": preset, **shape(preset), "threads": threads, "steps": len(rates),
+    return {"preset": preset, "overrides": over, **shape(preset, over), "threads": threads, "steps": len(rates),
             "tokens_per_step": per_step, "tokens_per_s_median": round(statistics.median(rates)),
             "tokens_per_s_best": round(max(rates)),
             "tokens_per_cpu_s": round(per_step / statistics.median(clock.steps[2:])),
@@ -152,6 +154,8 @@ def main() -> None:
     sp = sub.add_parser("speed")
     sp.add_argument("--presets", nargs="+", default=["tiny", "cpu", "small"])
     sp.add_argument("--steps", type=int, default=6)
+    sp.add_argument("--set", dest="sets", default="{}", help="JSON of pretrain overrides for every preset, e.g. "
+                    "'{\"train\": {\"batch_size\": 1}}'")
     lp = sub.add_parser("learn")
     lp.add_argument("--preset", default="cpu")
     lp.add_argument("--cpu-minutes", type=float, default=10.0, help="CPU time of the run (this process)")
@@ -167,7 +171,7 @@ def main() -> None:
         results = []
         if a.cmd == "speed":
             for preset in a.presets:
-                results.append(speed(preset, shards, a.steps, Path(tmp) / preset, threads))
+                results.append(speed(preset, shards, a.steps, Path(tmp) / preset, threads, json.loads(a.sets)))
                 print(json.dumps(results[-1]), flush=True)
         else:
             results.append(learn(a.preset, shards, a.cpu_minutes, Path(tmp) / "learn", threads, a.eval_tokens,

@@ -136,8 +136,8 @@ def test_paired_stats_on_known_numbers():
 
 
 def test_parallel_processes_then_gather(shards, web_sets, tmp_path):
-    """Two processes train different seeds of one ablation at the same time; both results survive and
-    --gather writes the paired table (step-0 points, unigram baseline, plot). A finished run is not trained
+    """Processes train different seeds of one ablation at the same time (one by hand, the others through
+    --jobs); every result survives and --gather writes the paired table (step-0 points, unigram baseline, plot). A finished run is not trained
     again; a run whose lock another process holds is skipped, not trained twice."""
     from pipeline.train.ablate import collect, file_lock, load_ablation_config, run_dir
 
@@ -145,12 +145,18 @@ def test_parallel_processes_then_gather(shards, web_sets, tmp_path):
                                 {"name": "book", "shards": [str(shards)]}],
                      [{"name": "heldout", "path": str(web_sets["heldout"])}])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ablate", str(path), "--seed", str(s),
-                               "--no-gather"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for s in (0, 1)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    # seed 0 in another process, seed 1 here with --jobs 2 (each of its two runs in a process of its own)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ablate", str(path), "--seed", "0", "--no-gather"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = CliRunner().invoke(app, ["ablate", str(path), "--seed", "1", "--jobs", "2", "--no-gather"])
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert r.exit_code == 0, r.output
     out = tmp_path / "abl"
+    for arm in ("web", "book"):
+        assert f"[{arm} seed 1] process ended (ok)" in r.output
+        assert f"[{arm} seed 1] 2 steps ->" in (out / "runs" / arm / "seed1.console.log").read_text()
+        assert f"[{arm} seed 0] 2 steps ->" in output
     assert not (out / "results.json").exists()  # --no-gather: nothing gathered yet
     for run in (out / "runs").glob("*/seed*/"):  # equal budgets: 512 tokens = 2 steps of 4 x 64
         assert json.loads((run / "summary.json").read_text())["tokens"] == 512

@@ -202,7 +202,7 @@ def ablate(
     if gather_only and no_gather:
         raise TextbookError("--gather and --no-gather exclude each other")
     cfg = load_ablation_config(config, set_)
-    log = lambda m: console.print(m, highlight=False)  # noqa: E731
+    log = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731 - "[arm seed 1]" is text
     todo = select_runs(cfg, arm or None, seed or None)
     prepare(cfg, log)
     if not gather_only:
@@ -248,7 +248,7 @@ def _print_ablation(results: dict) -> None:
             table.add_row(label, a, cell, diff, verdict, "" if u is None else f"{u:.4f}")
     console.print(table)
     for line in results.get("checks") or []:
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:
