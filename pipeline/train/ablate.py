@@ -552,7 +552,7 @@ def summarise(cfg: AblationConfig, runs: list[dict[str, Any]], status: dict[str,
     order = {e.name: i for i, e in enumerate(all_eval_sets(cfg))}
     keys = sorted({k for r in runs for k in r["summary"].get("evals", {})
                    if split_key(k) and split_key(k)[0] in order},
-                  key=lambda k: (order[split_key(k)[0]], list(METRICS).index(split_key(k)[1])))
+                  key=lambda k: (split_key(k)[1] != "bpb", order[split_key(k)[0]], list(METRICS).index(split_key(k)[1])))
     base = baseline_arm(cfg)
     table: dict[str, Any] = {}
     values: dict[str, dict[str, dict[int, float]]] = {}
@@ -582,7 +582,10 @@ def summarise(cfg: AblationConfig, runs: list[dict[str, Any]], status: dict[str,
         emb = m.get("vocab_size", 0) * m.get("dim", 0) * (1 if m.get("tie_embeddings", True) else 2)
         model = {"params": s["params"], "blocks_share": (s["params"] - emb) / s["params"] if s["params"] else 0.0,
                  "n_layers": m.get("n_layers"), "dim": m.get("dim"), "vocab_size": m.get("vocab_size")}
+    chance = {k.split("/")[1]: v for r in runs for k, v in r["summary"].get("evals", {}).items()
+              if k.startswith("eval/") and k.endswith("/chance")}
     return {"name": cfg.name, "tokens_per_run": cfg.tokens, "seeds": cfg.seeds, "baseline": base, "level": LEVEL,
+            "chance": chance,
             "eval_sets": [e.name for e in all_eval_sets(cfg)], "metrics": keys, "arms": table, "paired": paired,
             "status": status, "model": model, "checks": checks,
             "runs": [{"arm": r["arm"], "seed": r["seed"], "tokens": r["summary"].get("tokens"),

@@ -24,6 +24,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "acc_norm": ("higher", "accuracy, length-normalised"),
 }
 NO_SPREAD = "no spread measured (1 seed)"
+PLOTTED = ("bpb", "answer_bpb", "acc_norm")  # the plot leaves out acc (acc_norm's companion; results.md has it)
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -148,6 +149,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         if unigram:
             lines += ["", "A model at or above its unigram figure has learned nothing beyond token frequencies."]
+        chance = (results.get("chance") or {}).get(name)
+        if chance is not None and metric in ("acc", "acc_norm"):
+            lines += ["", f"Chance: {chance:.4f} (mean of 1 / number of answers)."]
         lines.append("")
     own = {a: r["own_validation"] for a, r in results["arms"].items() if r.get("own_validation")}
     if own:
@@ -175,9 +179,9 @@ def _tokens_label(x: float, _pos: Any = None) -> str:
 
 def plot(results: Mapping[str, Any], curves: Mapping[str, list[dict[str, list[tuple[int, float]]]]],
          path: Path) -> None:
-    """ablation.png: one panel per compared figure (set x metric); per arm the mean over seeds against
+    """ablation.png: one panel per plotted figure (set x metric in PLOTTED); per arm the mean over seeds against
     training tokens from the step-0 evaluation on, a band from the seeds' min to max, and for bits per byte
-    the arm's unigram baseline as a dashed line of the same colour.
+    the arm's unigram baseline as a dashed line of the same colour; accuracy panels show chance dotted.
 
     curves: arm -> one dict per seed, key -> [(tokens, value), ...] (from each run's log.jsonl)."""
     import matplotlib
@@ -187,13 +191,14 @@ def plot(results: Mapping[str, Any], curves: Mapping[str, list[dict[str, list[tu
     import numpy as np
     from matplotlib.ticker import FuncFormatter
 
-    keys = list(results["metrics"])
+    keys = [k for k in results["metrics"] if (split_key(k) or ("", ""))[1] in PLOTTED]
     if not keys:
         return
     ncol = min(3, len(keys))
     nrow = math.ceil(len(keys) / ncol)
     with plt.rc_context({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9}):
-        fig, axes = plt.subplots(nrow, ncol, figsize=(max(6.5 * ncol, 7.5), 4.6 * nrow + 0.4), squeeze=False)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(max(6.5 * ncol, 7.5), 4.6 * nrow + 0.6), squeeze=False,
+                                 layout="constrained")
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for ax in axes.flat[len(keys):]:
             ax.set_visible(False)
@@ -210,12 +215,17 @@ def plot(results: Mapping[str, Any], curves: Mapping[str, list[dict[str, list[tu
                 if not xs:
                     continue
                 ys = np.array([[s[x] for x in xs] for s in series])
-                ax.plot(xs, ys.mean(0), marker="o", markersize=3, color=color, label=f"{arm} ({len(series)} seeds)")
+                n = len(series)
+                ax.plot(xs, ys.mean(0), marker="o", markersize=3, color=color,
+                        label=f"{arm} ({n} seed{'s' if n > 1 else ''})")
                 if len(series) > 1:
                     ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.18, color=color)
                 u = (results["arms"].get(arm, {}).get("unigram") or {}).get(name) if metric == "bpb" else None
                 if u is not None:
                     ax.axhline(u, color=color, linestyle="--", linewidth=1, alpha=0.8, label=f"{arm}: unigram")
+            chance = (results.get("chance") or {}).get(name)
+            if chance is not None and metric in ("acc", "acc_norm"):
+                ax.axhline(chance, color="grey", linestyle=":", linewidth=1.2, label="chance")
             ax.set_title(f"{name}: {label}\n({direction} is better)")
             ax.set_xlabel("training tokens")
             ax.set_ylabel(label)
@@ -224,7 +234,6 @@ def plot(results: Mapping[str, Any], curves: Mapping[str, list[dict[str, list[tu
             ax.legend(loc="best", frameon=False)
         fig.suptitle(f"ablation {results['name']}: {results['tokens_per_run']:,} training tokens per run\n"
                      "line: mean over seeds; band: the seeds' min..max; dashed: unigram baseline", fontsize=11)
-        fig.tight_layout()
         from pipeline.io import atomic_path
 
         with atomic_path(path) as tmp:
