@@ -205,19 +205,20 @@ def ablate(
     log = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731 - "[arm seed 1]" is text
     todo = select_runs(cfg, arm or None, seed or None)
     prepare(cfg, log)
+    failed: list[str] = []
     if not gather_only:
         if jobs > 1 and len(todo) > 1:
             failed = run_parallel(config, set_, todo, jobs, cfg, log)
-            for line in failed:
-                console.print(f"failed: {line}", highlight=False)
         else:
             for a, s in todo:
                 run_one(cfg, a, s, log)
-    if no_gather:
-        return
-    results = gather(cfg, log)
-    _print_ablation(results)
-    console.print(f"results: {cfg.out_dir / 'results.md'}  plot: {cfg.out_dir / 'ablation.png'}", highlight=False)
+    if not no_gather:
+        results = gather(cfg, log)
+        _print_ablation(results)
+        console.print(f"results: {cfg.out_dir / 'results.md'}  plot: {cfg.out_dir / 'ablation.png'}",
+                      highlight=False, markup=False)
+    if failed:
+        raise TextbookError(f"{len(failed)} run(s) failed: " + "; ".join(failed))
 
 
 def _print_ablation(results: dict) -> None:
