@@ -21,7 +21,11 @@ def _corpus(n: int = 2000, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 25))).capitalize() + "." for _ in range(n)]
 
 
-def build_tiny_llama(directory: str | Path, vocab_size: int = 384, seed: int = 0) -> Path:
+def build_tiny_llama(directory: str | Path, vocab_size: int = 384, seed: int = 0, sample_by_default: bool = True,
+                     chat_template: bool = True) -> Path:
+    """`sample_by_default=False`: the model's generation config decodes greedily, as most exported and many hub
+    models do (then only a request that asks for sampling samples). `chat_template=False`: no template, as a
+    model we pretrained and exported."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -37,7 +41,8 @@ def build_tiny_llama(directory: str | Path, vocab_size: int = 384, seed: int = 0
     tok.train_from_iterator(_corpus(seed=seed), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
                                    pad_token="<pad>", additional_special_tokens=["<|im_start|>", "</s>"])
-    fast.chat_template = CHAT_TEMPLATE
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
     torch.manual_seed(seed)
@@ -46,7 +51,7 @@ def build_tiny_llama(directory: str | Path, vocab_size: int = 384, seed: int = 0
                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
                          pad_token_id=fast.pad_token_id, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
-    model.generation_config.do_sample = True
+    model.generation_config.do_sample = sample_by_default
     model.save_pretrained(out)
     return out
 

@@ -113,6 +113,14 @@ class LLMSection(StrictModel):
     local_startup_timeout_s: float = Field(
         default=600.0, gt=0, description="provider local: seconds to wait for the server to become healthy"
     )
+    send_generation_config: bool | None = Field(
+        default=None,
+        description="also send the sampling settings as `generation_config` (a JSON string: do_sample, temperature, "
+        "top_p) in each request body, which `transformers serve` needs: it decodes greedily unless the model's own "
+        "generation config samples, whatever `temperature` says. None: yes exactly when provider local serves a "
+        "Hugging Face model (the server started is `transformers serve`); set true for a `transformers serve` you "
+        "started yourself (base_url). It enters the ledger key, so greedy answers of earlier runs are not reused",
+    )
 
     def resolved_base_url(self) -> str | None:
         return self.base_url or os.environ.get("OPENAI_BASE_URL") or None
@@ -127,12 +135,40 @@ class LLMSection(StrictModel):
 
         return cache_dir() / "ledger" / "llm.sqlite"
 
+    def local_backend(self) -> str | None:
+        """The server `provider: local` starts for `model`: "llama.cpp" for a GGUF model (`is_gguf_model`),
+        "transformers serve" otherwise; None when no server is started (another provider, or a base_url)."""
+        if self.provider != "local" or self.resolved_base_url():
+            return None
+        return "llama.cpp" if is_gguf_model(self.model) else "transformers serve"
+
+    def sends_generation_config(self) -> bool:
+        """Whether requests carry `generation_config` (`send_generation_config`, None: a `transformers serve`
+        started for the run)."""
+        if self.send_generation_config is not None:
+            return self.send_generation_config
+        return self.local_backend() == "transformers serve"
+
     def sampling_params(self) -> dict:
-        """The request parameters that enter the ledger key (see `LLMRequest.key`)."""
+        """The request parameters that enter the ledger key (see `LLMRequest.key`). `do_sample` is there only
+        for servers that need it spelled out (`sends_generation_config`); `client.request_body` sends it inside
+        the `generation_config` field, not as a top-level field (which `transformers serve` rejects, HTTP 422)."""
         params: dict = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
         if self.seed is not None:
             params["seed"] = self.seed
+        if self.sends_generation_config():
+            params["do_sample"] = self.temperature > 0
         return params
+
+
+def is_gguf_model(model: str) -> bool:
+    """`llm.model` names a GGUF model (served by llama.cpp): a `.gguf` file path or bare file name, or a
+    directory holding `.gguf` files and no `config.json` (a Hugging Face model directory has one).
+    `pipeline.llm.server.resolve_gguf` finds the file, or says why it cannot."""
+    if model.endswith(".gguf"):
+        return True
+    p = Path(model).expanduser()
+    return p.is_dir() and not (p / "config.json").exists() and any(p.glob("*.gguf"))
 
 
 class BudgetSection(StrictModel):

@@ -311,11 +311,22 @@ class LLMClient:
 
 
 def request_body(req: LLMRequest, model: str) -> tuple[str, dict[str, Any]]:
-    """(path under the base URL, JSON body) of a request, as sent online and as written in a batch input file."""
+    """(path under the base URL, JSON body) of a request, as sent online and as written in a batch input file.
+
+    A `do_sample` parameter (`LLMSection.sends_generation_config`) goes out inside `generation_config`, a JSON
+    string `transformers serve` reads as the request's generation config (the model's own fills what it leaves
+    unset); the top-level temperature, top_p and seed are sent as well (seed: the server seeds torch with it)."""
     body: dict[str, Any] = {"model": model}
     if req.messages is not None:
         path, body["messages"] = "/chat/completions", list(req.messages)
     else:
         path, body["prompt"] = "/completions", req.prompt
-    body.update((k, v) for k, v in req.sent_params().items() if v is not None)
+    params = req.sent_params()
+    do_sample = params.pop("do_sample", None)
+    body.update((k, v) for k, v in params.items() if v is not None)
+    if do_sample is not None:
+        gen: dict[str, Any] = {"do_sample": bool(do_sample)}
+        if do_sample:
+            gen.update((k, params[k]) for k in ("temperature", "top_p") if params.get(k) is not None)
+        body["generation_config"] = json.dumps(gen, sort_keys=True)
     return path, body
