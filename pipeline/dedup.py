@@ -296,29 +296,49 @@ def _similarity(rows: Rows, a: np.ndarray, b: np.ndarray) -> np.ndarray:
                            for i in range(0, len(a), 65536)]).astype(np.float32)
 
 
+def band_buckets(col: np.ndarray, members: np.ndarray, member_rank: np.ndarray | None, window: int
+                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | None:
+    """One band's bucket table over `members` (rows, ascending) with band values `col`.
+
+    Without `member_rank`: the members that share a bucket with another. With it (rank of each member):
+    the bucket's candidate pairs, members of a bucket in survivor order (see `_window_pairs`), unique.
+    None when no bucket holds two members. Any subset of rows that keeps whole buckets (a band, or a
+    hash range of a band: `pipeline.dedup_dist`) gives the pairs of exactly those buckets.
+    """
+    order = np.lexsort((member_rank, col)) if member_rank is not None else np.argsort(col, kind="stable")
+    starts, lengths = _runs(col[order])
+    members = members[order]
+    del order
+    if not len(starts):
+        return None
+    if member_rank is None:
+        return members[np.repeat(starts, lengths) + np.concatenate([np.arange(k) for k in lengths.tolist()])]
+    a, b = _window_pairs(members, starts, lengths, window)
+    return _unique_pairs(a, b)
+
+
 def _candidates(rows: Rows, reps: np.ndarray, rank: np.ndarray | None, p: DedupParams, window: int
                 ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
     """Without `rank`: the rows that share any LSH bucket. With it: candidate pairs, bucket by bucket."""
     involved = np.zeros(0, dtype=np.int64)
     pa_, pb_ = [], []
     for band in range(p.bands):
-        col = rows.column("band", band)[reps]
-        order = np.lexsort((rank[reps], col)) if rank is not None else np.argsort(col, kind="stable")
-        starts, lengths = _runs(col[order])
-        members = reps[order]
-        del col, order
-        if not len(starts):
+        found = band_buckets(rows.column("band", band)[reps], reps, rank[reps] if rank is not None else None,
+                             window)
+        if found is None:
             continue
         if rank is None:
-            involved = np.union1d(involved, members[np.repeat(starts, lengths) +
-                                                    np.concatenate([np.arange(k) for k in lengths.tolist()])])
+            involved = np.union1d(involved, found)
             continue
-        a, b = _window_pairs(members, starts, lengths, window)
-        a, b = _unique_pairs(a, b)
-        pa_.append(a)
-        pb_.append(b)
+        pa_.append(found[0])
+        pb_.append(found[1])
     if rank is None:
         return involved
+    return merge_pairs(pa_, pb_)
+
+
+def merge_pairs(pa_: list[np.ndarray], pb_: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The unique (lo, hi) pairs of several bands' pair lists, sorted (so independent of their order)."""
     if not pa_:
         e = np.empty(0, dtype=np.int64)
         return e, e
@@ -354,7 +374,9 @@ def _greedy(nodes_in_order: np.ndarray, a: np.ndarray, b: np.ndarray, sims: np.n
 def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.ndarray,
                     ids_of: Callable[[np.ndarray], list[str]], p: DedupParams,
                     log: Callable[[str], None] = lambda m: None, window: int = 16,
-                    near_misses: int = 20) -> Clustering:
+                    near_misses: int = 20, candidates: Callable[..., Any] | None = None,
+                    similarity_of: Callable[[Rows, np.ndarray, np.ndarray], np.ndarray] | None = None
+                    ) -> Clustering:
     """Decide every row (the first `n_prior` are an earlier index and always survive).
 
     Survivor-verified star clustering, not connected components: rows are visited in survivor order (see
@@ -362,7 +384,12 @@ def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.nd
     Jaccard with it is >= verify_threshold. So a document is removed only as a copy of a document that is
     kept, with the similarity to that document recorded before the decision; A~B and B~C never remove C for
     A's sake. Exact copies (same folded text) are grouped first and follow their group's best member.
+
+    `candidates(rows, reps, rank, p, window)` and `similarity_of(rows, a, b)` replace the in-process band
+    buckets and verification (`pipeline.dedup_dist` runs them as Ray tasks); they must return the same.
     """
+    cand = candidates or _candidates
+    verify = similarity_of or _similarity
     n = len(rows)
     figures: dict[str, Any] = {}
     t0 = time.time()
@@ -371,7 +398,7 @@ def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.nd
     t0 = time.time()
     reps = np.nonzero(group == np.arange(n))[0]
     in_exact = np.nonzero(np.bincount(group, minlength=n)[group] > 1)[0] if n else np.empty(0, np.int64)
-    involved = np.union1d(in_exact, _candidates(rows, reps, None, p, window) if p.near and n else in_exact)
+    involved = np.union1d(in_exact, cand(rows, reps, None, p, window) if p.near and n else in_exact)
     rank = _survivor_rank(n, n_prior, involved, score, priority, ids_of)
     # an exact group is as good as its best member, who will be the one kept
     best = np.full(n, -1, dtype=np.int64)
@@ -384,8 +411,8 @@ def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.nd
     sims = np.empty(0, dtype=np.float32)
     misses: list[tuple[int, int, float]] = []
     if p.near and n:
-        a, b = _candidates(rows, reps, rank, p, window)
-        sims = _similarity(rows, a, b)
+        a, b = cand(rows, reps, rank, p, window)
+        sims = verify(rows, a, b)
         figures["candidate_pairs"] = int(len(a))
         threshold = p.verify_threshold if p.verify_threshold is not None else 0.0
         under = np.nonzero(sims < threshold)[0]
@@ -491,7 +518,7 @@ def _progress(desc: str, total: int | None) -> Any:
 def _count_inputs(paths: list[Path]) -> int | None:
     from pipeline.documents import count_rows
 
-    if paths and all(p.suffix == ".parquet" for p in paths):
+    if paths and all(isinstance(p, Path) and p.suffix == ".parquet" for p in paths):
         return count_rows(paths)
     return None
 
@@ -587,38 +614,70 @@ def _ids_reader(path: Path) -> Callable[[np.ndarray], list[str]]:
 
 
 def run_stage(ctx: Any) -> StageStats:
+    """The stage: in this process (run.executor local), or as Ray tasks (`pipeline.dedup_dist`, same results)."""
+    from pipeline.scale import engine_for
+
+    engine = engine_for(ctx.cfg)
+    if engine.distributed:
+        from pipeline.dedup_dist import run_distributed
+
+        return run_distributed(ctx, engine)
     section = ctx.section
     p = DedupParams.from_section(section)
     stats = StageStats(ctx.name)
-    curve = format_curve(p.bands, p.rows, p.verify_threshold)
-    print(curve, file=sys.stderr)
-    if not ctx.inputs:
-        raise NoInputDocuments("dedup: no input documents (the upstream stages kept nothing, or dedup.inputs is empty)")
-    work = ctx.state_dir / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = _start(ctx, p)
     t_start = time.time()
     scores, prios, per_source_in = _hash_inputs(ctx, p, work, stats, section)
     n_new = len(scores)
     seconds_hash = time.time() - t_start
 
-    rows = Rows()
-    prior_docs: list[tuple[Path, int]] = []  # (docs.parquet, first global row)
-    for path in section.index_in:
-        if Path(path).resolve() == (ctx.out_dir / "index").resolve():
-            raise TextbookError(f"dedup.index_in: {path} is this run's own index (it is rewritten by this stage); "
-                                "copy it elsewhere or use it from another run")
-        sig, band, exact, docs_path = load_index(path, p)
-        prior_docs.append((docs_path, len(rows)))
-        rows.add(sig, band, exact)
+    rows, prior_docs = prior_rows(ctx, p)
     n_prior = len(rows)
     rows.add(_memmap(work / "sig.u32", np.uint32, p.num_perm), _memmap(work / "band.u64", np.uint64, p.bands),
              _memmap(work / "exact.u64", np.uint64, 2))
     ids_new = _ids_reader(work / "ids.txt")
     result = find_duplicates(rows, n_prior, scores, prios, ids_new, p,
                              log=lambda m: print(m, file=sys.stderr))
+    kept_ids = survivor_ids(result, n_prior, prior_docs, ids_new)
+    lowest, want_text = _audit_rows(result, n_prior, 10)
+    removed_per_source, pairs, texts = _write_outputs(ctx, result, n_prior, kept_ids, stats, section, want_text)
+    if section.keep_index:
+        _write_index(ctx.out_dir / "index", rows, n_prior, prior_docs, result, work, p, section)
+    shutil.rmtree(work, ignore_errors=True)
+    set_stats(stats, p, section, result, n_new, n_prior, per_source_in, removed_per_source, pairs,
+              _audit(lowest, result.near_misses[:10], texts, kept_ids, p.verify_threshold), ctx.out_dir,
+              time.time() - t_start, seconds_hash)
+    return stats
 
-    # ids of survivors that removed documents point at (their meta.kept_id)
+
+def _start(ctx: Any, p: DedupParams) -> Path:
+    """Print the S-curve, refuse an empty input, make a fresh scratch directory (returned)."""
+    print(format_curve(p.bands, p.rows, p.verify_threshold), file=sys.stderr)
+    if not ctx.inputs:
+        raise NoInputDocuments("dedup: no input documents (the upstream stages kept nothing, or dedup.inputs is empty)")
+    work = ctx.state_dir / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+def prior_rows(ctx: Any, p: DedupParams) -> tuple[Rows, list[tuple[Path, int]]]:
+    """Rows of the earlier runs' indexes (dedup.index_in), and (docs.parquet, first global row) of each."""
+    rows = Rows()
+    prior_docs: list[tuple[Path, int]] = []
+    for path in ctx.section.index_in:
+        if Path(path).resolve() == (ctx.out_dir / "index").resolve():
+            raise TextbookError(f"dedup.index_in: {path} is this run's own index (it is rewritten by this stage); "
+                                "copy it elsewhere or use it from another run")
+        sig, band, exact, docs_path = load_index(path, p)
+        prior_docs.append((docs_path, len(rows)))
+        rows.add(sig, band, exact)
+    return rows, prior_docs
+
+
+def survivor_ids(result: Clustering, n_prior: int, prior_docs: list[tuple[Path, int]],
+                 ids_new: Callable[[np.ndarray], list[str]]) -> dict[int, str]:
+    """ids of the survivors that removed documents point at (their meta.kept_id), by row."""
     surv = np.unique(result.survivor[n_prior:][result.reason[n_prior:] != KEEP])
     kept_ids: dict[int, str] = {}
     new_s = surv[surv >= n_prior]
@@ -627,14 +686,14 @@ def run_stage(ctx: Any) -> StageStats:
         end = prior_docs[k + 1][1] if k + 1 < len(prior_docs) else n_prior
         sel = surv[(surv >= start) & (surv < end)]
         kept_ids.update(zip(sel.tolist(), _read_index_ids(docs_path, sel - start), strict=True))
+    return kept_ids
 
-    lowest, want_text = _audit_rows(result, n_prior, 10)
-    removed_per_source, pairs, texts = _write_outputs(ctx, result, n_prior, kept_ids, stats, section, want_text)
-    if section.keep_index:
-        _write_index(ctx.out_dir / "index", rows, n_prior, prior_docs, result, work, p, section)
-    shutil.rmtree(work, ignore_errors=True)
 
-    elapsed = time.time() - t_start
+def set_stats(stats: StageStats, p: DedupParams, section: Any, result: Clustering, n_new: int, n_prior: int,
+              per_source_in: Counter[str], removed_per_source: dict[str, dict[str, int]],
+              pairs: list[dict[str, Any]], audit: dict[str, Any], out_dir: Path, elapsed: float,
+              seconds_hash: float) -> None:
+    """The stage's figures (both executors set the same ones)."""
     stats.set("params", {**p.fingerprint(), "verify_threshold": p.verify_threshold, "exact": p.exact,
                          "near": p.near, "source_priority": list(section.source_priority)})
     stats.set("threshold_curve", [{"jaccard": j, "p_candidate": pr} for j, pr in threshold_curve(p.bands, p.rows)])
@@ -643,14 +702,13 @@ def run_stage(ctx: Any) -> StageStats:
     stats.set("documents_per_source", dict(per_source_in))
     stats.set("removed_per_source", removed_per_source)
     stats.set("sample_pairs", pairs)
-    stats.set("audit", _audit(lowest, result.near_misses[:10], texts, kept_ids, p.verify_threshold))
-    stats.set("pairs_file", str(ctx.out_dir / "pairs.parquet"))
+    stats.set("audit", audit)
+    stats.set("pairs_file", str(out_dir / "pairs.parquet"))
     stats.set("memory_per_million_docs", memory_per_million(p.num_perm, p.bands))
     stats.set("docs_per_second", round(n_new / elapsed, 1) if elapsed > 0 else None)
     stats.set("seconds_hash", round(seconds_hash, 3))
     for k, v in result.figures.items():
         stats.set(k, v)
-    return stats
 
 
 class _PairsWriter:

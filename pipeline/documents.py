@@ -145,15 +145,17 @@ class DocumentWriter:
 class RemovedWriters:
     """A stage's removed documents: one DocumentWriter per reason (the file prefix), opened on first use."""
 
-    def __init__(self, directory: str | Path, rows_per_file: int = 50_000) -> None:
+    def __init__(self, directory: str | Path, rows_per_file: int = 50_000, tag: str = "") -> None:
         self.directory = Path(directory)
         self.rows_per_file = rows_per_file
+        self.tag = tag  # a task's partition (`<reason>-<tag>-00000.parquet`): tasks never write the same file
         self._writers: dict[str, DocumentWriter] = {}
 
     def write(self, doc: dict[str, Any], reason: str) -> None:
         w = self._writers.get(reason)
         if w is None:
-            w = self._writers[reason] = DocumentWriter(self.directory, prefix=reason, rows_per_file=self.rows_per_file)
+            prefix = f"{reason}-{self.tag}" if self.tag else reason
+            w = self._writers[reason] = DocumentWriter(self.directory, prefix=prefix, rows_per_file=self.rows_per_file)
         w.write({**doc, "reason": reason})
 
     def close(self) -> None:
@@ -166,9 +168,18 @@ DOC_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json
 
 
 def list_document_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand files and directories (recursively) into document files, sorted; missing paths are an error."""
+    """Expand files and directories (recursively) into document files, sorted; missing paths are an error.
+
+    An fsspec URL (s3://bucket/prefix, hf://datasets/..., file://...) is expanded the same way and stays a
+    `str` in the list (`pipeline.scale.storage`); `iter_documents` reads it from a whole local copy."""
+    from pipeline.scale.storage import is_url, list_url_documents
+
     out: list[Path] = []
-    for p in map(Path, paths):
+    for raw in paths:
+        if is_url(raw):
+            out.extend(list_url_documents(str(raw), DOC_SUFFIXES))  # type: ignore[arg-type]
+            continue
+        p = Path(raw)
         if p.is_dir():
             out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(DOC_SUFFIXES)
                               and not f.name.startswith(".")))
@@ -204,15 +215,18 @@ def iter_documents(
     """
     report = on_error or (lambda reason, where: None)
     repaired = on_repair or (lambda reason, where: None)
-    for path in list_document_files(paths):
-        try:
-            if path.name.lower().endswith(".parquet"):
-                yield from _iter_parquet(path, text_field, id_field, report, repaired, batch_rows)
-            else:
-                yield from _iter_jsonl(path, text_field, id_field, report, repaired)
-        except (OSError, pa.ArrowException, EOFError, ValueError) as e:
-            size = path.stat().st_size if path.is_file() else 0
-            report("unreadable_file", f"{path} ({size} bytes): {type(e).__name__}: {e}")
+    from pipeline.scale.storage import local_copy
+
+    for listed in list_document_files(paths):
+        with local_copy(listed) as path:  # a URL is read from a whole local copy; a local path is itself
+            try:
+                if path.name.lower().endswith(".parquet"):
+                    yield from _iter_parquet(path, text_field, id_field, report, repaired, batch_rows)
+                else:
+                    yield from _iter_jsonl(path, text_field, id_field, report, repaired)
+            except (OSError, pa.ArrowException, EOFError, ValueError) as e:
+                size = path.stat().st_size if path.is_file() else 0
+                report("unreadable_file", f"{listed} ({size} bytes): {type(e).__name__}: {e}")
 
 
 def _normalise(rec: dict[str, Any], text_field: str, id_field: str) -> tuple[dict[str, Any] | None, list[str]]:
@@ -307,4 +321,5 @@ def _line_document(rec: Any, repairs: list[str], text_field: str, id_field: str,
 
 def count_rows(paths: Iterable[str | Path]) -> int:
     """Rows in parquet document files (metadata only)."""
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in list_document_files(paths) if p.suffix == ".parquet")
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in list_document_files(paths)
+               if isinstance(p, Path) and p.suffix == ".parquet")

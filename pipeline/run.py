@@ -172,9 +172,14 @@ def output_hash(run_dir: Path, stage: str) -> str | None:
 
 
 def _hash_files(paths: list[Path]) -> str:
+    from pipeline.scale.storage import is_url, url_fingerprint
+
     h = hashlib.sha256()
     for p in paths:
         h.update(str(p).encode())
+        if is_url(p):  # a remote object: its size and ETag/checksum, not its bytes (never downloaded for this)
+            h.update(url_fingerprint(str(p)).encode())
+            continue
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

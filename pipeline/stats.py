@@ -91,6 +91,21 @@ class StageStats:
     def write(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(self.as_dict(), indent=2, sort_keys=False, default=str) + "\n")
 
+    def counts(self) -> dict[str, Any]:
+        """The counts of a part of a stage (a task's share), for `merge` in the stage's driver."""
+        return {"read": self.n_read, "kept": self.n_kept, "dropped": dict(self.dropped),
+                "errored": dict(self.errored), "repaired": dict(self.repaired), "locations": self.error_locations}
+
+    def merge(self, part: dict[str, Any]) -> None:
+        """Add a task's `counts()`; merged in input order, the totals and error locations equal one pass."""
+        self.n_read += part["read"]
+        self.n_kept += part["kept"]
+        self.dropped.update(part["dropped"])
+        self.errored.update(part["errored"])
+        self.repaired.update(part["repaired"])
+        room = self.MAX_LOCATIONS - len(self.error_locations)
+        self.error_locations.extend(part["locations"][:max(room, 0)])
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StageStats:
         s = cls(d["stage"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -25,6 +27,15 @@ class RunSection(StrictModel):
     out: str | None = Field(default=None, description="output directory; default shards/<name>")
     stages: list[str] = Field(default_factory=lambda: ["generate", "web", "dedup", "decontaminate", "shard"])
     seed: int = 0
+    executor: Literal["local", "ray"] = Field(
+        default="local", description="dedup, decontaminate and shard: local = one process (the default); ray = "
+        "Ray tasks (pipeline.scale), same outputs")
+    ray_address: str | None = Field(default=None, description="executor ray: join this cluster (else $RAY_ADDRESS, "
+                                    "else a local Ray with run.workers CPUs); the run directory must be shared")
+    workers: int | None = Field(default=None, ge=1, description="executor ray: CPUs of a Ray started here "
+                                "(default: all); dedup/decontaminate/shard tasks run this many at once")
+    task_retries: int = Field(default=3, ge=0, description="executor ray: re-runs of a task whose worker or "
+                              "node died")
 
     @property
     def out_dir(self) -> str:

@@ -1,0 +1,125 @@
+"""The task engine behind the scaled-out stages: a function mapped over partitions, in-process or as Ray tasks.
+
+`Engine.map(fn, items)` returns `[fn(*item) for item in items]`, in order, whichever way it runs:
+
+- local (`run.executor: local`, workers 1): a plain loop in this process; what tests and the single-worker
+  benchmark use to check that N workers give what one gives;
+- ray (`run.executor: ray`): one Ray task per item, `max_retries=run.task_retries`. A task whose worker or node
+  dies is re-executed by Ray from its arguments; tasks write only under names derived from their partition,
+  so a retry overwrites what a lost attempt may have left and never adds to it.
+
+Joins the cluster at `run.ray_address` or `$RAY_ADDRESS`; without either, starts a local Ray with
+`run.workers` CPUs (kept for the rest of the process: a start costs seconds). An already initialised Ray (a
+notebook, the test session) is used as it is.
+
+Test hook, for fault-injection tests only: with `$TEXTBOOK_TASK_EVENTS` set to a directory on the driver, every
+task writes `<dir>/<label>-<index>-<node id>-<pid>.started` when it starts and then waits while
+`<dir>/hold` exists, so a test can kill a node while its tasks are known to be running (an observed event,
+never a sleep).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EVENTS_ENV = "TEXTBOOK_TASK_EVENTS"
+
+
+@dataclass
+class Engine:
+    """Where a stage's tasks run. kind: "local" | "ray"; workers: CPUs of a Ray started here (None: all)."""
+
+    kind: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    retries: int = 3
+    events: str | None = field(default_factory=lambda: os.environ.get(EVENTS_ENV) or None)
+
+    @property
+    def distributed(self) -> bool:
+        return self.kind == "ray"
+
+    def describe(self) -> dict[str, Any]:
+        """What the stage stats record of the engine (never part of the output's identity)."""
+        out: dict[str, Any] = {"executor": self.kind}
+        if self.distributed:
+            import ray
+
+            self._init()
+            out["nodes"] = sum(1 for n in ray.nodes() if n.get("Alive"))
+            out["cpus"] = int(ray.cluster_resources().get("CPU", 0))
+            out["task_retries"] = self.retries
+        return out
+
+    def _init(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        address = self.address or os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, num_cpus=None if address else self.workers, include_dashboard=False,
+                 ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
+
+    def put(self, obj: Any) -> Any:
+        """A value many tasks read (an index, a lookup table): one copy in Ray's object store, or `obj` itself."""
+        if not self.distributed:
+            return obj
+        import ray
+
+        self._init()
+        return ray.put(obj)
+
+    def map(self, fn: Callable[..., Any], items: Sequence[tuple[Any, ...]], *, label: str = "task",
+            num_cpus: float = 1, memory_mb: int | None = None) -> list[Any]:
+        """[fn(*item) for item in items], in order; as Ray tasks when distributed (progress on stderr)."""
+        if not self.distributed:
+            return [_run_task(fn, item, label, k, self.events) for k, item in enumerate(items)]
+        import ray
+        from tqdm import tqdm
+
+        self._init()
+        opts: dict[str, Any] = {"num_cpus": num_cpus, "max_retries": self.retries}
+        if memory_mb:
+            opts["memory"] = memory_mb << 20
+        remote = ray.remote(**opts)(_run_task)
+        refs = [remote.remote(fn, item, label, k, self.events) for k, item in enumerate(items)]
+        pending = list(refs)
+        with tqdm(total=len(refs), desc=f"{label} ({len(refs)} tasks)", unit="task", mininterval=1.0,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+        return ray.get(refs)
+
+
+def _run_task(fn: Callable[..., Any], item: tuple[Any, ...], label: str, index: int, events: str | None) -> Any:
+    if events:
+        _announce(Path(events), label, index)
+    return fn(*item)
+
+
+def _announce(events: Path, label: str, index: int) -> None:
+    node = "local"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()[:12]
+    except ImportError:
+        pass
+    events.mkdir(parents=True, exist_ok=True)
+    (events / f"{label}-{index:05d}-{node}-{os.getpid()}.started").touch()
+    while (events / "hold").exists():  # released by the test once it has done what it waits to do
+        time.sleep(0.05)
+
+
+def engine_for(cfg: Any) -> Engine:
+    """The engine a run's config asks for (`run.executor`, `run.ray_address`, `run.workers`, `run.task_retries`)."""
+    run = cfg.run
+    return Engine(kind=run.executor, address=run.ray_address, workers=run.workers, retries=run.task_retries)
