@@ -350,10 +350,63 @@ def _drop_stale_caches(cache_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the stage
 
 
+class _Router:
+    """Routes checked documents (kept, flagged or removed as contaminated) and counts what matched."""
+
+    def __init__(self, index: DecontamIndex, section: Any, stats: StageStats, kept: Any, removed: Any) -> None:
+        self.index, self.section, self.stats, self.kept, self.removed = index, section, stats, kept, removed
+        self.per_bench_docs: Counter[str] = Counter()
+        self.per_bench_ngrams: dict[str, Counter[str]] = defaultdict(Counter)
+        self.flagged = 0
+
+    def route(self, batch: list[dict[str, Any]]) -> None:
+        section, stats = self.section, self.stats
+        for doc, m in zip(batch, self.index.match_many([d["text"] for d in batch]), strict=True):
+            if m is None or m.ngrams < section.min_matches:
+                self.kept.write(doc)
+                stats.keep()
+                continue
+            for bench, grams in m.examples.items():
+                self.per_bench_docs[bench] += 1
+                self.per_bench_ngrams[bench].update(grams)
+                if len(self.per_bench_ngrams[bench]) > 5000:  # bounded: keep the most frequent
+                    self.per_bench_ngrams[bench] = Counter(dict(self.per_bench_ngrams[bench].most_common(1000)))
+            meta = {**(doc.get("meta") or {}), "contamination": m.as_meta()}
+            if section.mode == "flag":
+                self.kept.write({**doc, "meta": meta})
+                stats.keep()
+                self.flagged += 1
+            else:
+                self.removed.write({**doc, "meta": meta}, "contaminated")
+                stats.drop("contaminated")
+
+    def check(self, docs: Iterable[dict[str, Any]]) -> None:
+        """Read, drop empty texts, and route in batches bounded by count and characters."""
+        batch: list[dict[str, Any]] = []
+        batch_chars = 0
+        for doc in docs:
+            self.stats.read()
+            if not doc["text"].strip():
+                self.removed.write(doc, "empty_text")
+                self.stats.drop("empty_text")
+                continue
+            batch.append(doc)
+            batch_chars += len(doc["text"])
+            # bounded by characters too: a batch's n-gram arrays grow with its total text
+            if len(batch) >= 256 or batch_chars > 4_000_000:
+                self.route(batch)
+                batch, batch_chars = [], 0
+        if batch:
+            self.route(batch)
+
+
 def run_stage(ctx: Any) -> StageStats:
+    """The stage: one pass in this process, or (run.executor ray) one Ray task per input file with the index
+    in the object store (`_check_file`); the same kept/removed documents and stats either way."""
     from tqdm import tqdm
 
     from pipeline.documents import STREAM_ROWS_PER_FILE, DocumentWriter, RemovedWriters, iter_documents
+    from pipeline.scale import engine_for
 
     section = ctx.section
     stats = StageStats(ctx.name)
@@ -361,57 +414,26 @@ def run_stage(ctx: Any) -> StageStats:
         raise NoInputDocuments("decontaminate: no input documents (the upstream stages kept nothing, or "
                                "decontaminate.inputs is empty)")
     index = index_for_section(section, ctx.state_dir)
-    per_bench_docs: Counter[str] = Counter()
-    per_bench_ngrams: dict[str, Counter[str]] = defaultdict(Counter)
-    flagged = 0
+    engine = engine_for(ctx.cfg)
+    if engine.distributed:
+        return _run_tasks(ctx, engine, index, stats)
 
     def unreadable(reason: str, where: str) -> None:
         stats.read()
         stats.error_at(reason, where)
 
     removed = RemovedWriters(ctx.removed_dir, rows_per_file=STREAM_ROWS_PER_FILE)
-
-    def route(batch: list[dict[str, Any]], kept: DocumentWriter) -> None:
-        nonlocal flagged
-        for doc, m in zip(batch, index.match_many([d["text"] for d in batch]), strict=True):
-            if m is None or m.ngrams < section.min_matches:
-                kept.write(doc)
-                stats.keep()
-                continue
-            for bench, grams in m.examples.items():
-                per_bench_docs[bench] += 1
-                per_bench_ngrams[bench].update(grams)
-                if len(per_bench_ngrams[bench]) > 5000:  # bounded: keep the most frequent
-                    per_bench_ngrams[bench] = Counter(dict(per_bench_ngrams[bench].most_common(1000)))
-            meta = {**(doc.get("meta") or {}), "contamination": m.as_meta()}
-            if section.mode == "flag":
-                kept.write({**doc, "meta": meta})
-                stats.keep()
-                flagged += 1
-            else:
-                removed.write({**doc, "meta": meta}, "contaminated")
-                stats.drop("contaminated")
-
     with DocumentWriter(ctx.kept_dir, rows_per_file=STREAM_ROWS_PER_FILE) as kept:
-        batch: list[dict[str, Any]] = []
-        batch_chars = 0
+        router = _Router(index, section, stats, kept, removed)
         docs = iter_documents(ctx.inputs, on_error=unreadable, on_repair=stats.on_repair)
-        for doc in tqdm(docs, desc="decontaminate", unit="doc",
-                        mininterval=1.0, file=sys.stderr):
-            stats.read()
-            if not doc["text"].strip():
-                removed.write(doc, "empty_text")
-                stats.drop("empty_text")
-                continue
-            batch.append(doc)
-            batch_chars += len(doc["text"])
-            # bounded by characters too: a batch's n-gram arrays grow with its total text
-            if len(batch) >= 256 or batch_chars > 4_000_000:
-                route(batch, kept)
-                batch, batch_chars = [], 0
-        if batch:
-            route(batch, kept)
+        router.check(tqdm(docs, desc="decontaminate", unit="doc", mininterval=1.0, file=sys.stderr))
     removed.close()
+    _set_stats(stats, section, index, router.flagged, router.per_bench_docs, router.per_bench_ngrams)
+    return stats
+
+
+def _set_stats(stats: StageStats, section: Any, index: DecontamIndex, flagged: int, per_bench_docs: Counter[str],
+               per_bench_ngrams: dict[str, Counter[str]]) -> None:
     stats.set("mode", section.mode)
     stats.set("flagged", flagged)
     stats.set("ngram", index.ngram)
@@ -420,4 +442,50 @@ def run_stage(ctx: Any) -> StageStats:
     stats.set("matched", {b: {"documents": per_bench_docs[b],
                               "top_ngrams": per_bench_ngrams[b].most_common(section.report_ngrams)}
                           for b in sorted(per_bench_docs)})
+
+
+def _run_tasks(ctx: Any, engine: Any, index: DecontamIndex, stats: StageStats) -> StageStats:
+    """One task per input file; the index is put in Ray's object store once and shared by the tasks of a node.
+
+    Parts are merged in input order, so the counts and the kept/ stream equal one pass. The matched n-gram
+    tallies are summed over files; one pass prunes a benchmark's tally to its 1,000 most frequent n-grams when
+    it passes 5,000 distinct ones, so past that size the listed top n-grams may differ (the counts do not).
+    """
+    ref = engine.put(index)
+    items = [(k, str(f), ref, ctx.section, str(ctx.kept_dir), str(ctx.removed_dir)) for k, f in enumerate(ctx.inputs)]
+    per_bench_docs: Counter[str] = Counter()
+    per_bench_ngrams: dict[str, Counter[str]] = defaultdict(Counter)
+    flagged = 0
+    for part in engine.map(_check_file, items, label="decontaminate"):
+        stats.merge(part["counts"])
+        flagged += part["flagged"]
+        per_bench_docs.update(part["docs"])
+        for b, c in part["ngrams"].items():
+            per_bench_ngrams[b].update(c)
+    _set_stats(stats, ctx.section, index, flagged, per_bench_docs, per_bench_ngrams)
+    stats.set("engine", {**engine.describe(), "tasks": len(items)})
     return stats
+
+
+def _check_file(k: int, path: str, index: Any, section: Any, kept_dir: str, removed_dir: str) -> dict[str, Any]:
+    """Task: check one input file; kept/part-<k>-*.parquet and removed/<reason>-<k>-*.parquet (a retry rewrites
+    the same names)."""
+    from pipeline.documents import STREAM_ROWS_PER_FILE, DocumentWriter, RemovedWriters, iter_documents
+
+    if not isinstance(index, DecontamIndex):  # an ObjectRef when called in-process with a Ray engine
+        import ray
+
+        index = ray.get(index)
+    stats = StageStats("decontaminate")
+
+    def unreadable(reason: str, where: str) -> None:
+        stats.read()
+        stats.error_at(reason, where)
+
+    removed = RemovedWriters(removed_dir, rows_per_file=STREAM_ROWS_PER_FILE, tag=f"{k:06d}")
+    with DocumentWriter(kept_dir, prefix=f"part-{k:06d}", rows_per_file=STREAM_ROWS_PER_FILE) as kept:
+        router = _Router(index, section, stats, kept, removed)
+        router.check(iter_documents([path], on_error=unreadable, on_repair=stats.on_repair))
+    removed.close()
+    return {"counts": stats.counts(), "flagged": router.flagged, "docs": dict(router.per_bench_docs),
+            "ngrams": {b: dict(c) for b, c in router.per_bench_ngrams.items()}}

@@ -86,3 +86,32 @@ def test_dedup_on_ray_equals_local(shared_data, tmp_path, ray_session, monkeypat
 def docs_of_glob(out, reason):
     files = sorted((out / "removed").glob(f"{reason}*.parquet"))
     return [(d["id"], d["meta"]) for d in iter_documents(files)] if files else []
+
+
+def test_decontaminate_on_ray_equals_local(shared_data, tmp_path, ray_session):
+    import gzip
+
+    from pipeline.decontam import build_index
+
+    index = tmp_path / "gsm8k-index"
+    build_index(["gsm8k"], local_dir=str(shared_data / "benchmarks")).save(index)
+    with gzip.open(shared_data / "web/dolma_cc/CC-MAIN-20190717121559-20190717143559-00140.jsonl.gz", "rt") as f:
+        clean = [json.loads(line)["text"] for line in f][:150]
+    tests = [json.loads(x)["question"] for x in open(shared_data / "benchmarks/gsm8k/test.jsonl")][:12]
+    docs = [{"id": f"c{i}", "text": t, "source": "web"} for i, t in enumerate(clean)]
+    docs += [{"id": f"p{i}", "text": clean[i][:300] + "\n" + q.upper(), "source": "web"} for i, q in enumerate(tests)]
+    docs.append({"id": "blank", "text": " ", "source": "web"})
+    random.Random(1).shuffle(docs)
+    inputs = []
+    for i in range(3):
+        p = tmp_path / f"in-{i}.jsonl"
+        p.write_text("".join(json.dumps(d) + "\n" for d in docs[i::3]) + ("{broken\n" if i == 2 else ""))
+        inputs.append(p)
+    sets = [f"decontaminate.index={index}"]
+    local, out_l = run_stage(tmp_path, "local", "decontaminate", inputs, *sets)
+    dist, out_r = run_stage(tmp_path, "ray", "decontaminate", inputs, *sets, "run.executor=ray")
+    assert local["dropped"]["contaminated"] == 12 and local["dropped"]["empty_text"] >= 1 and local["errored"] == {"malformed_json": 1}
+    assert dist["engine"]["tasks"] == 3
+    assert comparable(dist) == comparable(local)
+    assert docs_of(out_r / "kept") == docs_of(out_l / "kept")
+    assert sorted(docs_of(out_r / "removed")) == sorted(docs_of(out_l / "removed"))
