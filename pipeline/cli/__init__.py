@@ -7,6 +7,7 @@ report.py), each exposing `register(app)`. A module that is not built yet leaves
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
 
@@ -84,4 +85,11 @@ importlib.import_module("pipeline.cli.core").register(app)
 
 
 def main() -> None:
-    app()
+    from pipeline.cli.common import Terminated, install_signal_handlers
+
+    install_signal_handlers()  # SIGTERM/SIGHUP unwind like Ctrl-C: the local server and the judge are stopped
+    try:
+        app()
+    except Terminated as e:  # a command without `user_errors`
+        print(f"terminated ({e.name})", file=sys.stderr)
+        sys.exit(128 + e.signum)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -19,6 +21,35 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 SET_HELP = "Override a config key, typed by the schema: --set generate.n=100 (repeatable)."
 CONFIG_HELP = "Run config YAML (see configs/)."
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread (`install_signal_handlers`) so that every `with` block and
+    `finally` unwinds as for Ctrl-C: the local LLM server and the judging process are stopped, the server's log is
+    kept, the ledger is closed. A BaseException, like KeyboardInterrupt: no `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP raise `Terminated` in the main thread. The handler then steps aside (default action),
+    so a second signal during the clean-up ends the process at once; the local server still goes, by its
+    parent-death signal (`pipeline.llm.server`). No-op outside the main thread (signal handlers live there)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -45,6 +76,10 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err_console.print("interrupted: completed work is saved; run the same command again to resume")
             sys.exit(130)
+        except Terminated as e:
+            err_console.print(f"terminated ({e.name}): completed work is saved; run the same command again to "
+                              "resume", highlight=False)
+            sys.exit(128 + e.signum)
 
     return wrapper  # type: ignore[return-value]
 

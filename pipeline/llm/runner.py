@@ -57,15 +57,38 @@ def open_endpoint(llm: LLMSection, log_dir: str | Path | None = None) -> Iterato
     """Yield an `llm` section pointing at a live endpoint: for `provider: local` without a base_url, start a local
     server for the duration (`server.local_server`: llama.cpp for GGUF, else `transformers serve`), its log in
     `log_dir` (kept) or a temporary file. Wrap a whole stage in it to reuse one server across calls."""
-    if _needs_local_server(llm):
-        from pipeline.llm.server import local_server
+    with _endpoint(llm, log_dir) as (live, _):
+        yield live
 
-        server = local_server(llm.model, port=llm.local_port, device=llm.local_device, threads=llm.local_threads,
-                              n_ctx=llm.local_ctx, startup_timeout_s=llm.local_startup_timeout_s, log_dir=log_dir)
-        with server:
-            yield llm.model_copy(update={"base_url": server.base_url})
+
+@contextlib.contextmanager
+def _endpoint(llm: LLMSection, log_dir: str | Path | None) -> Iterator[tuple[LLMSection, Any]]:
+    """`open_endpoint`, also yielding the local server it started (None: none). A `TextbookError` raised while
+    the server runs carries the tail of the server's log, which is kept."""
+    if not _needs_local_server(llm):
+        yield llm, None
         return
-    yield llm
+    from pipeline.llm.server import local_server
+
+    server = local_server(llm.model, port=llm.local_port, device=llm.local_device, threads=llm.local_threads,
+                          n_ctx=llm.local_ctx, startup_timeout_s=llm.local_startup_timeout_s, log_dir=log_dir)
+    with server:
+        try:
+            yield llm.model_copy(update={"base_url": server.base_url}), server
+        except TextbookError as e:
+            server.failed = True
+            raise type(e)(f"{e}\n{server.log_note()}") from e
+
+
+def server_failure_note(server: Any, summary: RunSummary) -> str | None:
+    """When requests to a local server failed: how many and why (the commonest errors), with the tail of the
+    server's log, which is then kept (`server.failed`). None when none failed."""
+    failed = {k: v for k, v in summary.failed_reasons.items() if v}
+    if not failed or server is None:
+        return None
+    server.failed = True
+    errors = "; ".join(f"{n:,} x {reason}" for reason, n in sorted(failed.items(), key=lambda kv: -kv[1])[:3])
+    return f"{sum(failed.values()):,} request(s) to the local server failed ({errors}). {server.log_note()}"
 
 
 def api_key(llm: LLMSection) -> Secret:
@@ -439,8 +462,13 @@ def run_requests(
         from pipeline.llm.batch import BatchDriver
 
         return BatchDriver(requests, llm, budget, Path(ledger_path), should_send, on_result, progress).run()
-    with open_endpoint(llm, server_log_dir) as live:
-        return _Driver(requests, live, budget, Path(ledger_path), should_send, on_result, progress, pool).run()
+    with _endpoint(llm, server_log_dir) as (live, server):
+        summary = _Driver(requests, live, budget, Path(ledger_path), should_send, on_result, progress, pool).run()
+        note = server_failure_note(server, summary)
+        if note:
+            summary.warnings.append(note)
+            print(f"llm: {note}", file=sys.stderr)
+        return summary
 
 
 class DriverBase:

@@ -122,6 +122,12 @@ class LocalServer:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
 
+    def log_note(self, n: int = 20) -> str:
+        """Where the server's log is and its last `n` lines, for an error message (the log is kept)."""
+        state = "exited with code " + str(self.proc.returncode) if self.proc is not None and \
+            self.proc.poll() is not None else "running"
+        return f"`{self.name}` ({state}) log {self.log_path}, last lines:\n{self._log_tail(n)}"
+
     def _healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.base_url}/models", timeout=5) as r:
