@@ -10,10 +10,22 @@ from pipeline.generate.validate import Validator, detect_language
 
 ENGLISH = ("Photosynthesis is the process by which green plants use the energy of sunlight to turn water and "
            "carbon dioxide into sugar and oxygen. Inside each leaf, tiny structures called chloroplasts hold a "
-           "green pigment, chlorophyll, that absorbs red and blue light. ") * 4
+           "green pigment, chlorophyll, that absorbs red and blue light. The sugar feeds the plant and is stored as "
+           "starch in roots and seeds, and the animals that eat those plants use it for their own energy. A common "
+           "misconception is that plants take their food from the soil. Jan van Helmont weighed a willow and its "
+           "soil for five years: the tree gained 74 kilograms while the soil lost only 57 grams, so the mass came "
+           "from water and air. Leaves are not the only green parts, since young stems photosynthesise too. In "
+           "deserts, cacti keep their leaves as spines and do all their photosynthesis in the stem, which stores "
+           "water through the dry months. At night some of them open their pores to take in carbon dioxide and "
+           "close them by day, losing less water. Farmers use these ideas when they space crops so that every "
+           "plant gets enough light, and gardeners see them when a plant kept in a dark corner turns pale.")
 GERMAN = ("Die Photosynthese ist der Vorgang, bei dem grüne Pflanzen die Energie des Sonnenlichts nutzen, um aus "
           "Wasser und Kohlendioxid Zucker und Sauerstoff herzustellen. In jedem Blatt enthalten winzige "
-          "Strukturen, die Chloroplasten, einen grünen Farbstoff. ") * 4
+          "Strukturen, die Chloroplasten, einen grünen Farbstoff. Der Zucker ernährt die Pflanze und wird als "
+          "Stärke in Wurzeln und Samen gespeichert. Tiere, die Pflanzen fressen, nutzen ihn für ihre eigene "
+          "Energie. Ein häufiger Irrtum ist, dass Pflanzen ihre Nahrung aus dem Boden nehmen. Ein Forscher wog "
+          "eine Weide und ihre Erde fünf Jahre lang: Der Baum wurde viel schwerer, die Erde kaum leichter. Auch "
+          "junge Stängel betreiben Photosynthese, und Kakteen in der Wüste tragen ihre Blätter als Stacheln.")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +39,10 @@ def validator():
     (None, "stop", "empty"),
     (ENGLISH, "length", "length"),
     ("As an AI language model, I cannot write textbooks. " + ENGLISH, "stop", "refusal"),
-    ("Certainly! Here is a textbook section on photosynthesis.\n\n" + ENGLISH, "stop", "refusal"),
+    ("Certainly! Here is a textbook section on photosynthesis.\n\n" + ENGLISH, "stop", "preamble"),
+    ("As requested, this section explains photosynthesis.\n\n" + ENGLISH, "stop", "meta_talk"),
+    ("[insert LaTeX document here]\n\n" + ENGLISH, "stop", "placeholder"),
+    (ENGLISH + " the" * 200, "stop", "repetition"),
     ("I’m sorry, but I can’t help with that.", "stop", "refusal"),
     ("Photosynthesis makes sugar from light.", "stop", "too_short"),
     (GERMAN, "stop", "not_english"),
@@ -45,7 +60,7 @@ def test_length_finish_can_be_kept_and_whitespace_counter(validator):
     short_words = " ".join(ENGLISH.split()[:120])
     assert validator.check(short_words, "stop").tokens > 120
     assert validator.check(short_words + " end", "stop").reason is None
-    long_text = ENGLISH * 2
+    long_text = ENGLISH  # more words than min_tokens: not tokenized
     verdict = validator.check(long_text, "stop")
     assert verdict.reason is None and verdict.tokens is None and verdict.words == len(long_text.split())
 

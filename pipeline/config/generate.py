@@ -4,29 +4,17 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
+from pipeline.config.checks import (
+    DEFAULT_META_TALK,
+    DEFAULT_PLACEHOLDERS,
+    DEFAULT_PREAMBLES,
+    DEFAULT_REFUSALS,
+    CodeCheckSettings,
+    RepetitionSettings,
+)
 from pipeline.config.core import StageSection, StrictModel
 
 DEFAULT_AUDIENCES = ["young children", "middle school", "high school", "college", "professional"]
-DEFAULT_REFUSALS = [
-    "as an ai language model",
-    "as an ai assistant",
-    "as a language model",
-    "i'm sorry, but i can",
-    "i am sorry, but i can",
-    "i cannot fulfill",
-    "i can't fulfill",
-    "i cannot help with",
-    "i can't help with",
-    "i'm unable to",
-    "certainly! here is",
-    "certainly! here's",
-    "sure! here is",
-    "sure! here's",
-    "sure, here is",
-    "sure, here's",
-    "of course! here is",
-    "of course! here's",
-]
 
 
 class WeightsSettings(StrictModel):
@@ -83,8 +71,17 @@ class GenerateSection(StageSection):
     drop_length_finish: bool = Field(default=True, description="drop outputs cut off at max_tokens")
     language: str | None = Field(default="en", description="required output language (fastText lid); null: any")
     min_language_score: float = Field(default=0.5, ge=0, le=1, description="lid confidence needed for `language`")
+    # pattern families: case-insensitive regular expressions (pipeline/config/checks.py says how they are read)
     refusal_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSALS),
-                                        description="case-insensitive openings (first 200 chars) that drop an output")
+                                        description="the model refusing or speaking as an AI (refusal)")
+    preamble_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_PREAMBLES),
+                                         description="an assistant's opening to the requester (preamble)")
+    meta_talk_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_META_TALK),
+                                          description="talk about the request or the text itself (meta_talk)")
+    placeholder_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_PLACEHOLDERS),
+                                            description="unfilled text, searched in the prose (placeholder)")
+    repetition: RepetitionSettings = Field(default_factory=RepetitionSettings)
+    code_checks: CodeCheckSettings = Field(default_factory=CodeCheckSettings)
     diversity: DiversitySettings = Field(default_factory=DiversitySettings)
     # web seeding
     seed_inputs: list[str] = Field(default_factory=list,

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.config.checks import (
+    DEFAULT_META_TALK,
+    DEFAULT_PLACEHOLDERS,
+    DEFAULT_PREAMBLES,
+    DEFAULT_REFUSALS,
+    RepetitionSettings,
+)
 from pipeline.config.core import StageSection, StrictModel
-from pipeline.config.generate import DEFAULT_REFUSALS, DiversitySettings
+from pipeline.config.generate import DiversitySettings
 
 
 class BucketPolicy(StrictModel):
@@ -119,7 +126,16 @@ class RephraseSection(StageSection):
     language: str | None = Field(default="en", description="language of sources and rewrites (fastText lid)")
     min_language_score: float = Field(default=0.5, ge=0, le=1, description="lid confidence needed")
     refusal_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSALS),
-                                        description="case-insensitive openings that drop an answer (refusal)")
+                                        description="the model refusing or speaking as an AI (refusal; regular "
+                                                    "expressions, see pipeline/config/checks.py)")
+    preamble_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_PREAMBLES),
+                                         description="an assistant's opening to the requester (preamble)")
+    meta_talk_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_META_TALK),
+                                          description="talk about the request or the text itself (meta_talk)")
+    placeholder_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_PLACEHOLDERS),
+                                            description="unfilled text, searched in the prose (placeholder)")
+    repetition: RepetitionSettings = Field(default_factory=RepetitionSettings,
+                                           description="Gopher's repetition rules on the joined rewrite")
     no_content_marker: str = Field(
         default="NO USABLE CONTENT",
         description="templates ask the model to answer exactly this when a chunk has nothing worth keeping; such "

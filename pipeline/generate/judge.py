@@ -4,7 +4,8 @@ Every token this run was billed is accounted to what it bought (`billed`): `kept
 reason (a failure such as `failed_content_filter`, a validation drop such as `too_short`, or `unusable_answers`:
 content-filtered / null answers before a request's usable one), tokens and USD at the run's prices and mode.
 
-`Judge` validates one answer (`validate.Validator`: empty, length, refusal, too short, language) and indexes it
+`Judge` validates one answer (`validate.Validator`: empty, length, refusal, preamble, meta-talk, placeholder, too
+short, repetition, language, and code for code formats) and indexes it
 in the diversity guard; it owns the stage's output files. `JudgeProcess` runs a `Judge` in a child process:
 judging costs about 1.4 ms of CPU per answer (language id, MinHash, parquet rows), and in the driver process
 that CPU competed for the GIL with the event loop that keeps `concurrency` requests in flight, which cut the
@@ -162,8 +163,10 @@ class Judge:
                    result.unusable_cost_usd)
         answer_usd = result.cost_usd - result.unusable_cost_usd
         text = result.text or ""
-        verdict = self.validator.check(text, result.finish_reason)
+        verdict = self.validator.check(text, result.finish_reason, spec.format)
         extra: dict[str, Any] = {"words": verdict.words}
+        if verdict.detail is not None:
+            extra["drop_detail"] = verdict.detail  # what fired: the phrase, the rule and its value, the block
         if verdict.tokens is not None:
             extra["tokens"] = verdict.tokens
         if verdict.language is not None:

@@ -1,13 +1,27 @@
 """Judge one LLM output: keep it, or drop it with a named reason.
 
-Reasons, checked in this order: `empty`, `length` (cut off at max_tokens), `refusal` (refusals and stock openers
-such as "As an AI language model" / "Certainly! Here is"), `too_short` (< min_tokens), `not_<lang>` (fastText
-language id, code blocks removed first so a Python chapter is judged by its prose).
+Reasons, checked in this order (the first that applies is the drop reason; `Validator.reasons` lists them all):
+
+- `empty`; `length` (cut off at max_tokens);
+- `refusal`: the model refusing or speaking as an AI ("As an AI language model", "As I'm an AI", "I'm sorry, but I
+  can't", "I cannot help with that"); `preamble`: an assistant's opening to the requester ("Sure! Here's",
+  "Certainly, below is", "I'd be happy to"); `meta_talk`: talk about the request or the text ("the section you
+  asked for", "As requested", "Note: this section is written for", "I hope this helps"); `placeholder`: unfilled
+  text ("[insert LaTeX document here]", "Lorem ipsum", "{topic}", "<TOPIC>"). Each is a list of regular
+  expressions, one per pattern family (`pipeline/config/checks.py`);
+- `too_short` (< min_tokens); `repetition` (Gopher's repetition rules and a windowed distinct-word ratio,
+  `repetition.py`); `not_<lang>` (fastText language id, code blocks removed first so a Python chapter is judged
+  by its prose);
+- for the formats `code_checks.formats` lists: `code_missing`, `code_syntax`, `tests_missing`, `tests_failed`
+  (`codecheck.py`).
+
+`Verdict.detail` says what fired (the matched phrase, 'top_2gram_char_frac 0.62 > 0.20', the failing block).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -15,6 +29,9 @@ from typing import Any
 from pipeline.config.generate import GenerateSection
 
 _CODE_BLOCK = re.compile(r"```.*?(```|\Z)", re.S)
+_INLINE_CODE = re.compile(r"`[^`\n]+`")
+_SPACE = re.compile(r"\s+")
+_QUOTES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "“": '"', "”": '"'})
 _LANG_NAMES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "da": "danish"}
 
 
@@ -25,6 +42,7 @@ class Verdict:
     tokens: int | None = None  # counted only when the length check needed it
     language: str | None = None
     language_score: float | None = None
+    detail: str | None = None  # what fired: the matched phrase, the rule and its value, the failing code block
 
 
 @lru_cache(maxsize=1)
@@ -48,10 +66,41 @@ def detect_language(text: str) -> tuple[str, float]:
     return labels[0].removeprefix("__label__"), float(scores[0])
 
 
+def normalize(text: str) -> str:
+    """What the pattern checks read: straight quotes, every whitespace run one space."""
+    return _SPACE.sub(" ", text.translate(_QUOTES)).strip()
+
+
+def prose(text: str) -> str:
+    """The text without fenced and inline code (placeholders such as `{name}` are f-strings there)."""
+    return _INLINE_CODE.sub(" ", _CODE_BLOCK.sub(" ", text))
+
+
+def _compile(patterns: list[str], field: str) -> list[re.Pattern[str]]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p, re.I))
+        except re.error as e:
+            raise ValueError(f"generate.{field}: invalid regular expression {p!r}: {e}") from None
+    return out
+
+
+def _first_match(patterns: list[re.Pattern[str]], text: str) -> str | None:
+    for p in patterns:
+        m = p.search(text)
+        if m:
+            return m.group(0).strip()[:120] or p.pattern[:120]
+    return None
+
+
 class Validator:
     def __init__(self, section: GenerateSection, tokenizer_spec: str | None = None) -> None:
         self.s = section
-        self.refusals = [p.lower() for p in section.refusal_patterns]
+        self.refusals = _compile(section.refusal_patterns, "refusal_patterns")
+        self.preambles = _compile(section.preamble_patterns, "preamble_patterns")
+        self.meta_talk = _compile(section.meta_talk_patterns, "meta_talk_patterns")
+        self.placeholders = _compile(section.placeholder_patterns, "placeholder_patterns")
         self._tok = None
         if section.token_counter == "tokenizer" and section.min_tokens > 0:
             from pipeline.tokenizer import load_tokenizer
@@ -72,25 +121,74 @@ class Validator:
         tokens = self.count_tokens(text)
         return tokens >= self.s.min_tokens, tokens
 
-    def refusal(self, text: str) -> bool:
-        head = " ".join(text[:200].split()).lower().replace("’", "'")
-        return any(p in head for p in self.refusals)
+    def refusal(self, text: str) -> str | None:
+        """The refusal phrase found in `text`, or None."""
+        return _first_match(self.refusals, normalize(text))
 
-    def check(self, text: str | None, finish_reason: str | None) -> Verdict:
-        if text is None or not text.strip():
-            return Verdict("empty", 0)
-        n_words = len(text.split())
-        if self.s.drop_length_finish and finish_reason == "length":
-            return Verdict("length", n_words)
-        if self.refusal(text):
-            return Verdict("refusal", n_words)
-        ok, tokens = self.long_enough(text, n_words)
-        if not ok:
-            return Verdict("too_short", n_words, tokens)
+    def _checks(self, text: str, finish_reason: str | None, fmt: str | None,
+                v: Verdict) -> Iterator[tuple[str, Callable[[], str | bool | None]]]:
+        """(reason, test) in order; a test returns a truthy detail when its reason applies."""
+        flat = normalize(text)
+        yield "length", lambda: self.s.drop_length_finish and finish_reason == "length"
+        yield "refusal", lambda: _first_match(self.refusals, flat)
+        yield "preamble", lambda: _first_match(self.preambles, flat)
+        yield "meta_talk", lambda: _first_match(self.meta_talk, flat)
+        yield "placeholder", lambda: _first_match(self.placeholders, normalize(prose(text)))
+        yield "too_short", lambda: self._too_short(text, v)
+        yield "repetition", lambda: self._repetition(text)
         if self.s.language:
-            lang, score = detect_language(text)
-            if lang != self.s.language or score < self.s.min_language_score:
-                return Verdict(f"not_{_LANG_NAMES.get(self.s.language, self.s.language)}", n_words, tokens, lang,
-                               score)
-            return Verdict(None, n_words, tokens, lang, score)
-        return Verdict(None, n_words, tokens)
+            yield f"not_{_LANG_NAMES.get(self.s.language, self.s.language)}", lambda: self._wrong_language(text, v)
+        kind = self.s.code_checks.formats.get(fmt or "")
+        if kind is not None:
+            yield from self._code_checks(text, kind)
+
+    def _too_short(self, text: str, v: Verdict) -> str | None:
+        ok, v.tokens = self.long_enough(text, v.words)
+        return None if ok else f"{v.tokens} tokens < {self.s.min_tokens}"
+
+    def _repetition(self, text: str) -> str | None:
+        from pipeline.generate.repetition import repetition
+
+        return repetition(text, self.s.repetition)
+
+    def _wrong_language(self, text: str, v: Verdict) -> str | None:
+        v.language, v.language_score = detect_language(text)
+        if v.language != self.s.language or v.language_score < self.s.min_language_score:
+            return f"{v.language} {v.language_score:.2f}"
+        return None
+
+    def _code_checks(self, text: str, kind: str) -> Iterator[tuple[str, Callable[[], str | None]]]:
+        from pipeline.generate import codecheck
+
+        c = self.s.code_checks
+        blocks = codecheck.python_blocks(text)
+        yield "code_missing", lambda: (f"{len(blocks)} python blocks < {c.min_blocks}"
+                                       if len(blocks) < c.min_blocks else None)
+        yield "code_syntax", lambda: codecheck.syntax_error(blocks)
+        if kind == "tests" and c.run_tests:
+            yield "tests_missing", lambda: None if any(b.tests for b in blocks) else "no block holds a test"
+            yield "tests_failed", lambda: codecheck.run_tests(blocks, c)
+
+    def check(self, text: str | None, finish_reason: str | None, fmt: str | None = None) -> Verdict:
+        """Keep (reason None) or the first drop reason. `fmt`: the answer's format, for the code checks."""
+        return self._judge(text, finish_reason, fmt, first_only=True)[0]
+
+    def reasons(self, text: str | None, finish_reason: str | None, fmt: str | None = None) -> list[tuple[str, str]]:
+        """Every (reason, detail) that applies, in check order: to measure each check on its own."""
+        return self._judge(text, finish_reason, fmt, first_only=False)[1]
+
+    def _judge(self, text: str | None, finish_reason: str | None, fmt: str | None,
+               first_only: bool) -> tuple[Verdict, list[tuple[str, str]]]:
+        if text is None or not text.strip():
+            return Verdict("empty", 0), [("empty", "")]
+        v = Verdict(None, len(text.split()))
+        fired: list[tuple[str, str]] = []
+        for reason, test in self._checks(text, finish_reason, fmt, v):
+            detail = test()
+            if detail:
+                fired.append((reason, detail if isinstance(detail, str) else ""))
+                if v.reason is None:
+                    v.reason, v.detail = reason, fired[-1][1] or None
+                if first_only:
+                    break
+        return v, fired

@@ -6,10 +6,11 @@ Runs in the generate stage's judging process (`pipeline.generate.judge.JudgeProc
 A rewrite ends in exactly one state, in this order of reasons:
 - `skipped_<why>` (dropped): a chunk was never sent (budget, diversity guard, duplicate request, server wait);
 - `failed_<kind>` (errored): a chunk's request failed (retries exhausted, 4xx, content filter ...);
-- per chunk, in order: `empty`, `length` (cut off at max_tokens), `refusal` (the generate stage's validators),
+- per chunk, in order: `empty`, `length` (cut off at max_tokens), `refusal`, `preamble`, `meta_talk`,
+  `placeholder` (the generate stage's validators),
   `no_usable_content` (the model answered the template's marker), then fidelity (`fidelity.check`):
   `fidelity_too_short`, `fidelity_too_long`, `fidelity_low_overlap`, `fidelity_invented_entities`;
-- on the joined answer: `too_short` (< rephrase.min_tokens), `not_<lang>`;
+- on the joined answer: `too_short` (< rephrase.min_tokens), `repetition` (Gopher's rules), `not_<lang>`;
 - at the end, against the benchmark index: `rewrite_contaminated`;
 - else kept. The diversity guard sees every joined answer (cells bucket x template) and stops paying for a cell
   that repeats itself; its unsent requests come back skipped.
@@ -82,12 +83,17 @@ def _bill() -> dict[str, float]:
 
 
 def validation_section(cfg: RunConfig, whole: bool) -> GenerateSection:
-    """The generate stage's validator settings from the rephrase section: per chunk (`whole=False`) only empty,
-    length and refusal; on the joined rewrite also min_tokens and the language."""
+    """The generate stage's validator settings from the rephrase section: per chunk (`whole=False`) empty, length
+    and the pattern families (refusal, preamble, meta_talk, placeholder: each chunk's answer may open with
+    "Here is the rewritten passage:"); on the joined rewrite also min_tokens, repetition and the language."""
     r = cfg.rephrase
+    repetition = r.repetition if whole else r.repetition.model_copy(update={"enabled": False})
     return GenerateSection(min_tokens=r.min_tokens if whole else 0, token_counter=r.token_counter,
                            drop_length_finish=r.drop_length_finish, language=r.language if whole else None,
-                           min_language_score=r.min_language_score, refusal_patterns=list(r.refusal_patterns))
+                           min_language_score=r.min_language_score, refusal_patterns=list(r.refusal_patterns),
+                           preamble_patterns=list(r.preamble_patterns), meta_talk_patterns=list(r.meta_talk_patterns),
+                           placeholder_patterns=list(r.placeholder_patterns), repetition=repetition,
+                           code_checks={"formats": {}})
 
 
 class RephraseJudge:

@@ -1,0 +1,141 @@
+"""Code in an answer: the ```python blocks, whether they parse (`ast.parse`), and whether their tests pass when run.
+
+Used by `validate.Validator` for the formats `generate.code_checks.formats` lists (python_chapter: its template
+promises runnable code and tests). Drop reasons: `code_missing` (fewer than `min_blocks` python blocks),
+`code_syntax` (a block that does not parse), `tests_missing` (no block holds a test), `tests_failed` (a test block
+raised, a test failed, or the run passed `timeout_s`).
+
+A block that a "common mistakes" passage shows on purpose (the block or the 200 characters before it say wrong,
+incorrect, mistake, bug, avoid, don't ..., or the block is a traceback) may fail to parse or raise: the template
+asks for such passages.
+Test blocks are never excused.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config.checks import CodeCheckSettings
+
+PYTHON_TAGS = frozenset({"python", "py", "python3", "py3", "pycon", "ipython", "pytest"})
+_BLOCK = re.compile(r"^[ \t]*```[ \t]*([\w+.#-]*)[^\n]*\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.S | re.M)
+_COUNTER_EXAMPLE = re.compile(r"\b(?:wrong|incorrect|mistakes?|bug(?:gy|s)?|broken|avoid|don't|do not|invalid|"
+                              r"pitfalls?|syntaxerror|will (?:raise|fail)|this fails|not work)\b", re.I)
+_RUNNER = Path(__file__).with_name("code_runner.py")
+
+
+@dataclass(frozen=True)
+class CodeBlock:
+    source: str
+    start: int  # offset of the fence in the answer
+    counter_example: bool  # shown as a mistake: may fail to parse or run
+
+    @property
+    def tests(self) -> bool:
+        return has_tests(self.source)
+
+
+def _doctest_source(body: str) -> str:
+    """An interactive session (`>>> ` / `... ` lines) as the code it runs; other text unchanged."""
+    lines = body.splitlines()
+    if not any(line.lstrip().startswith(">>>") for line in lines):
+        return body
+    code = []
+    for line in lines:
+        stripped = line.lstrip()
+        if stripped.startswith((">>> ", "... ")) or stripped in (">>>", "..."):
+            code.append(stripped[4:])
+    return "\n".join(code)
+
+
+def python_blocks(text: str) -> list[CodeBlock]:
+    """The ```python (py, python3, pycon, ...) blocks of a Markdown answer, dedented, sessions turned into code."""
+    out = []
+    for m in _BLOCK.finditer(text):
+        if m.group(1).lower() not in PYTHON_TAGS:
+            continue
+        source = textwrap.dedent(_doctest_source(m.group(2)))
+        context = text[max(0, m.start() - 200):m.start()] + source
+        shown = bool(_COUNTER_EXAMPLE.search(context)) or source.lstrip().startswith("Traceback (most recent")
+        out.append(CodeBlock(source, m.start(), shown))
+    return out
+
+
+def has_tests(source: str) -> bool:
+    """An `assert`, a `test_*` function or a TestCase class (pytest and unittest conventions); False if unparsable."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assert):
+            return True
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test"):
+            return True
+        if isinstance(node, ast.ClassDef) and any("TestCase" in ast.unparse(b) for b in node.bases):
+            return True
+    return False
+
+
+def syntax_error(blocks: list[CodeBlock]) -> str | None:
+    """'block i line l: message' for the first block (not a counter-example) that does not parse."""
+    for i, b in enumerate(blocks):
+        try:
+            ast.parse(b.source)
+        except SyntaxError as e:
+            if not b.counter_example:
+                return f"block {i} line {e.lineno}: {e.msg}"
+        except ValueError as e:  # null bytes
+            return f"block {i}: {e}"
+    return None
+
+
+def run_tests(blocks: list[CodeBlock], s: CodeCheckSettings) -> str | None:
+    """Run the blocks in order in one fresh Python process (`code_runner.py`: one namespace, test functions and
+    TestCases called, `timeout_s` wall clock, `memory_mb` address space, a temporary working directory, no stdin);
+    return why the tests failed ('block i: AssertionError (line 3): ...', 'timeout after 10 s in block 2') or None.
+    A non-test block that raises is tolerated (its names are then missing, so the tests that use it fail)."""
+    runnable = [b for b in blocks if not (b.counter_example and not b.tests)]
+    payload = [{"source": b.source, "tests": b.tests} for b in runnable]
+    with tempfile.TemporaryDirectory(prefix="textbook-code-") as tmp:
+        Path(tmp, "blocks.json").write_text(json.dumps(payload), encoding="utf-8")
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "TMPDIR": tmp, "PYTHONHASHSEED": "0",
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+        cpu_s = int(s.timeout_s) + 1
+        proc = subprocess.Popen([sys.executable, "-I", str(_RUNNER), tmp, str(s.memory_mb), str(cpu_s)], cwd=tmp,
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=s.timeout_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session: code that started processes of its own too
+            _, err = proc.communicate()
+            timed_out = True
+        report_path = Path(tmp, "report.json")
+        report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.exists() else None
+    return _verdict(runnable, report, timed_out, proc.returncode, err, s.timeout_s)
+
+
+def _verdict(blocks: list[CodeBlock], report: dict | None, timed_out: bool, code: int | None, err: bytes,
+             timeout_s: float) -> str | None:
+    done = report["blocks"] if report else []
+    if timed_out:
+        return f"timeout after {timeout_s:g} s in block {len(done)}"
+    for entry in done:
+        if not entry["ok"] and blocks[entry["block"]].tests:
+            return f"block {entry['block']}: {entry['error']}"
+    if report is None or not report["done"]:
+        last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit code {code}"]
+        return f"the test process died in block {len(done)}: {last[0][:200]}"
+    return None

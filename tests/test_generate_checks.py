@@ -1,0 +1,300 @@
+"""Output checks on LLM answers (issue 20): refusals, preambles, meta-talk, placeholders by pattern family;
+repetition (Gopher's rules); Python code that parses and tests that pass. Regression cases are real answers of
+SmolLM2-135M-Instruct that passed validation before (benchmarks/results/validators.md has the measured precision)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config.checks import CodeCheckSettings, RepetitionSettings
+from pipeline.config.generate import GenerateSection
+from pipeline.generate import codecheck
+from pipeline.generate.repetition import repetition
+from pipeline.generate.validate import Validator
+
+BODY = ("Photosynthesis is the process by which green plants use the energy of sunlight to turn water and carbon "
+        "dioxide into sugar and oxygen. Inside each leaf, tiny structures called chloroplasts hold a green pigment, "
+        "chlorophyll, that absorbs red and blue light. The sugar feeds the plant and is stored as starch in roots "
+        "and seeds, and the animals that eat those plants use it for their own energy.\n\n"
+        "A common misconception is that plants take their food from the soil. Jan van Helmont weighed a willow and "
+        "its soil for five years: the tree gained 74 kilograms while the soil lost only 57 grams, so the mass came "
+        "from water and air, not from the ground.\n")
+
+
+MORE = ("Leaves are not the only green parts: young stems photosynthesise too. In deserts, cacti keep their leaves "
+        "as spines and do all their photosynthesis in the stem, which stores water through the dry months. At night "
+        "some of them open their pores to take in carbon dioxide and close them by day, losing less water.\n")
+
+
+@pytest.fixture(scope="module")
+def v() -> Validator:
+    return Validator(GenerateSection(min_tokens=20, token_counter="whitespace"))
+
+
+def reasons(v: Validator, text: str, fmt: str | None = None) -> list[str]:
+    return [r for r, _ in v.reasons(text, "stop", fmt)]
+
+
+# ------------------------------------------------------------------ pattern families, several phrasings each
+@pytest.mark.parametrize("opening", [
+    "As an AI language model, I cannot write a textbook. ",
+    "As an AI, I don't have opinions about plants. ",
+    "As I'm an AI, I can only describe what I was trained on. ",  # real 135M answer: passed as too_short only
+    "As I am an artificial intelligence, this is my best summary. ",
+    "I'm just a language model, so I may be wrong. ",
+    "Since I am an AI assistant, here is an overview. ",
+    "I’m sorry, but I can’t help with that. ",
+    "I am sorry but I cannot provide a full chapter. ",
+    "I apologize, but I am unable to do this. ",
+    "I cannot help with writing this section. ",
+    "Unfortunately, I can't write about this topic. ",
+    "We cannot fulfill this request. ",
+])
+def test_refusals_by_family(v, opening):
+    assert reasons(v, opening + BODY)[0] == "refusal"
+
+
+@pytest.mark.parametrize("opening", [
+    "Sure! Here's a textbook section on photosynthesis:\n\n",
+    "Sure, here is the section.\n\n",
+    "Certainly, below is a section for high school students.\n\n",
+    "Certainly! Here is your chapter.\n\n",
+    "Of course. ",
+    "Absolutely! Let's dive in.\n\n",
+    "Here's a textbook section on photosynthesis:\n\n",
+    "Below you will find a set of exercises.\n\n",
+    "I'd be happy to write this for you.\n\n",
+    "# I've written a short lesson on photosynthesis\n\n",
+])
+def test_preambles_by_family(v, opening):
+    assert "preamble" in reasons(v, opening + BODY)
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("Here is the textbook section you asked for:\n\n" + BODY, "meta_talk"),
+    ("As requested, this section explains photosynthesis.\n\n" + BODY, "meta_talk"),
+    ("As you requested, " + BODY, "meta_talk"),
+    (BODY + "\nNote: this section is written for high school students.", "meta_talk"),
+    (BODY + "\nThis story is tailored for young children who love plants.", "meta_talk"),
+    (BODY + "\nI hope this helps! Let me know if you need more examples.", "meta_talk"),
+    ("Following your instructions, " + BODY, "meta_talk"),
+    (BODY + "\n(312 words)", "meta_talk"),
+])
+def test_meta_talk_by_family(v, text, expect):
+    assert expect in reasons(v, text)
+
+
+@pytest.mark.parametrize("text", [
+    "The document:\n\n[insert LaTeX document here]\n\n" + BODY,  # real 135M answer, kept before
+    "[Insert diagram of a leaf]\n\n" + BODY,
+    "Written by [Your Name].\n\n" + BODY,
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit.\n\n" + BODY,
+    "# A lesson on {topic}\n\n" + BODY,
+    "# A lesson on {{ concept }}\n\n" + BODY,
+    "# A lesson on <TOPIC>\n\n" + BODY,
+    "# Chapter 3: [CHAPTER_TITLE]\n\n" + BODY,
+    "(add a photo of a leaf here)\n\n" + BODY,
+])
+def test_placeholders_by_family(v, text):
+    assert "placeholder" in reasons(v, text)
+
+
+@pytest.mark.parametrize("text", [
+    # textbook prose that mentions AI, instructions, notes, brackets and braces
+    "As an AI system learns from examples, it adjusts its weights. " + BODY,
+    "Follow these instructions to install Python on your computer. " + BODY,
+    "Note: this formula only holds for ideal gases. " + BODY,
+    "Here is how a cell divides. " + BODY,
+    "'I can't help with the dishes now,' said Mia, 'I am planting beans.' " + BODY,
+    "The concentration [CO2] rises at night; the set {1, 2, 3} has three elements. " + BODY,
+    "See [the documentation](https://docs.python.org) for more. " + BODY,
+    "Use an f-string:\n\n```python\nname = 'Ada'\nprint(f'Hello, {name}')\n```\n\nor `'{name}'.format(name=name)`.\n\n"
+    + BODY,
+    "Certainly the most important idea is energy. " + BODY,  # "Certainly" not followed by punctuation
+    BODY + "\nIf you have a question, ask your teacher; feel free to draw the leaf. " + MORE,  # not at the end
+])
+def test_textbook_text_is_not_flagged(v, text):
+    assert reasons(v, text) == []
+
+
+# ------------------------------------------------------------------ repetition
+def test_word_loop_is_repetition_not_length(v):
+    # real 135M answer: "the the the ..." was caught only by the length limit and judged English 0.96
+    loop = "Photosynthesis is how plants make food from light. " + "the " * 300
+    verdict = v.check(loop, "stop")
+    assert verdict.reason == "repetition" and verdict.detail.startswith("top_2gram_char_frac")
+
+
+@pytest.mark.parametrize("text, rule", [
+    (BODY + ("Plants need light to grow.\n\n" * 12), "dup_para_frac"),
+    (BODY + "Plants need light.\n" * 6 + "They also need water.\nAnd air.\n", "dup_line_frac"),
+    (BODY * 3, "dup_para"),
+    # a tail loop in a long answer: the whole-text fractions stay under their limits, the window does not
+    (" ".join(f"word{i}" for i in range(900)) + " " + "green leaf " * 60, "window_distinct_ratio"),
+    ("```python\n" + "print('hello')\n" * 30 + "```\n" + BODY, "dup_line"),
+])
+def test_repetition_rules(text, rule):
+    found = repetition(text, RepetitionSettings())
+    assert found is not None and found.startswith(rule), found
+
+
+def test_repetition_spares_code_fences_short_texts_and_the_test_server(v):
+    sentences = (BODY + MORE).replace("\n", " ").split(". ")
+    fenced = "\n\n".join(f"{sentence}.\n\n```python\nx = {i}\n```" for i, sentence in enumerate(sentences))
+    assert repetition(fenced, RepetitionSettings()) is None  # the same ``` fence 2 x 8 times
+    assert repetition("the the the the", RepetitionSettings()) is None  # under min_words: not judged
+    from pipeline.llm.testserver import _answer_text
+
+    assert all(repetition(_answer_text(f"k{i}", 200), RepetitionSettings()) is None for i in range(50))
+
+
+def test_repetition_thresholds_come_from_config():
+    loop = BODY + "the " * 300
+    assert Validator(GenerateSection(min_tokens=0, repetition={"enabled": False})).check(loop, "stop").reason is None
+    loose = {"max_top_ngram_char_frac": {2: 0.9}, "max_dup_ngram_char_frac": {}, "min_window_distinct_ratio": None,
+             "max_dup_line_frac": None, "max_dup_para_frac": None}
+    assert Validator(GenerateSection(min_tokens=0, repetition=loose)).check(loop, "stop").reason is None
+    with pytest.raises(ValueError, match="fractions in"):
+        RepetitionSettings(max_top_ngram_char_frac={2: 1.5})
+
+
+def test_real_human_text_passes_repetition(shared_data):
+    """Real educational web pages (Llama-3.3 edu score >= 3) pass the repetition rules; Gopher's rules drop some
+    boilerplate-heavy pages, so the bar is a low rate, not zero (measured: 3 of 150 pages of all scores)."""
+    import csv
+
+    csv.field_size_limit(10**8)
+    with open(shared_data / "edu_labels/fineweb_edu_llama33_150/training_data.csv", encoding="utf-8") as f:
+        texts = [r["text"] for r in csv.DictReader(f) if float(r["score"]) >= 3]
+    fired = sum(repetition(t, RepetitionSettings()) is not None for t in texts)
+    assert len(texts) > 50 and fired / len(texts) <= 0.03
+
+
+def test_invalid_pattern_names_the_field():
+    with pytest.raises(ValueError, match="meta_talk_patterns: invalid regular expression"):
+        Validator(GenerateSection(min_tokens=0, meta_talk_patterns=["(unclosed"]))
+
+
+# ------------------------------------------------------------------ code: parses, tests pass
+CHAPTER = """Lists keep values in order.
+
+```python
+def total(values):
+    # sum by hand: the loop shows what sum() does
+    result = 0
+    for v in values:
+        result += v
+    return result
+```
+
+Tests check the examples:
+
+```python
+assert total([1, 2, 3]) == 6
+
+def test_empty():
+    assert total([]) == 0
+```
+""" + BODY
+
+
+def _chapter(tests_block: str) -> str:
+    return CHAPTER.replace("assert total([1, 2, 3]) == 6\n\ndef test_empty():\n    assert total([]) == 0\n",
+                           tests_block)
+
+
+def test_a_chapter_whose_tests_pass_is_kept(v):
+    assert v.check(CHAPTER, "stop", "python_chapter").reason is None
+    assert v.check(CHAPTER, "stop", "textbook_section").reason is None  # formats not listed: no code checks
+
+
+@pytest.mark.parametrize("text, reason, detail", [
+    (BODY + MORE, "code_missing", "0 python blocks"),
+    # real 135M answers: code that cannot run
+    (CHAPTER.replace("def total(values):", "def total(values)"), "code_syntax", "block 0 line 1"),
+    (CHAPTER + "\n```python\nfor i in range(3)\n    print(i)\n```\n", "code_syntax", "block 2"),
+    (_chapter("print(total([1, 2]))\n"), "tests_missing", "no block holds a test"),
+    (_chapter("assert total([1, 2, 3]) == 7\n"), "tests_failed", "AssertionError (line 1: assert total"),
+    (_chapter("def test_negative():\n    assert total([-1]) == 1\n"), "tests_failed", "AssertionError"),
+    (_chapter("assert totl([1]) == 1\n"), "tests_failed", "NameError"),
+    (_chapter("import unittest\nclass T(unittest.TestCase):\n    def test_x(self):\n        self.assertEqual("
+              "total([2]), 3)\nif __name__ == '__main__':\n    unittest.main()\n"), "tests_failed", "SystemExit"),
+    (_chapter("import os\nassert total([1]) == 1\nos._exit(3)\n"), "tests_failed", "died in block 1"),
+])
+def test_code_drop_reasons(v, text, reason, detail):
+    verdict = v.check(text, "stop", "python_chapter")
+    assert verdict.reason == reason and detail in verdict.detail, verdict
+
+
+def test_tests_that_hang_time_out():
+    blocks = codecheck.python_blocks(_chapter("assert total([1]) == 1\nwhile True:\n    pass\n"))
+    assert codecheck.run_tests(blocks, CodeCheckSettings(timeout_s=2)) == "timeout after 2 s in block 1"
+
+
+def test_a_mistake_shown_on_purpose_is_excused_but_not_in_tests(v):
+    mistake = CHAPTER + ("\nA common mistake is forgetting the colon, which Python rejects:\n\n"
+                         "```python\ndef total(values)\n    return 0\n```\n\nand indexing past the end is wrong:\n\n"
+                         "```python\n[1, 2][5]\n```\n")
+    assert v.check(mistake, "stop", "python_chapter").reason is None
+    assert v.check(_chapter("# a wrong test\nassert total([1]) == 2\n"), "stop", "python_chapter").reason == \
+        "tests_failed"
+
+
+def test_sessions_and_code_settings():
+    session = "```pycon\n>>> total = 1 + 2\n>>> total\n3\n>>> assert total == 3\n```\n"
+    (block,) = codecheck.python_blocks(session)
+    assert block.source == "total = 1 + 2\ntotal\nassert total == 3" and block.tests
+    assert codecheck.run_tests([block], CodeCheckSettings()) is None
+    parse_only = Validator(GenerateSection(min_tokens=0, code_checks={"formats": {"python_chapter": "parse"}}))
+    assert parse_only.check(_chapter("print(1)\n"), "stop", "python_chapter").reason is None
+    no_run = Validator(GenerateSection(min_tokens=0, code_checks={"run_tests": False}))
+    assert no_run.check(_chapter("assert 1 == 2\n"), "stop", "python_chapter").reason is None
+
+
+def test_the_model_code_runs_in_a_scratch_directory(tmp_path):
+    probe = tmp_path / "probe.json"
+    code = (f"import json, os, sys\nopen({str(probe)!r}, 'w').write(json.dumps([os.getcwd(), sys.flags.isolated,"
+            " 'pipeline' in sys.modules]))\nassert True\n")
+    assert codecheck.run_tests(codecheck.python_blocks(f"```python\n{code}```\n"), CodeCheckSettings()) is None
+    cwd, isolated, has_pipeline = json.loads(probe.read_text())
+    assert "textbook-code-" in cwd and isolated == 1 and not has_pipeline
+
+
+# ------------------------------------------------------------------ in the stages
+def test_generate_judge_records_the_reason_and_what_fired(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.documents import iter_documents, list_document_files
+    from pipeline.generate.judge import Judge, JudgeSetup
+    from pipeline.generate.sampler import PromptSpec
+    from pipeline.generate.taxonomy import Leaf
+    from pipeline.llm.types import LLMResult
+
+    cfg = load_config(None, ["generate.min_tokens=20", "generate.token_counter=whitespace"])
+    leaf = Leaf("Python Programming", "lists", "sum")
+    specs = [PromptSpec(0, "college", "python_chapter", leaf=leaf), PromptSpec(1, "college", "python_chapter",
+                                                                              leaf=leaf)]
+    judge = Judge(JudgeSetup(cfg, tmp_path / "kept", tmp_path / "removed", specs, {"python_chapter": "pc@1"}))
+    for i, text in enumerate([CHAPTER, _chapter("assert total([2]) == 3\n")]):
+        judge(LLMResult(key=f"k{i}", ok=True, text=text, finish_reason="stop", prompt_tokens=10,
+                        completion_tokens=200, latency_s=0.1, attempts=1, error=None, model="m",
+                        tag={"spec": i, "cell": "college × python_chapter", "sample_index": 0}))
+    out = judge.close()
+    assert out["stats"]["kept"] == 1 and out["stats"]["dropped"] == {"tests_failed": 1}
+    (removed,) = list(iter_documents(list_document_files([tmp_path / "removed"])))
+    assert "AssertionError" in removed["meta"]["drop_detail"]
+
+
+def test_rephrase_checks_each_chunk_for_patterns_and_the_rewrite_for_repetition():
+    from pipeline.config import load_config
+    from pipeline.rephrase.judge import validation_section
+
+    cfg = load_config(None, ["rephrase.token_counter=whitespace"])
+    chunk = Validator(validation_section(cfg, False))
+    whole = Validator(validation_section(cfg, True))
+    assert chunk.check("Here is the rewritten passage:\n\n" + BODY, "stop").reason == "preamble"
+    assert chunk.check(BODY + "the " * 200, "stop").reason is None  # a chunk is not judged for repetition ...
+    assert whole.check(BODY + "the " * 200, "stop").reason == "repetition"  # ... the joined rewrite is
+    assert whole.check(CHAPTER.replace("def total(values):", "def total(values)"), "stop", "python_chapter").reason \
+        is None  # no code checks for rewrites
