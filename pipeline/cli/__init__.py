@@ -85,7 +85,7 @@ importlib.import_module("pipeline.cli.core").register(app)
 
 
 def main() -> None:
-    from pipeline.cli.common import Terminated, install_signal_handlers
+    from pipeline.signals import Terminated, install_signal_handlers
 
     install_signal_handlers()  # SIGTERM/SIGHUP unwind like Ctrl-C: the local server and the judge are stopped
     try:

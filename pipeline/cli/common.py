@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -13,6 +11,7 @@ import typer
 from rich.console import Console
 
 from pipeline.errors import TextbookError
+from pipeline.signals import Terminated
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -21,35 +20,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 SET_HELP = "Override a config key, typed by the schema: --set generate.n=100 (repeatable)."
 CONFIG_HELP = "Run config YAML (see configs/)."
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised in the main thread (`install_signal_handlers`) so that every `with` block and
-    `finally` unwinds as for Ctrl-C: the local LLM server and the judging process are stopped, the server's log is
-    kept, the ledger is closed. A BaseException, like KeyboardInterrupt: no `except Exception` swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM and SIGHUP raise `Terminated` in the main thread. The handler then steps aside (default action),
-    so a second signal during the clean-up ends the process at once; the local server still goes, by its
-    parent-death signal (`pipeline.llm.server`). No-op outside the main thread (signal handlers live there)."""
-
-    def handler(signum: int, frame: Any) -> None:
-        signal.signal(signum, signal.SIG_DFL)
-        raise Terminated(signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, handler)
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -173,8 +173,11 @@ class WorkerPool:
         from pipeline.llm.worker import RayWorker
 
         if not ray.is_initialized():
-            ray.init(address=llm.resolved_ray_address(), include_dashboard=False, ignore_reinit_error=True,
-                     log_to_driver=False)
+            from pipeline.signals import keep_signal_handlers
+
+            with keep_signal_handlers():  # ray.init sets SIGTERM to sys.exit(15): `textbook`'s handlers stay
+                ray.init(address=llm.resolved_ray_address(), include_dashboard=False, ignore_reinit_error=True,
+                         log_to_driver=False)
         limiter = None
         if llm.requests_per_minute or llm.tokens_per_minute:
             limiter = ray.remote(num_cpus=0)(LimiterActor).remote(llm.requests_per_minute, llm.tokens_per_minute)

@@ -182,8 +182,11 @@ def _run_ray(section: Any, steps: list[Any], logs_dir: Path) -> None:
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=section.ray_address, num_cpus=None if section.ray_address else section.workers,
-                 include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        from pipeline.signals import keep_signal_handlers
+
+        with keep_signal_handlers():  # ray.init sets SIGTERM to sys.exit(15): `textbook`'s handlers stay
+            ray.init(address=section.ray_address, num_cpus=None if section.ray_address else section.workers,
+                     include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
         started = True
     try:
         RayPipelineExecutor(steps, tasks=section.tasks, workers=section.workers, logging_dir=str(logs_dir),
