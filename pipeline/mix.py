@@ -24,6 +24,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,17 @@ class _Store:
     def close(self) -> None:
         self._close()
 
+    @staticmethod
+    def listing(directory: Path) -> list[tuple[Path, int, int]]:
+        """(path, first doc, docs) of the files a closed store left in `directory` (read back by another task)."""
+        out, first = [], 0
+        for path in sorted(directory.glob("store-*.arrow")):
+            with pa.memory_map(str(path)) as src:
+                n = pa.ipc.open_file(src).read_all().num_rows
+            out.append((path, first, n))
+            first += n
+        return out
+
     def batches(self) -> Iterator[tuple[int, pa.Table]]:
         for path, first, _ in self.files:
             with pa.memory_map(str(path)) as src:
@@ -111,93 +123,111 @@ def _docs_of(table: pa.Table) -> list[dict[str, Any]]:
     return docs
 
 
-def run_stage(ctx: Any) -> StageStats:
-    from tqdm import tqdm
+@dataclass
+class _DocFigures:
+    """What the plan needs of each tokenized document, in input order (~40 bytes a document)."""
 
-    from pipeline.config import config_hash
-    from pipeline.documents import iter_documents, to_row
-    from pipeline.run import gather_stage_stats
-    from pipeline.shards import SHARD_COLUMNS, SHARD_SCHEMA, ShardSetWriter
-    from pipeline.tokenizer import load_tokenizer
+    sources: dict[str, int] = field(default_factory=dict)
+    hash: list[int] = field(default_factory=list)
+    src: list[int] = field(default_factory=list)
+    val: list[bool] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    bytes: list[int] = field(default_factory=list)
+    u: list[float] = field(default_factory=list)  # uniform in [0, 1) from (seed, id): decides fractional copies
+    dropped_examples: dict[str, list[str]] = field(default_factory=dict)
 
-    section, cfg = ctx.section, ctx.cfg
-    seed = section.seed if section.seed is not None else cfg.run.seed
-    stats = StageStats(ctx.name)
-    if not ctx.inputs:
-        raise NoInputDocuments("shard: no input documents (the upstream stages kept nothing, or shard.inputs is empty)")
-    tokenizer = load_tokenizer(cfg.tokenizer.path, workers=cfg.tokenizer.workers)
-    out_dir = Path(section.out) if section.out else Path(ctx.run_dir)
-    work = ctx.state_dir / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "store").mkdir(parents=True)
-    t0 = time.time()
+    def add(self, rows: list[dict[str, Any]], ids: list[Any], validation_fraction: float, seed: int) -> None:
+        for r, x in zip(rows, ids, strict=True):
+            src = r["source"] or "unknown"
+            self.src.append(self.sources.setdefault(src, len(self.sources)))
+            self.hash.append(id_hash(r["id"]))
+            self.val.append(is_validation(r["id"], validation_fraction))
+            self.tokens.append(len(x))
+            self.bytes.append(len(r["text"].encode("utf-8", "replace")) + 4 * len(x))
+            self.u.append(id_hash(r["id"], f"sample-{seed}") / _U64)
 
-    # 1. tokenize -----------------------------------------------------------------------------------
-    store = _Store(work / "store", SHARD_SCHEMA)
-    sources: dict[str, int] = {}
-    doc_hash: list[int] = []
-    doc_src: list[int] = []
-    doc_val: list[bool] = []
-    doc_tokens: list[int] = []
-    doc_bytes: list[int] = []
-    doc_u: list[float] = []  # uniform in [0, 1) from (seed, id): decides fractional copies
-    dropped_examples: dict[str, list[str]] = {}
+    def extend(self, other: _DocFigures) -> None:
+        """Append a later part (a task's file): source codes renumbered in first-appearance order, as one pass."""
+        code = {k: self.sources.setdefault(name, len(self.sources)) for name, k in other.sources.items()}
+        self.src.extend(code[k] for k in other.src)
+        for name in ("hash", "val", "tokens", "bytes", "u"):
+            getattr(self, name).extend(getattr(other, name))
+        for reason, ids in other.dropped_examples.items():
+            ex = self.dropped_examples.setdefault(reason, [])
+            ex.extend(ids[: max(0, 5 - len(ex))])
 
-    def unreadable(reason: str, where: str) -> None:
-        stats.read()
-        stats.error_at(reason, where)
 
-    def drop(reason: str, doc: dict[str, Any]) -> None:
-        stats.drop(reason)
-        ex = dropped_examples.setdefault(reason, [])
+class _Tokenizing:
+    """Step 1 over a stream of documents: drops (named reasons), tokenizes in batches, spills to a `_Store`."""
+
+    def __init__(self, stats: StageStats, store: _Store, tokenizer: Any, section: Any, seed: int,
+                 batch_size: int) -> None:
+        self.stats, self.store, self.tokenizer, self.section, self.seed = stats, store, tokenizer, section, seed
+        self.batch_size = batch_size
+        self.figures = _DocFigures()
+
+    def drop(self, reason: str, doc: dict[str, Any]) -> None:
+        self.stats.drop(reason)
+        ex = self.figures.dropped_examples.setdefault(reason, [])
         if len(ex) < 5:
             ex.append(str(doc.get("id")))
 
-    def flush(batch: list[dict[str, Any]]) -> None:
+    def flush(self, batch: list[dict[str, Any]]) -> None:
+        from pipeline.documents import to_row
+        from pipeline.shards import SHARD_COLUMNS, SHARD_SCHEMA
+
         rows = [to_row(d) for d in batch]
-        ids = tokenizer.encode_batch([r["text"] for r in rows])
+        ids = self.tokenizer.encode_batch([r["text"] for r in rows])
         cols: dict[str, Any] = {c: [r[c] for r in rows] for c in SHARD_COLUMNS if c not in ("input_ids", "num_tokens")}
         cols["input_ids"] = token_id_array(ids)
         cols["num_tokens"] = pa.array([len(x) for x in ids], pa.int32())
-        store.add(pa.table({c: cols[c] for c in SHARD_COLUMNS}, schema=SHARD_SCHEMA))
-        for r, x in zip(rows, ids, strict=True):
-            src = r["source"] or "unknown"
-            doc_src.append(sources.setdefault(src, len(sources)))
-            doc_hash.append(id_hash(r["id"]))
-            doc_val.append(is_validation(r["id"], section.validation_fraction))
-            doc_tokens.append(len(x))
-            doc_bytes.append(len(r["text"].encode("utf-8", "replace")) + 4 * len(x))
-            doc_u.append(id_hash(r["id"], f"sample-{seed}") / _U64)
+        self.store.add(pa.table({c: cols[c] for c in SHARD_COLUMNS}, schema=SHARD_SCHEMA))
+        self.figures.add(rows, ids, self.section.validation_fraction, self.seed)
 
-    batch: list[dict[str, Any]] = []
-    batch_chars = 0
-    with tqdm(desc="shard: tokenizing", unit="doc", mininterval=1.0, file=sys.stderr) as bar:
-        for doc in iter_documents(ctx.inputs, on_error=unreadable, on_repair=stats.on_repair):
-            stats.read()
+    def run(self, docs: Iterator[dict[str, Any]], bar: Any = None) -> None:
+        batch: list[dict[str, Any]] = []
+        batch_chars = 0
+        for doc in docs:
+            self.stats.read()
             if not doc["text"].strip():
-                drop("empty_text", doc)
+                self.drop("empty_text", doc)
                 continue
-            if len(doc["text"]) > section.max_chars:
-                drop("too_long", doc)
+            if len(doc["text"]) > self.section.max_chars:
+                self.drop("too_long", doc)
                 continue
             batch.append(doc)
             batch_chars += len(doc["text"])
-            if len(batch) >= cfg.tokenizer.batch_size or batch_chars > 8_000_000:
-                flush(batch)
-                bar.update(len(batch))
+            if len(batch) >= self.batch_size or batch_chars > 8_000_000:
+                self.flush(batch)
+                if bar is not None:
+                    bar.update(len(batch))
                 batch, batch_chars = [], 0
         if batch:
-            flush(batch)
-            bar.update(len(batch))
-    store.close()
-    seconds_tokenize = time.time() - t0
-    n = len(doc_hash)
+            self.flush(batch)
+            if bar is not None:
+                bar.update(len(batch))
+        self.store.close()
 
-    # 2. plan ---------------------------------------------------------------------------------------
-    names = list(sources)
-    src = np.asarray(doc_src, dtype=np.int32)
-    val = np.asarray(doc_val, dtype=bool)
-    tokens = np.asarray(doc_tokens, dtype=np.int64)
+
+@dataclass
+class _Plan:
+    """Step 2: every output row (entry) with its document, copy number, shuffle key, split and bucket."""
+
+    doc: np.ndarray
+    copy: np.ndarray
+    key: np.ndarray
+    val: np.ndarray
+    bucket: np.ndarray
+    buckets: int
+    figures: dict[str, Any]
+
+
+def _plan(f: _DocFigures, section: Any, seed: int, stats: StageStats) -> _Plan:
+    n = len(f.hash)
+    names = list(f.sources)
+    src = np.asarray(f.src, dtype=np.int32)
+    val = np.asarray(f.val, dtype=bool)
+    tokens = np.asarray(f.tokens, dtype=np.int64)
     weight_of = np.array([section.weights.get(s, section.default_weight) for s in names] or [0.0])
     weights = weight_of[src] if n else np.empty(0)
     scale = 1.0
@@ -210,52 +240,19 @@ def run_stage(ctx: Any) -> StageStats:
     whole = np.floor(eff)
     frac = eff - whole
     # the same rule as copies_for(), vectorised
-    copies = np.where(val, 1, whole.astype(np.int64) + ((frac > 0) & (np.asarray(doc_u) < frac))).astype(np.int64)
+    copies = np.where(val, 1, whole.astype(np.int64) + ((frac > 0) & (np.asarray(f.u) < frac))).astype(np.int64)
     sampled_out = int((copies == 0).sum())
     if sampled_out:
         stats.drop("sampled_out", sampled_out)
     stats.keep(int((copies > 0).sum()))
-    dh = np.asarray(doc_hash, dtype=np.uint64)
+    dh = np.asarray(f.hash, dtype=np.uint64)
     entry_doc = np.repeat(np.arange(n), copies)
     entry_copy = np.arange(len(entry_doc)) - np.repeat(np.cumsum(copies) - copies, copies)
     entry_key = shuffle_keys(dh[entry_doc], entry_copy, seed)
     entry_val = val[entry_doc]
-    row_bytes = np.asarray(doc_bytes, dtype=np.int64)[entry_doc]
+    row_bytes = np.asarray(f.bytes, dtype=np.int64)[entry_doc]
     buckets = max(1, math.ceil(int(row_bytes.sum()) / (section.shuffle_buffer_mb << 20)))
     entry_bucket = (entry_key % np.uint64(buckets)).astype(np.int64)
-
-    # 3. bucket -------------------------------------------------------------------------------------
-    bucket_schema = SHARD_SCHEMA.append(pa.field("_key", pa.uint64())).append(pa.field("_copy", pa.int32()))
-    order = np.argsort(entry_doc, kind="stable")  # entries in store order, for one sequential pass
-    sorted_doc = entry_doc[order]
-    writers: dict[tuple[bool, int], Any] = {}
-    (work / "buckets").mkdir()
-    with tqdm(total=len(entry_doc), desc="shard: shuffling", unit="row", mininterval=1.0, file=sys.stderr) as bar:
-        for first, table in store.batches():
-            lo, hi = np.searchsorted(sorted_doc, [first, first + len(table)])
-            sel = order[lo:hi]
-            if not len(sel):
-                continue
-            local, sel_val, sel_bucket = entry_doc[sel] - first, entry_val[sel], entry_bucket[sel]
-            sel_key, sel_copy = entry_key[sel], entry_copy[sel].astype(np.int32)
-            for (is_val, b) in {(bool(v), int(k)) for v, k in zip(sel_val, sel_bucket, strict=True)}:
-                m = (sel_val == is_val) & (sel_bucket == b)
-                part = table.take(pa.array(local[m])).append_column(
-                    "_key", pa.array(sel_key[m], pa.uint64())).append_column(
-                    "_copy", pa.array(sel_copy[m], pa.int32()))
-                w = writers.get((is_val, b))
-                if w is None:
-                    w = writers[(is_val, b)] = pa.ipc.new_file(
-                        str(work / "buckets" / f"{'validation' if is_val else 'train'}-{b:05d}.arrow"), bucket_schema)
-                w.write_table(part)
-            bar.update(len(sel))
-    for w in writers.values():
-        w.close()
-    shutil.rmtree(work / "store", ignore_errors=True)
-
-    # 4. write --------------------------------------------------------------------------------------
-    run_stats = gather_stage_stats(Path(ctx.run_dir))
-    run_stats.pop(ctx.name, None)
     figures = {
         "seed": seed, "validation_fraction": section.validation_fraction,
         "weights": {s: float(weight_of[k]) for k, s in enumerate(names)}, "target_tokens": section.target_tokens,
@@ -265,41 +262,263 @@ def run_stage(ctx: Any) -> StageStats:
         "train_rows": int((~entry_val).sum()), "validation_rows": int(entry_val.sum()),
         "train_tokens_per_source": {s: int((tokens[entry_doc] * ((src[entry_doc] == k) & ~entry_val)).sum())
                                     for k, s in enumerate(names)},
-        "dropped_examples": dropped_examples,
+        "dropped_examples": f.dropped_examples,
     }
     for k, v in figures.items():
         stats.set(k, v)
+    return _Plan(entry_doc, entry_copy, entry_key, entry_val, entry_bucket, buckets, figures)
+
+
+def _bucket_parts(store: _Store, plan: _Plan, first_doc: int, bucket_dir: Path, name: str, bar: Any = None) -> None:
+    """Step 3 for the documents of one store: each of their output rows to `<split>-<bucket>/<name>.arrow`
+    (or, with name "", to `<split>-<bucket>.arrow`), in store order."""
+    from pipeline.shards import SHARD_SCHEMA
+
+    bucket_schema = SHARD_SCHEMA.append(pa.field("_key", pa.uint64())).append(pa.field("_copy", pa.int32()))
+    lo_doc = first_doc
+    hi_doc = first_doc + sum(n for _, _, n in store.files)
+    lo, hi = np.searchsorted(plan.doc, [lo_doc, hi_doc])  # plan.doc is sorted (np.repeat of aranged docs)
+    entry_doc = plan.doc[lo:hi] - first_doc
+    writers: dict[tuple[bool, int], Any] = {}
+    for first, table in store.batches():
+        a, b = np.searchsorted(entry_doc, [first, first + len(table)])
+        if a == b:
+            continue
+        local = entry_doc[a:b] - first
+        sel_val, sel_bucket = plan.val[lo + a:lo + b], plan.bucket[lo + a:lo + b]
+        sel_key, sel_copy = plan.key[lo + a:lo + b], plan.copy[lo + a:lo + b].astype(np.int32)
+        for (is_val, bk) in sorted({(bool(v), int(k)) for v, k in zip(sel_val, sel_bucket, strict=True)}):
+            m = (sel_val == is_val) & (sel_bucket == bk)
+            part = table.take(pa.array(local[m])).append_column(
+                "_key", pa.array(sel_key[m], pa.uint64())).append_column("_copy", pa.array(sel_copy[m], pa.int32()))
+            w = writers.get((is_val, bk))
+            if w is None:
+                stem = f"{'validation' if is_val else 'train'}-{bk:05d}"
+                path = bucket_dir / stem / f"{name}.arrow" if name else bucket_dir / f"{stem}.arrow"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                w = writers[(is_val, bk)] = pa.ipc.new_file(str(path), bucket_schema)
+            w.write_table(part)
+        if bar is not None:
+            bar.update(b - a)
+    for w in writers.values():
+        w.close()
+
+
+def _bucket_docs(paths: list[Path]) -> list[dict[str, Any]]:
+    """Step 4 for one bucket: its rows (from one file or a task's parts, in order) sorted by shuffle key."""
+    tables = []
+    for path in paths:
+        with pa.memory_map(str(path)) as srcf:
+            tables.append(pa.ipc.open_file(srcf).read_all())
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    table = table.take(pa.array(np.argsort(table.column("_key").to_numpy(), kind="stable")))
+    copy_col = table.column("_copy").to_numpy()
+    docs = _docs_of(table.drop_columns(["_key", "_copy"]))
+    for d, c in zip(docs, copy_col.tolist(), strict=True):
+        if c:
+            d["copy"] = c  # folded into meta: the epoch this repeat belongs to
+    return docs
+
+
+def run_stage(ctx: Any) -> StageStats:
+    """The stage: in this process, or (run.executor ray) as Ray tasks (`_run_tasks`): the same rows in the
+    same order. A shard.out URL is built in state/ and published there (`pipeline.scale.storage`)."""
+    from tqdm import tqdm
+
+    from pipeline.documents import iter_documents
+    from pipeline.scale import engine_for
+    from pipeline.shards import SHARD_SCHEMA, ShardSetWriter
+    from pipeline.tokenizer import load_tokenizer
+
+    section, cfg = ctx.section, ctx.cfg
+    seed = section.seed if section.seed is not None else cfg.run.seed
+    stats = StageStats(ctx.name)
+    if not ctx.inputs:
+        raise NoInputDocuments("shard: no input documents (the upstream stages kept nothing, or shard.inputs is empty)")
+    tokenizer = load_tokenizer(cfg.tokenizer.path, workers=cfg.tokenizer.workers)
+    out_dir, url = _out_dir(ctx)
+    work = ctx.state_dir / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "store").mkdir(parents=True)
+    t0 = time.time()
+    engine = engine_for(cfg)
+    if engine.distributed:
+        return _run_tasks(ctx, engine, stats, seed, out_dir, url, work, t0)
+
+    # 1. tokenize -----------------------------------------------------------------------------------
+    store = _Store(work / "store", SHARD_SCHEMA)
+
+    def unreadable(reason: str, where: str) -> None:
+        stats.read()
+        stats.error_at(reason, where)
+
+    tok = _Tokenizing(stats, store, tokenizer, section, seed, cfg.tokenizer.batch_size)
+    with tqdm(desc="shard: tokenizing", unit="doc", mininterval=1.0, file=sys.stderr) as bar:
+        tok.run(iter_documents(ctx.inputs, on_error=unreadable, on_repair=stats.on_repair), bar)
+    seconds_tokenize = time.time() - t0
+
+    # 2. plan ---------------------------------------------------------------------------------------
+    plan = _plan(tok.figures, section, seed, stats)
+
+    # 3. bucket -------------------------------------------------------------------------------------
+    (work / "buckets").mkdir()
+    with tqdm(total=len(plan.doc), desc="shard: shuffling", unit="row", mininterval=1.0, file=sys.stderr) as bar:
+        _bucket_parts(store, plan, 0, work / "buckets", "", bar)
+    shutil.rmtree(work / "store", ignore_errors=True)
+
+    # 4. write --------------------------------------------------------------------------------------
     writer = ShardSetWriter(out_dir, tokenizer, shard_bytes=section.shard_mb << 20, batch_size=1024)
     try:
-        with tqdm(total=len(entry_doc), desc="shard: writing", unit="row", mininterval=1.0, file=sys.stderr) as bar:
+        with tqdm(total=len(plan.doc), desc="shard: writing", unit="row", mininterval=1.0, file=sys.stderr) as bar:
             for split in ("train", "validation"):
                 for path in sorted((work / "buckets").glob(f"{split}-*.arrow")):
-                    with pa.memory_map(str(path)) as srcf:
-                        table = pa.ipc.open_file(srcf).read_all()
-                    table = table.take(pa.array(np.argsort(table.column("_key").to_numpy(), kind="stable")))
-                    copy_col = table.column("_copy").to_numpy()
-                    docs = _docs_of(table.drop_columns(["_key", "_copy"]))
-                    for d, c in zip(docs, copy_col.tolist(), strict=True):
-                        if c:
-                            d["copy"] = c  # folded into meta: the epoch this repeat belongs to
+                    docs = _bucket_docs([path])
                     writer.add(split, docs)
                     bar.update(len(docs))
-        stats.set("seconds_tokenize", round(seconds_tokenize, 3))
-        stats.set("accounting", accounting(run_stats, stats, list(ctx.upstream)))
-        manifest = writer.finalize(stage_stats={**run_stats, ctx.name: stats.as_dict()}, config=cfg.resolved(),
-                                   config_hash=config_hash(cfg.resolved()),
-                                   description=_description(figures, stats))
+        return _finish(ctx, stats, writer, plan, out_dir, url, seconds_tokenize, t0)
     except BaseException:
         writer.abort()
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    stats.set("output_dir", str(out_dir))
+
+
+def _out_dir(ctx: Any) -> tuple[Path, str | None]:
+    """(where the shard set is written, the URL it is then published to, or None)."""
+    from pipeline.scale.storage import is_url, staging_dir_for
+
+    out = ctx.section.out
+    if out and is_url(out):
+        return staging_dir_for(out, ctx.state_dir), out
+    return (Path(out) if out else Path(ctx.run_dir)), None
+
+
+def _finish(ctx: Any, stats: StageStats, writer: Any, plan: _Plan, out_dir: Path, url: str | None,
+            seconds_tokenize: float, t0: float) -> StageStats:
+    """Manifest (every stage's stats, the accounting), publication to a URL, the stage's output figures."""
+    from pipeline.config import config_hash
+    from pipeline.run import gather_stage_stats
+
+    cfg = ctx.cfg
+    run_stats = gather_stage_stats(Path(ctx.run_dir))
+    run_stats.pop(ctx.name, None)
+    stats.set("seconds_tokenize", round(seconds_tokenize, 3))
+    stats.set("accounting", accounting(run_stats, stats, list(ctx.upstream)))
+    manifest = writer.finalize(stage_stats={**run_stats, ctx.name: stats.as_dict()}, config=cfg.resolved(),
+                               config_hash=config_hash(cfg.resolved()),
+                               description=_description(plan.figures, stats))
+    if url is not None:
+        from pipeline.scale.storage import publish_shard_set
+
+        publish_shard_set(out_dir, url)
+        shutil.rmtree(out_dir, ignore_errors=True)
+    stats.set("output_dir", url or str(out_dir))
     stats.set("output_documents", manifest["totals"]["documents"])
     stats.set("output_tokens", manifest["totals"]["tokens"])
     elapsed = time.time() - t0
     stats.set("tokens_per_second", round(manifest["totals"]["tokens"] / elapsed, 1) if elapsed > 0 else None)
     return stats
+
+
+# ---------------------------------------------------------------------------------------------- as Ray tasks
+
+
+def _run_tasks(ctx: Any, engine: Any, stats: StageStats, seed: int, out_dir: Path, url: str | None, work: Path,
+               t0: float) -> StageStats:
+    """The four steps as tasks: tokenize one input file each; plan in the driver (~40 B a document); bucket one
+    tokenized file each (hash-partitioned by shuffle key: `<split>-<bucket>/<file>.arrow`); write one bucket
+    each (rows sorted by key, shards cut inside the bucket). The driver adopts the buckets' shard files in
+    (split, bucket) order and writes the one manifest last.
+
+    The row sequence of each split equals the local path's; with one shuffle bucket (shuffle_buffer_mb above
+    the data) the files are byte-identical too. With several buckets a shard ends at a bucket's end (the local
+    path fills shards across buckets), so file boundaries and the fingerprint differ from a local run, never
+    between runs with different numbers of workers: what a task writes depends on its partition alone.
+    """
+    from pipeline.shards import ShardSetWriter
+    from pipeline.tokenizer import load_tokenizer
+
+    section, cfg = ctx.section, ctx.cfg
+    tok_cfg = (cfg.tokenizer.path, cfg.tokenizer.batch_size)
+    parts = engine.map(_tokenize_file, [(k, str(f), str(work / "store"), section, seed, tok_cfg)
+                                        for k, f in enumerate(ctx.inputs)], label="shard: tokenize")
+    figures = _DocFigures()
+    firsts = []
+    for part in parts:
+        stats.merge(part["counts"])
+        firsts.append(len(figures.hash))
+        figures.extend(part["figures"])
+    seconds_tokenize = time.time() - t0
+    plan = _plan(figures, section, seed, stats)
+    plan_ref = engine.put(plan)
+    engine.map(_bucket_file, [(k, str(work / "store"), plan_ref, firsts[k], str(work / "buckets"))
+                              for k in range(len(parts))], label="shard: bucket")
+    shutil.rmtree(work / "store", ignore_errors=True)
+    groups = [(split, b) for split in ("train", "validation") for b in range(plan.buckets)
+              if (work / "buckets" / f"{split}-{b:05d}").is_dir()]
+    written = engine.map(_write_bucket, [(split, b, str(work / "buckets"), str(work / "written"), section.shard_mb,
+                                          tok_cfg) for split, b in groups], label="shard: write")
+    writer = ShardSetWriter(out_dir, load_tokenizer(cfg.tokenizer.path, workers=cfg.tokenizer.workers),
+                            shard_bytes=section.shard_mb << 20, batch_size=1024)
+    try:
+        for (split, _), (files, per_source) in zip(groups, written, strict=True):
+            writer.adopt(split, files, per_source)
+        stats.set("engine", {**engine.describe(), "tokenize_tasks": len(parts), "write_tasks": len(groups)})
+        return _finish(ctx, stats, writer, plan, out_dir, url, seconds_tokenize, t0)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _tokenize_file(k: int, path: str, store_dir: str, section: Any, seed: int, tok_cfg: tuple[Any, int]
+                   ) -> dict[str, Any]:
+    """Task: step 1 for one input file into `store/<k>/`; its counts and per-document figures."""
+    from pipeline.documents import iter_documents
+    from pipeline.shards import SHARD_SCHEMA
+    from pipeline.tokenizer import load_tokenizer
+
+    stats = StageStats("shard")
+    d = Path(store_dir) / f"{k:06d}"
+    shutil.rmtree(d, ignore_errors=True)  # a retried task starts its part afresh
+    d.mkdir(parents=True)
+
+    def unreadable(reason: str, where: str) -> None:
+        stats.read()
+        stats.error_at(reason, where)
+
+    tok = _Tokenizing(stats, _Store(d, SHARD_SCHEMA), load_tokenizer(tok_cfg[0], workers=1), section, seed,
+                      tok_cfg[1])
+    tok.run(iter_documents([path], on_error=unreadable, on_repair=stats.on_repair))
+    return {"counts": stats.counts(), "figures": tok.figures}
+
+
+def _bucket_file(k: int, store_dir: str, plan: Any, first_doc: int, bucket_dir: str) -> None:
+    """Task: step 3 for one tokenized input file."""
+    from pipeline.shards import SHARD_SCHEMA
+
+    if not isinstance(plan, _Plan):  # an ObjectRef inside the task's arguments
+        import ray
+
+        plan = ray.get(plan)
+    store = _Store(Path(store_dir) / f"{k:06d}", SHARD_SCHEMA)
+    store.files = _Store.listing(store.dir)
+    _bucket_parts(store, plan, first_doc, Path(bucket_dir), f"{k:06d}")
+
+
+def _write_bucket(split: str, bucket: int, bucket_dir: str, out_dir: str, shard_mb: int, tok_cfg: tuple[Any, int]
+                  ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+    """Task: step 4 for one bucket: its shard files (in a directory of its own) and their counts per source."""
+    from pipeline.shards import ShardSetWriter
+    from pipeline.tokenizer import load_tokenizer
+
+    target = Path(out_dir) / f"{split}-{bucket:05d}"
+    shutil.rmtree(target, ignore_errors=True)  # a retried task starts afresh
+    writer = ShardSetWriter(target, load_tokenizer(tok_cfg[0], workers=1), shard_bytes=shard_mb << 20,
+                            batch_size=1024)
+    writer.add(split, _bucket_docs(sorted((Path(bucket_dir) / f"{split}-{bucket:05d}").glob("*.arrow"))))
+    return writer.parts(split)
 
 
 def accounting(run_stats: dict[str, Any], shard: StageStats, upstream: list[str]) -> dict[str, Any]:

@@ -176,6 +176,27 @@ class ShardSetWriter:
             self.progress(len(rows), sum(lengths))
         return len(rows)
 
+    def parts(self, split: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+        """Close `split`'s shards without publishing them: (files: tmp path, documents, tokens; counts per source).
+
+        For a writer in a task (one shuffle bucket): the writer that publishes the set `adopt`s them."""
+        files = self._splits[split].close()
+        per_source = {k.split("\0", 1)[1]: dict(v) for k, v in self._per_source.items() if k.startswith(split + "\0")}
+        return [{**f, "tmp": str(f["tmp"])} for f in files], per_source
+
+    def adopt(self, split: str, files: list[dict[str, Any]], per_source: dict[str, dict[str, int]]) -> None:
+        """Take another writer's closed shard files (`parts`) as the next shards of `split`, in order.
+
+        The files must carry this writer's schema and tokenizer (a writer of the same tokenizer made them)."""
+        w = self._splits[split]
+        w._close_shard()
+        for f in files:
+            dest = self.tmp_dir / "data" / f".{split}-{len(w.files):05d}.parquet.partial"
+            os.replace(f["tmp"], dest)
+            w.files.append({"tmp": dest, "documents": f["documents"], "tokens": f["tokens"]})
+        for source, counts in per_source.items():
+            self._per_source[f"{split}\0{source}"].update(counts)
+
     def finalize(self, *, stage_stats: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
                  config_hash: str = "", description: str = "") -> dict[str, Any]:
         """Close, name and move the shards into place; write tokenizer.json, manifest.json and README.md."""

@@ -115,3 +115,55 @@ def test_decontaminate_on_ray_equals_local(shared_data, tmp_path, ray_session):
     assert comparable(dist) == comparable(local)
     assert docs_of(out_r / "kept") == docs_of(out_l / "kept")
     assert sorted(docs_of(out_r / "removed")) == sorted(docs_of(out_l / "removed"))
+
+
+def shard_inputs(shared_data, tmp_path, n_files=3):
+    from test_mix_stage import make_docs
+
+    docs = make_docs(shared_data) + [{"id": "empty", "text": " ", "source": "web"},
+                                     {"id": "huge", "text": "x " * 60_000, "source": "web"}]
+    random.Random(2).shuffle(docs)
+    paths = []
+    for i in range(n_files):
+        p = tmp_path / f"shard-in-{i}.jsonl"
+        p.write_text("".join(json.dumps(d) + "\n" for d in docs[i::n_files]) + ("{broken\n" if i == 0 else ""))
+        paths.append(p)
+    return paths
+
+
+def shard_rows(out):
+    from pipeline.shards import open_shards
+
+    s = open_shards(out)
+    return {split: [(r["id"], r["meta"], list(r["input_ids"])) for r in s.iter_documents(split=split)]
+            for split in s.splits}, s
+
+
+SHARD_SETS = ["shard.max_chars=100000", "shard.weights.web=0.5", "shard.validation_fraction=0.1"]
+
+
+def test_shard_on_ray_equals_local_one_bucket(shared_data, tmp_path, ray_session):
+    inputs = shard_inputs(shared_data, tmp_path)
+    local, _ = run_stage(tmp_path, "local", "shard", inputs, *SHARD_SETS)
+    dist, _ = run_stage(tmp_path, "ray", "shard", inputs, *SHARD_SETS, "run.executor=ray")
+    assert local["shuffle_buckets"] == 1 and dist["engine"]["tokenize_tasks"] == 3
+    assert comparable(dist) == comparable(local)
+    rows_l, set_l = shard_rows(tmp_path / "local")
+    rows_r, set_r = shard_rows(tmp_path / "ray")
+    assert rows_r == rows_l and len(rows_l["train"]) > 100
+    assert set_r.fingerprint == set_l.fingerprint  # one bucket: the same files, byte for byte
+
+
+def test_shard_many_buckets_same_rows_and_same_files_for_1_or_n_workers(shared_data, tmp_path, ray_session):
+    inputs = shard_inputs(shared_data, tmp_path)
+    sets = [*SHARD_SETS, "shard.shuffle_buffer_mb=1", "shard.shard_mb=1", "shard.weights.synthetic=3"]
+    local, _ = run_stage(tmp_path, "local", "shard", inputs, *sets)
+    one, _ = run_stage(tmp_path, "inline", "shard", inputs, *sets, "run.executor=inline")
+    dist, _ = run_stage(tmp_path, "ray", "shard", inputs, *sets, "run.executor=ray")
+    assert local["shuffle_buckets"] > 1 and dist["engine"]["write_tasks"] > 2
+    assert comparable(dist) == comparable(local) == comparable(one)
+    rows_l, _ = shard_rows(tmp_path / "local")
+    rows_1, set_1 = shard_rows(tmp_path / "inline")
+    rows_r, set_r = shard_rows(tmp_path / "ray")
+    assert rows_r == rows_1 == rows_l  # the same rows in the same order as one process
+    assert set_r.fingerprint == set_1.fingerprint  # 1 worker or 2: the same files

@@ -27,9 +27,9 @@ class RunSection(StrictModel):
     out: str | None = Field(default=None, description="output directory; default shards/<name>")
     stages: list[str] = Field(default_factory=lambda: ["generate", "web", "dedup", "decontaminate", "shard"])
     seed: int = 0
-    executor: Literal["local", "ray"] = Field(
+    executor: Literal["local", "ray", "inline"] = Field(
         default="local", description="dedup, decontaminate and shard: local = one process (the default); ray = "
-        "Ray tasks (pipeline.scale), same outputs")
+        "Ray tasks (pipeline.scale), same outputs; inline = those tasks one by one in this process (one worker)")
     ray_address: str | None = Field(default=None, description="executor ray: join this cluster (else $RAY_ADDRESS, "
                                     "else a local Ray with run.workers CPUs); the run directory must be shared")
     workers: int | None = Field(default=None, ge=1, description="executor ray: CPUs of a Ray started here "

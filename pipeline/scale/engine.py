@@ -2,8 +2,8 @@
 
 `Engine.map(fn, items)` returns `[fn(*item) for item in items]`, in order, whichever way it runs:
 
-- local (`run.executor: local`, workers 1): a plain loop in this process; what tests and the single-worker
-  benchmark use to check that N workers give what one gives;
+- inline (`run.executor: inline`): the task code, one task after another in this process (no Ray): one
+  worker, what tests and the benchmark compare N workers with;
 - ray (`run.executor: ray`): one Ray task per item, `max_retries=run.task_retries`. A task whose worker or node
   dies is re-executed by Ray from its arguments; tasks write only under names derived from their partition,
   so a retry overwrites what a lost attempt may have left and never adds to it.
@@ -43,12 +43,17 @@ class Engine:
 
     @property
     def distributed(self) -> bool:
+        """Whether the stage runs its task code (ray, or inline: the tasks one by one here)."""
+        return self.kind in ("ray", "inline")
+
+    @property
+    def on_ray(self) -> bool:
         return self.kind == "ray"
 
     def describe(self) -> dict[str, Any]:
         """What the stage stats record of the engine (never part of the output's identity)."""
         out: dict[str, Any] = {"executor": self.kind}
-        if self.distributed:
+        if self.on_ray:
             import ray
 
             self._init()
@@ -68,7 +73,7 @@ class Engine:
 
     def put(self, obj: Any) -> Any:
         """A value many tasks read (an index, a lookup table): one copy in Ray's object store, or `obj` itself."""
-        if not self.distributed:
+        if not self.on_ray:
             return obj
         import ray
 
@@ -78,7 +83,7 @@ class Engine:
     def map(self, fn: Callable[..., Any], items: Sequence[tuple[Any, ...]], *, label: str = "task",
             num_cpus: float = 1, memory_mb: int | None = None) -> list[Any]:
         """[fn(*item) for item in items], in order; as Ray tasks when distributed (progress on stderr)."""
-        if not self.distributed:
+        if not self.on_ray:
             return [_run_task(fn, item, label, k, self.events) for k, item in enumerate(items)]
         import ray
         from tqdm import tqdm
