@@ -13,6 +13,7 @@ from llm_fixtures import build_tiny_llama
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.generate.validate import REASONS
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_generate_with_local_transformers_serve(tiny_llama, tmp_path, monkeypatc
     assert stats["reconciled"] and stats["read"] == stats["requests"] == 6
     assert stats["errored"] == {}  # the server answered everything
     assert stats["kept"] + sum(stats["dropped"].values()) == 6
-    assert set(stats["dropped"]) <= {"length", "empty", "refusal", "too_short", "not_english"}
+    assert set(stats["dropped"]) <= {*REASONS, "not_english"} - {"not_<lang>"}
     assert stats["llm"]["sent"] == 6 and stats["tokens"]["completion"] > 0
     removed = [r for f in sorted((stage / "removed").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     kept = [r for f in sorted((stage / "kept").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]

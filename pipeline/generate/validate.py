@@ -28,6 +28,9 @@ from typing import Any
 
 from pipeline.config.generate import GenerateSection
 
+# every reason `Validator` can give, in check order (`not_<lang>` is named after the configured language)
+REASONS = ("empty", "length", "refusal", "preamble", "meta_talk", "placeholder", "too_short", "repetition",
+           "not_<lang>", "code_missing", "code_syntax", "tests_missing", "tests_failed")
 _CODE_BLOCK = re.compile(r"```.*?(```|\Z)", re.S)
 _INLINE_CODE = re.compile(r"`[^`\n]+`")
 _SPACE = re.compile(r"\s+")
