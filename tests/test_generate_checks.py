@@ -298,3 +298,29 @@ def test_rephrase_checks_each_chunk_for_patterns_and_the_rewrite_for_repetition(
     assert whole.check(BODY + "the " * 200, "stop").reason == "repetition"  # ... the joined rewrite is
     assert whole.check(CHAPTER.replace("def total(values):", "def total(values)"), "stop", "python_chapter").reason \
         is None  # no code checks for rewrites
+
+
+def test_fast_paths_agree_with_the_plain_definitions():
+    """PatternFamily's lower-case and word-start shortcuts find what re.search(p, text, re.I) finds, and the
+    duplicate n-gram fraction never grows with n (repetition() stops early on that)."""
+    import random
+    import re
+
+    from pipeline.config.checks import DEFAULT_META_TALK, DEFAULT_PREAMBLES, DEFAULT_REFUSALS
+    from pipeline.generate.repetition import _WORD, dup_ngram_char_frac
+    from pipeline.generate.validate import PatternFamily, normalize
+
+    texts = [normalize(t) for t in ["Has an AI, I think.", "As an AI, I think.", "x(312 words)", "bas I'm an AI.",
+                                    "Sure! Here's it.", "So sure! Here's it.", "I hope this helps.", BODY, MORE]]
+    for patterns in (DEFAULT_REFUSALS, DEFAULT_PREAMBLES, DEFAULT_META_TALK):
+        family = PatternFamily(patterns, "f")
+        for t in texts:
+            plain = next((m.group(0).strip() for p in patterns if (m := re.search(p, t, re.I))), None)
+            assert (family.search(t) or "").lower() == (plain or "").lower(), (t, patterns[0])
+    rng = random.Random(0)
+    for _ in range(30):
+        words = [w.lower() for w in _WORD.findall(BODY)]
+        text = [rng.choice(words[:40]) if rng.random() < 0.5 else w for w in words * 2]
+        total = sum(map(len, text))
+        fracs = [dup_ngram_char_frac(text, n, total) for n in range(2, 11)]
+        assert fracs == sorted(fracs, reverse=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from pipeline.config.checks import RepetitionSettings
 
@@ -52,24 +52,28 @@ def _covered_chars(words: Sequence[str], starts: list[int], n: int) -> int:
     return sum(len(w) for w, c in zip(words, covered, strict=True) if c)
 
 
+def _ngrams(words: Sequence[str], n: int) -> Iterator[tuple[str, ...]]:
+    return zip(*(words[i:] for i in range(n)), strict=False)
+
+
 def top_ngram_char_frac(words: Sequence[str], n: int, total_chars: int) -> float:
     """Word characters covered by the occurrences of the most frequent n-gram / all word characters (0 when no
     n-gram occurs twice)."""
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    if not grams or not total_chars:
+    counts = Counter(_ngrams(words, n))
+    if not counts or not total_chars:
         return 0.0
-    top, count = Counter(grams).most_common(1)[0]
+    top, count = counts.most_common(1)[0]
     if count < 2:
         return 0.0
-    return _covered_chars(words, [i for i, g in enumerate(grams) if g == top], n) / total_chars
+    return _covered_chars(words, [i for i, g in enumerate(_ngrams(words, n)) if g == top], n) / total_chars
 
 
 def dup_ngram_char_frac(words: Sequence[str], n: int, total_chars: int) -> float:
-    """Word characters covered by repeats of n-grams seen earlier in the text / all word characters."""
+    """Word characters covered by repeats of n-grams seen earlier in the text / all word characters. Never larger
+    for a larger n (a repeated (n+1)-gram is made of repeated n-grams)."""
     seen: set[tuple[str, ...]] = set()
     repeats = []
-    for i in range(len(words) - n + 1):
-        g = tuple(words[i:i + n])
+    for i, g in enumerate(_ngrams(words, n)):
         if g in seen:
             repeats.append(i)
         else:
@@ -111,10 +115,13 @@ def repetition(text: str, s: RepetitionSettings) -> str | None:
         value = top_ngram_char_frac(prose_words, n, total)
         if value > limit:
             return f"top_{n}gram_char_frac {value:.2f} > {limit:.2f}"
-    for n, limit in sorted(s.max_dup_ngram_char_frac.items()):
+    dup_limits = sorted(s.max_dup_ngram_char_frac.items())
+    for k, (n, limit) in enumerate(dup_limits):
         value = dup_ngram_char_frac(prose_words, n, total)
         if value > limit:
             return f"dup_{n}gram_char_frac {value:.2f} > {limit:.2f}"
+        if all(value <= later for _, later in dup_limits[k + 1:]):
+            break  # the fraction only shrinks as n grows: no later limit can be passed
     if s.min_window_distinct_ratio is not None:
         ratio = min_window_distinct_ratio(prose_words, s.window_words)
         if ratio is not None and ratio < s.min_window_distinct_ratio:

@@ -79,31 +79,77 @@ def prose(text: str) -> str:
     return _INLINE_CODE.sub(" ", _CODE_BLOCK.sub(" ", text))
 
 
-def _compile(patterns: list[str], field: str) -> list[re.Pattern[str]]:
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p, re.I))
-        except re.error as e:
-            raise ValueError(f"generate.{field}: invalid regular expression {p!r}: {e}") from None
-    return out
+_UPPER_LITERAL = re.compile(r"(?<!\\)[A-Z]")
 
 
-def _first_match(patterns: list[re.Pattern[str]], text: str) -> str | None:
-    for p in patterns:
-        m = p.search(text)
-        if m:
-            return m.group(0).strip()[:120] or p.pattern[:120]
-    return None
+def _top_level_or(pattern: str) -> bool:
+    """Whether `pattern` has a `|` outside groups and character classes (then a leading \\b binds one branch)."""
+    depth, in_class, escaped = 0, False, False
+    for c in pattern:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            return True
+    return False
+
+
+def _is_word(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def _boundary(text: str, i: int) -> bool:
+    """`\\b` at position i: a word character on one side only."""
+    return (i > 0 and _is_word(text[i - 1])) != (i < len(text) and _is_word(text[i]))
+
+
+class PatternFamily:
+    """A list of case-insensitive regular expressions searched in one text; the first match wins.
+
+    Speed (every answer is searched by about 30 patterns): a pattern without upper-case literals is searched in the
+    lower-cased text without re.IGNORECASE, and a leading `\\b` is checked by hand, because either one stops Python's
+    regex engine from skipping ahead to the pattern's first characters (4x faster on a 200-word answer)."""
+
+    def __init__(self, patterns: list[str], field: str) -> None:
+        self.compiled: list[tuple[re.Pattern[str], bool, bool]] = []  # (pattern, lower-cased text, word start)
+        for p in patterns:
+            lower = not _UPPER_LITERAL.search(p)
+            word_start = lower and p.startswith("\\b") and not _top_level_or(p)
+            body = p[2:] if word_start else p
+            try:
+                self.compiled.append((re.compile(body, 0 if lower else re.I), lower, word_start))
+            except re.error as e:
+                raise ValueError(f"{field}: invalid regular expression {p!r}: {e}") from None
+
+    def search(self, text: str) -> str | None:
+        """The first pattern's match in `text` (stripped, at most 120 characters), or None."""
+        low = text.lower()
+        for pattern, lower, word_start in self.compiled:
+            t = low if lower else text
+            m = pattern.search(t)
+            while m is not None and word_start and not _boundary(t, m.start()):
+                m = pattern.search(t, m.start() + 1)
+            if m is not None:
+                return m.group(0).strip()[:120] or pattern.pattern[:120]
+        return None
 
 
 class Validator:
     def __init__(self, section: GenerateSection, tokenizer_spec: str | None = None) -> None:
         self.s = section
-        self.refusals = _compile(section.refusal_patterns, "refusal_patterns")
-        self.preambles = _compile(section.preamble_patterns, "preamble_patterns")
-        self.meta_talk = _compile(section.meta_talk_patterns, "meta_talk_patterns")
-        self.placeholders = _compile(section.placeholder_patterns, "placeholder_patterns")
+        self.refusals = PatternFamily(section.refusal_patterns, "generate.refusal_patterns")
+        self.preambles = PatternFamily(section.preamble_patterns, "generate.preamble_patterns")
+        self.meta_talk = PatternFamily(section.meta_talk_patterns, "generate.meta_talk_patterns")
+        self.placeholders = PatternFamily(section.placeholder_patterns, "generate.placeholder_patterns")
         self._tok = None
         if section.token_counter == "tokenizer" and section.min_tokens > 0:
             from pipeline.tokenizer import load_tokenizer
@@ -126,17 +172,17 @@ class Validator:
 
     def refusal(self, text: str) -> str | None:
         """The refusal phrase found in `text`, or None."""
-        return _first_match(self.refusals, normalize(text))
+        return self.refusals.search(normalize(text))
 
     def _checks(self, text: str, finish_reason: str | None, fmt: str | None,
                 v: Verdict) -> Iterator[tuple[str, Callable[[], str | bool | None]]]:
         """(reason, test) in order; a test returns a truthy detail when its reason applies."""
         flat = normalize(text)
         yield "length", lambda: self.s.drop_length_finish and finish_reason == "length"
-        yield "refusal", lambda: _first_match(self.refusals, flat)
-        yield "preamble", lambda: _first_match(self.preambles, flat)
-        yield "meta_talk", lambda: _first_match(self.meta_talk, flat)
-        yield "placeholder", lambda: _first_match(self.placeholders, normalize(prose(text)))
+        yield "refusal", lambda: self.refusals.search(flat)
+        yield "preamble", lambda: self.preambles.search(flat)
+        yield "meta_talk", lambda: self.meta_talk.search(flat)
+        yield "placeholder", lambda: self.placeholders.search(normalize(prose(text)))
         yield "too_short", lambda: self._too_short(text, v)
         yield "repetition", lambda: self._repetition(text)
         if self.s.language:
