@@ -219,11 +219,18 @@ def iter_documents(
 
     for listed in list_document_files(paths):
         with local_copy(listed) as path:  # a URL is read from a whole local copy; a local path is itself
+            on_error_, on_repair_ = report, repaired
+            if str(listed) != str(path):  # locations name the object, not the temporary copy
+                def on_error_(reason: str, where: str, _p: str = str(path), _u: str = str(listed)) -> None:
+                    report(reason, where.replace(_p, _u, 1))
+
+                def on_repair_(reason: str, where: str, _p: str = str(path), _u: str = str(listed)) -> None:
+                    repaired(reason, where.replace(_p, _u, 1))
             try:
                 if path.name.lower().endswith(".parquet"):
-                    yield from _iter_parquet(path, text_field, id_field, report, repaired, batch_rows)
+                    yield from _iter_parquet(path, text_field, id_field, on_error_, on_repair_, batch_rows)
                 else:
-                    yield from _iter_jsonl(path, text_field, id_field, report, repaired)
+                    yield from _iter_jsonl(path, text_field, id_field, on_error_, on_repair_)
             except (OSError, pa.ArrowException, EOFError, ValueError) as e:
                 size = path.stat().st_size if path.is_file() else 0
                 report("unreadable_file", f"{listed} ({size} bytes): {type(e).__name__}: {e}")

@@ -10,7 +10,8 @@
 
 Joins the cluster at `run.ray_address` or `$RAY_ADDRESS`; without either, starts a local Ray with
 `run.workers` CPUs (kept for the rest of the process: a start costs seconds). An already initialised Ray (a
-notebook, the test session) is used as it is.
+notebook, the test session) is used as it is. The driver's storage settings (AWS_*, FSSPEC_*, GCSFS_*,
+GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN, HF_ENDPOINT) are passed to the tasks in their runtime environment.
 
 Test hook, for fault-injection tests only: with `$TEXTBOOK_TASK_EVENTS` set to a directory on the driver, every
 task writes `<dir>/<label>-<index>-<node id>-<pid>.started` when it starts and then waits while
@@ -90,6 +91,9 @@ class Engine:
 
         self._init()
         opts: dict[str, Any] = {"num_cpus": num_cpus, "max_retries": self.retries}
+        env = storage_env()
+        if env:  # the driver's storage settings travel with the tasks (workers may predate them)
+            opts["runtime_env"] = {"env_vars": env}
         if memory_mb:
             opts["memory"] = memory_mb << 20
         remote = ray.remote(**opts)(_run_task)
@@ -101,6 +105,14 @@ class Engine:
                 done, pending = ray.wait(pending, num_returns=1)
                 bar.update(len(done))
         return ray.get(refs)
+
+
+STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_APPLICATION_CREDENTIALS", "GCSFS_", "HF_TOKEN", "HF_ENDPOINT")
+
+
+def storage_env() -> dict[str, str]:
+    """Environment variables that configure fsspec storage (endpoint, credentials), as the driver has them."""
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
 
 
 def _run_task(fn: Callable[..., Any], item: tuple[Any, ...], label: str, index: int, events: str | None) -> Any:
