@@ -107,13 +107,13 @@ def build_requests(cfg: RunConfig, docs: list[dict[str, Any]], template: str, ru
     from pipeline.llm.types import LLMRequest
 
     a = cfg.classifier.annotate
-    params = cfg.llm.sampling_params()
+    params, api = cfg.llm.sampling_params(), cfg.llm.request_api()
     reqs = []
     for doc in docs:
         content = render(template, doc["text"], a.max_chars)
         for i in range(a.repeats):
             # the result carries the tag back, not the request: what the rows need from it travels there
-            reqs.append(LLMRequest.for_api(cfg.llm.api, content, params=params, sample_index=i,
+            reqs.append(LLMRequest.for_api(api, content, params=params, sample_index=i,
                                            template_version=rubric_id, tag={"id": doc["id"], "sample_index": i}))
     return reqs
 

@@ -106,12 +106,14 @@ def _dry_run(config: str, sets: list[str], samples: int) -> None:
     p = plan(cfg, inputs, pending_web=web_pending(cfg, inputs, upstream))
     cov = coverage(p.specs, p.grid_cells, p.taxonomy)
     console.print(f"[bold]generate (dry run)[/]: {len(p.specs):,} prompt specs × {cfg.llm.n} sample(s) = "
-                  f"{len(p.requests):,} requests to {cfg.llm.model} ({cfg.llm.api} API)")
+                  f"{len(p.requests):,} requests to {cfg.llm.model} ({cfg.llm.request_api()} API)")
     console.print(f"grid: {cov['cells_filled']}/{cov['cells_total']} audience × format cells, "
                   f"{cov['subjects_covered']}/{cov['subjects_total']} subjects, "
                   f"{cov['leaves_covered']:,}/{cov['leaves_total']:,} leaf topics, {cov['web_seeded']} web-seeded")
     if p.seeds_info.get("note"):
         console.print(f"[yellow]note[/]: {p.seeds_info['note']}", highlight=False)
+    if cfg.llm.api_note():
+        console.print(Text.assemble(("note", "yellow"), f": {cfg.llm.api_note()}"))
     for req in p.requests[: max(samples, 0)]:
         spec = p.specs[req.tag["spec"]]
         body = req.messages[-1]["content"] if req.messages else req.prompt

@@ -112,10 +112,14 @@ def export_hf(
     Example: textbook export-hf runs/pretrain/small hf/small && python -c "from transformers import
     AutoModelForCausalLM as M; M.from_pretrained('hf/small')"
     """
+    import json
+
     from pipeline.train.export import export_hf as do_export
 
     out = do_export(checkpoint, out_dir, dtype=dtype)
-    console.print(f"exported {checkpoint} -> {out} (LlamaForCausalLM)", highlight=False)
+    template = json.loads((out / "textbook_export.json").read_text()).get("chat_template")
+    console.print(f"exported {checkpoint} -> {out} (LlamaForCausalLM); chat template: {template or 'none'} "
+                  f"(see {out / 'README.md'})", highlight=False)
 
 
 @user_errors

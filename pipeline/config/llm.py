@@ -149,6 +149,28 @@ class LLMSection(StrictModel):
             return self.send_generation_config
         return self.local_backend() == "transformers serve"
 
+    def missing_chat_template(self) -> bool:
+        """True when `api` is chat but the server started for the run is `transformers serve` on a local model
+        directory without a chat template (a base model, or one we exported before export-hf wrote a template):
+        its chat endpoint then fails every request with HTTP 500."""
+        if self.api != "chat" or self.local_backend() != "transformers serve":
+            return False
+        return not has_chat_template(Path(self.model).expanduser())
+
+    def request_api(self) -> str:
+        """The API requests are built for: `api`, or "completions" with a plain-text prompt (the system text in
+        front; `LLMRequest.for_api`) when the model has no chat template (`missing_chat_template`)."""
+        return "completions" if self.missing_chat_template() else self.api
+
+    def api_note(self) -> str | None:
+        """What to tell the user when `request_api` differs from `api`."""
+        if not self.missing_chat_template():
+            return None
+        return (f"llm.model {self.model} has no chat template (tokenizer_config.json / chat_template.jinja): "
+                "requests go to the completions API with plain-text prompts (the system prompt in front) instead "
+                "of the chat API, whose every request would fail (HTTP 500). Set llm.api: completions to say so "
+                "yourself, or give the model a chat template")
+
     def sampling_params(self) -> dict:
         """The request parameters that enter the ledger key (see `LLMRequest.key`). `do_sample` is there only
         for servers that need it spelled out (`sends_generation_config`); `client.request_body` sends it inside
@@ -159,6 +181,25 @@ class LLMSection(StrictModel):
         if self.sends_generation_config():
             params["do_sample"] = self.temperature > 0
         return params
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """A Hugging Face model directory carries a chat template (`chat_template.jinja`, as transformers 5 saves it;
+    `chat_template.json`; or the `chat_template` key of tokenizer_config.json). A path that is not a directory
+    (a hub name) is taken to have one: it cannot be checked without loading it."""
+    if not model_dir.is_dir():
+        return True
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return True
+    cfg = model_dir / "tokenizer_config.json"
+    if not cfg.is_file():
+        return False
+    import json
+
+    try:
+        return bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError):
+        return True  # unreadable: let the server say what is wrong
 
 
 def is_gguf_model(model: str) -> bool:

@@ -102,7 +102,7 @@ def expand_subject(subject: str, cfg: Any, n_subtopics: int = 8, n_concepts: int
 
     prompt = EXPAND_PROMPT.format(subject=subject, n_subtopics=n_subtopics, n_concepts=n_concepts)
     params = cfg.llm.sampling_params()
-    reqs = [LLMRequest.for_api(cfg.llm.api, prompt, params=params, sample_index=i, template_version=EXPAND_VERSION,
+    reqs = [LLMRequest.for_api(cfg.llm.request_api(), prompt, params=params, sample_index=i, template_version=EXPAND_VERSION,
                                tag={"i": i}) for i in range(samples)]
     results: list[LLMResult] = []
     summary = run_requests(reqs, cfg.llm, cfg.budget, cfg.llm.ledger_path(), on_result=results.append,

@@ -38,12 +38,15 @@ class Plan:
     seeds_info: dict[str, Any]
 
 
-def build_request(cfg: RunConfig, spec: PromptSpec, fmt: Format, sample_index: int, cell: str) -> LLMRequest:
-    """Deterministic: the same spec under the same config is the same request (and ledger key)."""
+def build_request(cfg: RunConfig, spec: PromptSpec, fmt: Format, sample_index: int, cell: str,
+                  api: str | None = None, params: dict | None = None) -> LLMRequest:
+    """Deterministic: the same spec under the same config is the same request (and ledger key). `api` and
+    `params` (default `cfg.llm.request_api()`, `cfg.llm.sampling_params()`): pass them when building many."""
     tag = {"spec": spec.index, "cell": cell, "sample_index": sample_index}
-    return LLMRequest.for_api(cfg.llm.api, fmt.render(**spec.variables()), system=cfg.generate.system_prompt,
-                              params=cfg.llm.sampling_params(), sample_index=sample_index,
-                              template_version=fmt.prompt_id, tag=tag)
+    return LLMRequest.for_api(api or cfg.llm.request_api(), fmt.render(**spec.variables()),
+                              system=cfg.generate.system_prompt,
+                              params=params if params is not None else cfg.llm.sampling_params(),
+                              sample_index=sample_index, template_version=fmt.prompt_id, tag=tag)
 
 def web_seeded_share(n: int, fraction: float) -> int:
     """How many of `n` specs the sampler seeds with web pages when it has pages enough (its interleaving rule:
@@ -118,7 +121,8 @@ def plan(cfg: RunConfig, inputs: list[Path], n: int | None = None, on_error: Any
                           web_seed_fraction=g.web_seed_fraction)
     specs = sampler.sample(n) if n > 0 else []
     cell_by = g.diversity.cell_by
-    requests = [build_request(cfg, s, formats[s.format], i, " × ".join(s.field(f) for f in cell_by))
+    api, params = cfg.llm.request_api(), cfg.llm.sampling_params()  # once: each may look at the model's files
+    requests = [build_request(cfg, s, formats[s.format], i, " × ".join(s.field(f) for f in cell_by), api, params)
                 for s in specs for i in range(cfg.llm.n)]
     return Plan(specs, requests, formats, taxonomy, sampler.grid_cells, seeds_info)
 
@@ -152,6 +156,8 @@ def run_stage(ctx: Any) -> StageStats:
                         pending_web=web_pending(cfg, list(ctx.inputs), list(ctx.upstream)))
         if the_plan.seeds_info.get("note"):
             print(f"generate: {the_plan.seeds_info['note']}", file=sys.stderr)
+        if cfg.llm.api_note():
+            print(f"generate: {cfg.llm.api_note()}", file=sys.stderr)
         requests = the_plan.requests
         judge.start(JudgeSetup(cfg, Path(ctx.kept_dir).resolve(), Path(ctx.removed_dir).resolve(),
                                the_plan.specs, {k: f.prompt_id for k, f in the_plan.formats.items()}))
@@ -179,6 +185,7 @@ def run_stage(ctx: Any) -> StageStats:
     stats.set("billed", {**judged["billed"], "reconciled": billed_reconciles(judged["billed"], summary)})
     stats.set("latency_s", summary.latency_s)
     stats.set("stopped_reason", summary.stopped_reason)
+    stats.set("api", {"configured": cfg.llm.api, "used": cfg.llm.request_api(), "note": cfg.llm.api_note()})
     if summary.partial() is not None:  # requests left unanswered: not complete, the same command continues it
         stats.set("partial", summary.partial())
     kept_specs = [the_plan.specs[i] for i in judged["kept_spec_indices"]]

@@ -224,7 +224,7 @@ def plan(cfg: RunConfig, pages: list[Page], index_loader: Callable[[], Any] | No
 
     rewrites: list[Rewrite] = []
     requests: list[LLMRequest] = []
-    params = cfg.llm.sampling_params()
+    params, api = cfg.llm.sampling_params(), cfg.llm.request_api()
     for p in open_pages:
         if p.fate is not None:
             continue
@@ -247,7 +247,7 @@ def plan(cfg: RunConfig, pages: list[Page], index_loader: Callable[[], Any] | No
                 text = t.render(chunk=chunk, part=k + 1, parts=len(chunks), url=p.url or "",
                                 audience=audience or "", audience_guidance=_guidance(audience),
                                 no_content_marker=r.no_content_marker)
-                req = LLMRequest.for_api(cfg.llm.api, text, system=r.system_prompt, params=params,
+                req = LLMRequest.for_api(api, text, system=r.system_prompt, params=params,
                                          template_version=t.prompt_id,
                                          tag={"rewrite": rw.index, "chunk": k, "cell": rw.cell})
                 rw.request_keys.append(req.key(cfg.llm.model))

@@ -2,6 +2,11 @@
 tokenizer files), so lm-eval-harness, vLLM, `transformers serve` or the generation stage can use it.
 
 Our tensors already have Llama's shapes and RoPE layout ("rotate half"): export is a renaming.
+
+Chat template: the export carries `PLAIN_CHAT_TEMPLATE`, which joins the messages' contents as plain text (no
+role markers) after the end-of-text token that starts every pretraining document: a pretrained model, not
+instruction-tuned, continues that text. Without a template `transformers serve` answers HTTP 500 on every chat
+request ("tokenizer.chat_template is not set"). The README.md written beside the weights names it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import TextbookError
+
+# Messages' contents joined by blank lines, as one plain-text document; the bos token (our end-of-text token,
+# which precedes every document in the packed pretraining stream) first; a blank line opens the answer. The
+# newlines are Jinja string literals: transformers renders templates with trim_blocks, which eats a newline after a tag.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['content'] }}"
+    "{% if not loop.last %}{{ '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '\\n\\n' }}{% endif %}"
+)
+CHAT_TEMPLATE_NAME = "plain text (the messages' contents joined by blank lines after the end-of-text token; no roles)"
 
 
 def hf_state_dict(sd: dict[str, Any], n_layers: int, tied: bool) -> dict[str, Any]:
@@ -93,11 +107,12 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        _save_tokenizer(tmp, tok, args["max_seq_len"])
-        (tmp / "textbook_export.json").write_text(json.dumps({
-            "checkpoint": ckpt["path"], "step": ckpt["step"], "tokens_seen": ckpt["tokens_seen"],
-            "shards": ckpt.get("shards"), "tokenizer_sha256": tok.get("sha256"), "model_args": args,
-        }, indent=2) + "\n")
+        templated = _save_tokenizer(tmp, tok, args["max_seq_len"])
+        info = {"checkpoint": ckpt["path"], "step": ckpt["step"], "tokens_seen": ckpt["tokens_seen"],
+                "shards": ckpt.get("shards"), "tokenizer_sha256": tok.get("sha256"), "model_args": args,
+                "chat_template": CHAT_TEMPLATE_NAME if templated else None}
+        (tmp / "textbook_export.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(info))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -107,10 +122,25 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32
     return out
 
 
-def _save_tokenizer(out: Path, tok: dict[str, Any], max_len: int) -> None:
-    """tokenizer.json + tokenizer_config.json (PreTrainedTokenizerFast) from the copy held in the checkpoint."""
+def _model_card(info: dict[str, Any]) -> str:
+    """README.md: what the directory holds, how to serve it, and which chat template it carries."""
+    a = info["model_args"]
+    template = (f"Chat template: {info['chat_template']}. The model is pretrained, not instruction-tuned: a chat "
+                "request is answered by continuing the prompt's text."
+                if info["chat_template"] else
+                "Chat template: none (no tokenizer travelled with the checkpoint): use the completions API.")
+    return (f"# textbook export\n\nA `LlamaForCausalLM` pretrained with `textbook pretrain` and written by "
+            f"`textbook export-hf`: {a['n_layers']} layers, width {a['dim']}, context {a['max_seq_len']} tokens, "
+            f"vocabulary {a['vocab_size']}; checkpoint `{info['checkpoint']}` (step {info['step']}, "
+            f"{info['tokens_seen']:,} tokens seen).\n\n{template}\n\nServe it with `transformers serve DIR` or "
+            "point `llm.model` (with `llm.provider: local`) at this directory.\n")
+
+
+def _save_tokenizer(out: Path, tok: dict[str, Any], max_len: int) -> bool:
+    """tokenizer.json + tokenizer_config.json (PreTrainedTokenizerFast) from the copy held in the checkpoint, with
+    `PLAIN_CHAT_TEMPLATE`. False when no tokenizer travelled with the checkpoint (weights and config only)."""
     if not tok.get("json"):
-        return  # no tokenizer travelled with the checkpoint: weights and config only
+        return False
     from transformers import PreTrainedTokenizerFast
 
     tok_file = out / "tokenizer.json"
@@ -118,4 +148,6 @@ def _save_tokenizer(out: Path, tok: dict[str, Any], max_len: int) -> None:
     eos = tok.get("eos_token", "<|endoftext|>")
     fast = PreTrainedTokenizerFast(tokenizer_file=str(tok_file), eos_token=eos, bos_token=eos,
                                    model_max_length=max_len)
+    fast.chat_template = PLAIN_CHAT_TEMPLATE
     fast.save_pretrained(out)
+    return True
