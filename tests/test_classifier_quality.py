@@ -133,8 +133,8 @@ def test_default_model_on_the_holdout(default_holdout):
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 target not reached on this holdout: F1 0.550 at the default "
-                   "cut-off (cross-validated 0.614; 0.56-0.66 across the four hash buckets, "
-                   "benchmarks/results/classifier.md)")
+                   "cut-off (cross-validated 0.614; 0.550 / 0.621 / 0.646 / 0.593 with hash bucket 1 / 2 / 3 / 4 as "
+                   "the holdout, mean 0.603: benchmarks/results/classifier.md)")
 def test_default_model_reaches_the_issue_f1_target(default_holdout):
     truth, scores, clf = _holdout_scores(default_holdout)
     assert M.binary(truth, scores, clf.selection_cutoff()[0])["f1"] >= 0.60
@@ -151,7 +151,8 @@ def test_shipped_retrain_configs_use_a_holdout_and_calibration():
 def test_danish_config_retrained_as_shipped_beats_the_baselines(tmp_path, shared_data):
     """`textbook classifier train configs/classifier/danish-human.yaml`, as shipped: on the 196 held-out pages
     (86 at >= 2) binary F1 at its default cut-off beats the quick baselines measured on the same pages
-    (TF-IDF + logistic 0.711, balanced 0.723, plain fastText 0.727; benchmarks/results/classifier.md)."""
+    (TF-IDF + logistic 0.711, balanced 0.723, plain fastText 0.708; benchmarks/results/classifier.md; measured
+    0.733, short of the issue's 0.76)."""
     from typer.testing import CliRunner
 
     from pipeline.cli import app
@@ -162,7 +163,7 @@ def test_danish_config_retrained_as_shipped_beats_the_baselines(tmp_path, shared
     m = json.loads((tmp_path / "danish-human" / "metrics.json").read_text())
     h = m["holdout"]
     assert h["n"] == 196 and h["binary"]["positives"] == 86 and h["binary"]["threshold"] == 2
-    assert h["binary"]["f1"] > 0.727, h["binary"]
+    assert h["binary"]["f1"] > 0.723, h["binary"]
     assert h["spearman"] > 0.6
 
 

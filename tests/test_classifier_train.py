@@ -73,6 +73,28 @@ def test_sklearn_backends_same_interface(tmp_path, shared_data):
         assert s[0] == clf.score_min and s[2] == clf.score_min and 0 <= s[1] <= 5
 
 
+@pytest.mark.parametrize("ngram_max", [1, 2, 3])
+def test_fast_ngram_counts_equal_countvectorizer(shared_data, ngram_max):
+    """The TF-IDF backend's own n-gram counter gives exactly CountVectorizer.transform's matrix on real pages,
+    mixed case included (CountVectorizer lower-cases even when the model's `lowercase` is off), unicode and
+    pages with nothing in the vocabulary."""
+    from pipeline.classify.backends import SklearnBackend
+    from pipeline.classify.text import prepare
+
+    rows = [json.loads(line) for line in
+            (shared_data / "edu_labels/fineweb_edu_llama3_sample/llama3_train.jsonl").open(encoding="utf-8")]
+    raw = [r["text"] for r in rows[:400]]
+    b = SklearnBackend("regression", list(range(6)), 5.0, {"head": "ridge", "ngram_max": ngram_max, "min_df": 2})
+    b.fit([prepare(t, 2000, lowercase=False) for t in raw[:300]], [float(r["score"]) for r in rows[:300]])
+    texts = [prepare(t, 0, lowercase=False) for t in raw] + ["", "x", "ÀÉÎ Straße İstanbul ΣΑΣ", "qqzx vvkw"]
+    want, got = b._counter.transform(texts).tocsr(), b._counts(texts).tocsr()
+    want.sum_duplicates()
+    got.sum_duplicates()
+    assert got.shape == want.shape and got.dtype == want.dtype and want.nnz > 10_000
+    for part in ("indptr", "indices", "data"):
+        assert np.array_equal(getattr(got, part), getattr(want, part)), part
+
+
 def test_bad_rows_counted_or_strict_error(tmp_path):
     rows = [("A lesson on fractions: a half is one of two equal parts.", "4"),
             ("", "3"), ("   ", "2"), ("Photosynthesis turns light into chemical energy.", "high"),

@@ -239,8 +239,37 @@ class SklearnBackend(Backend):
             self.intercept = head.intercept_.astype(np.float32)
             self.head_classes = [int(c) for c in head.classes_]
 
+    def _counts(self, texts: list[str]) -> Any:
+        """(n, features) CSR n-gram counts, as `CountVectorizer(vocabulary=...).transform` gives them (same
+        lower-casing, tokens and n-grams), about 1.5x faster: one C-level regex and dict lookup per token and
+        n-gram. Lower-cased here too, as CountVectorizer does, so a model trained with `lowercase: false`
+        (whose vocabulary CountVectorizer still lower-cased) counts the same on mixed-case text."""
+        if self.params["features"] != "tfidf":
+            return self._counter.transform(texts)
+        import re
+        from itertools import repeat
+
+        import scipy.sparse as sp
+
+        vocab = self._counter.vocabulary
+        get, pattern, nmax = vocab.get, re.compile(_TOKEN_PATTERN), int(self.params["ngram_max"])
+        ids: list[int] = []
+        lengths = np.zeros(len(texts), dtype=np.int64)
+        for row, text in enumerate(texts):
+            start = len(ids)
+            toks = pattern.findall(text.lower())
+            ids.extend(map(get, toks, repeat(-1)))
+            for n in range(2, nmax + 1):
+                ids.extend(map(get, map(" ".join, zip(*(toks[i:] for i in range(n)), strict=False)), repeat(-1)))
+            lengths[row] = len(ids) - start
+        found = np.asarray(ids, dtype=np.int64)
+        keep = found >= 0
+        rows = np.repeat(np.arange(len(texts)), lengths)[keep]
+        return sp.csr_matrix((np.ones(int(keep.sum()), dtype=np.float32), (rows, found[keep])),
+                             shape=(len(texts), len(vocab)))
+
     def _decision(self, texts: list[str]) -> np.ndarray:
-        x = self._weigh(self._counter.transform(texts))
+        x = self._weigh(self._counts(texts))
         return np.asarray(x @ self.coef.T, dtype=np.float64) + self.intercept
 
     def predict_scores(self, texts: list[str]) -> np.ndarray:
