@@ -94,7 +94,7 @@ def _dry_run(config: str, sets: list[str], samples: int) -> None:
     from pipeline.cli.common import load
     from pipeline.errors import TextbookError
     from pipeline.generate.sampler import coverage
-    from pipeline.generate.stage import plan, web_pending
+    from pipeline.generate.stage import plan, plan_notes, web_pending
     from pipeline.llm.runner import estimate
     from pipeline.run import resolve_inputs, run_dir_of
 
@@ -110,8 +110,8 @@ def _dry_run(config: str, sets: list[str], samples: int) -> None:
     console.print(f"grid: {cov['cells_filled']}/{cov['cells_total']} audience × format cells, "
                   f"{cov['subjects_covered']}/{cov['subjects_total']} subjects, "
                   f"{cov['leaves_covered']:,}/{cov['leaves_total']:,} leaf topics, {cov['web_seeded']} web-seeded")
-    if p.seeds_info.get("note"):
-        console.print(f"[yellow]note[/]: {p.seeds_info['note']}", highlight=False)
+    for note in plan_notes(p):
+        console.print(Text.assemble(("note", "yellow"), f": {note}"))
     if cfg.llm.api_note():
         console.print(Text.assemble(("note", "yellow"), f": {cfg.llm.api_note()}"))
     for req in p.requests[: max(samples, 0)]:

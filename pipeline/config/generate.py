@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from pipeline.config.checks import (
@@ -95,6 +97,11 @@ class GenerateSection(StageSection):
     seed_format: str = Field(default="web_seeded_section", description="template used for web-seeded specs")
     seed_min_score: float = Field(default=3.0, description="edu_score a page needs to seed a prompt")
     seed_extract_chars: int = Field(default=1500, ge=200, description="length of the extract put in the prompt")
+    seed_shortfall: Literal["topics", "skip"] = Field(
+        default="topics",
+        description="when fewer pages qualify as seeds than the web-seeded share of n asks for: topics: topic "
+        "prompts fill the gap (n specs in all); skip: the plan is that many specs short. Either way the dry run and "
+        "the stats (web_seeds.shortfall) say how many were asked, made, and why not")
 
     @field_validator("token_counter")
     @classmethod

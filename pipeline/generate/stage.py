@@ -114,17 +114,63 @@ def plan(cfg: RunConfig, inputs: list[Path], n: int | None = None, on_error: Any
             seeds_info["note"] = ("no web pages to seed prompts from (web is not among run.stages, or kept no page, "
                                   "and generate.seed_inputs is empty): every prompt is a topic prompt")
         formats = {**formats, seed_format.name: seed_format}
+    seeding = g.web_seed_fraction > 0 and not seeds_info.get("pending")
+    asked = web_seeded_share(n, g.web_seed_fraction) if seeding else 0  # the share the plan asks for
+    if asked > len(seeds) and g.seed_shortfall == "skip":
+        n -= asked - len(seeds)  # the gap is not filled: the plan is that many specs short
     seed = g.seed if g.seed is not None else cfg.run.seed
     sampler = SpecSampler(taxonomy, {k: f for k, f in formats.items() if not f.seeded}, g.audiences, seed=seed,
                           audience_weights=g.weights.audience, format_weights=g.weights.format,
                           subject_weights=g.weights.subject, seeds=seeds, seed_format=seed_format,
                           web_seed_fraction=g.web_seed_fraction)
     specs = sampler.sample(n) if n > 0 else []
+    if asked:
+        seeds_info["shortfall"] = seed_shortfall(g, asked, sum(1 for s in specs if s.seed is not None), seeds_info)
     cell_by = g.diversity.cell_by
     api, params = cfg.llm.request_api(), cfg.llm.sampling_params()  # once: each may look at the model's files
     requests = [build_request(cfg, s, formats[s.format], i, " × ".join(s.field(f) for f in cell_by), api, params)
                 for s in specs for i in range(cfg.llm.n)]
     return Plan(specs, requests, formats, taxonomy, sampler.grid_cells, seeds_info)
+
+
+def plan_notes(p: Plan) -> list[str]:
+    """What the plan could not do as configured, for the run's output and the dry run: web seeding pending or
+    impossible, a web-seeded share not filled (`seed_shortfall`)."""
+    notes = [p.seeds_info["note"]] if p.seeds_info.get("note") else []
+    shortfall = p.seeds_info.get("shortfall") or {}
+    if shortfall.get("note"):
+        notes.append(shortfall["note"])
+    return notes
+
+
+def seed_shortfall(g: Any, asked: int, made: int, seeds_info: dict[str, Any]) -> dict[str, Any]:
+    """How many web-seeded prompts the plan asked for (`web_seeded_share`), how many it made, and why the others
+    were not: the pages read and why each was not a seed (`seeds.load_seeds`' skip reasons, decontamination),
+    and what filled the gap (`generate.seed_shortfall`)."""
+    skipped = dict(seeds_info.get("pages_skipped") or {})
+    contaminated = len(seeds_info.get("pages_contaminated") or [])
+    available = int(seeds_info.get("pages_available") or 0)
+    why = {k: v for k, v in skipped.items() if v}
+    if contaminated:
+        why["contaminated"] = contaminated
+    short = max(0, asked - made)
+    filled = short if g.seed_shortfall == "topics" else 0
+    out: dict[str, Any] = {"asked": asked, "made": made, "short": short,
+                           "pages_read": available + contaminated + sum(skipped.values()),
+                           "pages_not_seeds": why, "filled_from_topics": filled}
+    if short:
+        words = {"low_score": f"scored below generate.seed_min_score={g.seed_min_score:g}",
+                 "no_score": "had no edu_score (not scored by the web stage)",
+                 "too_short": "gave an extract under 200 characters", "duplicate": "were duplicates",
+                 "contaminated": "overlapped a benchmark"}
+        reasons = "; ".join(f"{n:,} {words.get(k, k)}" for k, n in sorted(why.items(), key=lambda kv: -kv[1]))
+        pages = (f"of {out['pages_read']:,} page(s) read, {available:,} qualified" +
+                 (f" ({reasons})" if reasons else "")) if out["pages_read"] else "no pages to seed from"
+        then = (f"{filled:,} topic prompt(s) fill the gap (generate.seed_shortfall: topics)" if filled else
+                f"the plan is {short:,} prompt(s) short (generate.seed_shortfall: skip)")
+        out["note"] = (f"web-seeded prompts: {made:,} of {asked:,} asked were made (generate.web_seed_fraction="
+                       f"{g.web_seed_fraction:g}): {pages}; {then}")
+    return out
 
 
 def drop_contaminated_seeds(cfg: RunConfig, seeds: list) -> tuple[list, list[dict[str, Any]]]:
@@ -154,8 +200,8 @@ def run_stage(ctx: Any) -> StageStats:
     try:
         the_plan = plan(cfg, list(ctx.inputs), on_error=lambda reason, where: input_errors.update([reason]),
                         pending_web=web_pending(cfg, list(ctx.inputs), list(ctx.upstream)))
-        if the_plan.seeds_info.get("note"):
-            print(f"generate: {the_plan.seeds_info['note']}", file=sys.stderr)
+        for note in plan_notes(the_plan):
+            print(f"generate: {note}", file=sys.stderr)
         if cfg.llm.api_note():
             print(f"generate: {cfg.llm.api_note()}", file=sys.stderr)
         requests = the_plan.requests
