@@ -242,6 +242,14 @@ def test_a_mistake_shown_on_purpose_is_excused_but_not_in_tests(v):
         "tests_failed"
 
 
+def test_statement_skeletons_with_comment_bodies_parse():
+    """A textbook idiom (OpenStax shows `if condition:` / `# Body`): not code that cannot run."""
+    skeleton = "```python\n# Statements before\nif condition:\n  # Body\nelse:\n  # Body\n\nfor i in r:\n    print(i)\n```\n"
+    assert codecheck.syntax_error(codecheck.python_blocks(skeleton)) is None
+    broken = "```python\nif condition:\n  # Body\nprint(\n```\n"
+    assert codecheck.syntax_error(codecheck.python_blocks(broken)).startswith("block 0")
+
+
 def test_sessions_and_code_settings():
     session = "```pycon\n>>> total = 1 + 2\n>>> total\n3\n>>> assert total == 3\n```\n"
     (block,) = codecheck.python_blocks(session)

@@ -87,14 +87,45 @@ def has_tests(source: str) -> bool:
     return False
 
 
+def _fill_skeleton(source: str) -> str:
+    """A skeleton's comment-only bodies (`if condition:` / `    # Body`), a textbook idiom for a statement's shape,
+    given a `pass` so that the skeleton parses."""
+    lines = source.splitlines()
+    out = []
+    for k, line in enumerate(lines):
+        out.append(line)
+        code = line.split("#", 1)[0].rstrip()
+        if not code.endswith(":"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        body = []
+        for x in lines[k + 1:]:
+            if not x.strip():
+                continue
+            if len(x) - len(x.lstrip()) <= indent and not x.lstrip().startswith("#"):
+                break
+            body.append(x)
+        if all(x.lstrip().startswith("#") for x in body):
+            out.append(" " * (indent + 4) + "pass")
+    return "\n".join(out)
+
+
 def syntax_error(blocks: list[CodeBlock]) -> str | None:
-    """'block i line l: message' for the first block (not a counter-example) that does not parse."""
+    """'block i line l: message' for the first block (not a counter-example) that does not parse, a skeleton with
+    comment-only bodies excepted."""
     for i, b in enumerate(blocks):
         try:
             ast.parse(b.source)
         except SyntaxError as e:
-            if not b.counter_example:
-                return f"block {i} line {e.lineno}: {e.msg}"
+            if b.counter_example:
+                continue
+            if "expected an indented block" in (e.msg or ""):
+                try:
+                    ast.parse(_fill_skeleton(b.source))
+                    continue
+                except SyntaxError:
+                    pass
+            return f"block {i} line {e.lineno}: {e.msg}"
         except ValueError as e:  # null bytes
             return f"block {i}: {e}"
     return None
