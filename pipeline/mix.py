@@ -450,9 +450,9 @@ def _run_tasks(ctx: Any, engine: Any, stats: StageStats, seed: int, out_dir: Pat
         figures.extend(part["figures"])
     seconds_tokenize = time.time() - t0
     plan = _plan(figures, section, seed, stats)
-    plan_ref = engine.put(plan)
-    engine.map(_bucket_file, [(k, str(work / "store"), plan_ref, firsts[k], str(work / "buckets"))
-                              for k in range(len(parts))], label="shard: bucket")
+    firsts.append(len(figures.hash))
+    engine.map(_bucket_file, [(k, str(work / "store"), _plan_slice(plan, firsts[k], firsts[k + 1]), firsts[k],
+                               str(work / "buckets")) for k in range(len(parts))], label="shard: bucket")
     shutil.rmtree(work / "store", ignore_errors=True)
     groups = [(split, b) for split in ("train", "validation") for b in range(plan.buckets)
               if (work / "buckets" / f"{split}-{b:05d}").is_dir()]
@@ -494,14 +494,17 @@ def _tokenize_file(k: int, path: str, store_dir: str, section: Any, seed: int, t
     return {"counts": stats.counts(), "figures": tok.figures}
 
 
-def _bucket_file(k: int, store_dir: str, plan: Any, first_doc: int, bucket_dir: str) -> None:
-    """Task: step 3 for one tokenized input file."""
+def _plan_slice(plan: _Plan, lo_doc: int, hi_doc: int) -> _Plan:
+    """The entries of documents lo_doc..hi_doc (one input file's): what its bucket task needs, no more."""
+    lo, hi = np.searchsorted(plan.doc, [lo_doc, hi_doc])
+    return _Plan(plan.doc[lo:hi], plan.copy[lo:hi], plan.key[lo:hi], plan.val[lo:hi], plan.bucket[lo:hi],
+                 plan.buckets, {})
+
+
+def _bucket_file(k: int, store_dir: str, plan: _Plan, first_doc: int, bucket_dir: str) -> None:
+    """Task: step 3 for one tokenized input file (`plan`: its slice of the plan)."""
     from pipeline.shards import SHARD_SCHEMA
 
-    if not isinstance(plan, _Plan):  # an ObjectRef inside the task's arguments
-        import ray
-
-        plan = ray.get(plan)
     store = _Store(Path(store_dir) / f"{k:06d}", SHARD_SCHEMA)
     store.files = _Store.listing(store.dir)
     _bucket_parts(store, plan, first_doc, Path(bucket_dir), f"{k:06d}")

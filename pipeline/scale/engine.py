@@ -16,12 +16,13 @@ GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN, HF_ENDPOINT) are passed to the tasks i
 Test hook, for fault-injection tests only: with `$TEXTBOOK_TASK_EVENTS` set to a directory on the driver, every
 task writes `<dir>/<label>-<index>-<node id>-<pid>.started` when it starts and then waits while
 `<dir>/hold` exists, so a test can kill a node while its tasks are known to be running (an observed event,
-never a sleep).
+never a sleep); when it ends it writes `<same name>.done` holding its worker's peak RSS in KB (benchmarks).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -116,12 +117,18 @@ def storage_env() -> dict[str, str]:
 
 
 def _run_task(fn: Callable[..., Any], item: tuple[Any, ...], label: str, index: int, events: str | None) -> Any:
-    if events:
-        _announce(Path(events), label, index)
-    return fn(*item)
+    if not events:
+        return fn(*item)
+    name = _announce(Path(events), label, index)
+    result = fn(*item)
+    import resource
+
+    # the worker's peak RSS so far (KB): what the benchmark reports as memory per worker
+    (Path(events) / f"{name}.done").write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    return result
 
 
-def _announce(events: Path, label: str, index: int) -> None:
+def _announce(events: Path, label: str, index: int) -> str:
     node = "local"
     try:
         import ray
@@ -131,9 +138,11 @@ def _announce(events: Path, label: str, index: int) -> None:
     except ImportError:
         pass
     events.mkdir(parents=True, exist_ok=True)
-    (events / f"{label}-{index:05d}-{node}-{os.getpid()}.started").touch()
+    name = f"{re.sub(r'[^A-Za-z0-9_.]+', '_', label)}-{index:05d}-{node}-{os.getpid()}"
+    (events / f"{name}.started").touch()
     while (events / "hold").exists():  # released by the test once it has done what it waits to do
         time.sleep(0.05)
+    return name
 
 
 def engine_for(cfg: Any) -> Engine:

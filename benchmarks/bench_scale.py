@@ -1,0 +1,144 @@
+"""Issue 18 benchmark: dedup and shard as Ray tasks, 1 vs 2 workers, and memory per worker as the input grows.
+
+For each size N (documents) and each path, a fresh subprocess runs one stage on the same input:
+
+- local      `run.executor: local`, the single-process code (the baseline, as fast as before issue 18);
+- ray-1      `run.executor: ray` on a local Ray with 1 CPU (one task at a time);
+- ray-2      the same with 2 CPUs.
+
+Documents are synthetic but realistic: `bench_dedup.corpus` cuts 100-600-word windows from real text
+(../shared/data: Dolma CC, FineWeb-Edu sample, OpenStax), resamples 15 % of the words so windows are distinct
+and adds 10 % near-copies (5 % of words changed), written as parquet files of 10,000 documents (the size of
+an upstream stage's kept parts).
+
+Figures: documents/s (wall clock of the stage), the driver's peak RSS, and the peak RSS of each Ray worker
+process (every task writes its worker's ru_maxrss through the engine's event hook; a worker runs many tasks,
+so this is the peak over all of them); the idle worker's RSS (Ray + numpy + pyarrow imported) is reported
+beside it. The bucket tasks of dedup hold at most `--rows-per-task` rows of one band (default 50,000 here, so
+the bound is reached at these sizes as it would be at 2M rows per task on a large corpus).
+
+    .venv/bin/python benchmarks/bench_scale.py --sizes 20000 200000 [--stages dedup shard] [--paths local ray-1 ray-2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def make_input(n: int, dest: Path, per_file: int = 10_000) -> Path:
+    from bench_dedup import corpus
+
+    from pipeline.documents import DocumentWriter
+
+    dest.mkdir(parents=True, exist_ok=True)
+    docs = corpus(n)
+    for k in range(0, n, per_file):
+        with DocumentWriter(dest, prefix=f"in-{k // per_file:05d}", rows_per_file=per_file) as w:
+            w.write_many(docs[k:k + per_file])
+    return dest
+
+
+def child(args: argparse.Namespace) -> None:
+    """One stage, one path, in this fresh process; prints a JSON line of figures."""
+    from pipeline import dedup_dist
+    from pipeline import run as runmod
+    from pipeline.config import load_config
+
+    dedup_dist.ROWS_PER_TASK = args.rows_per_task
+    events = Path(args.work) / "events"
+    os.environ["TEXTBOOK_TASK_EVENTS"] = str(events)
+    sets = [f"run.out={args.work}/out", f"run.stages=[{args.stage}]", f"{args.stage}.inputs=[{args.input}]"]
+    if args.stage == "dedup":
+        sets.append("dedup.keep_index=false")
+    if args.path.startswith("ray"):
+        import ray
+
+        workers = int(args.path.split("-")[1])
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 object_store_memory=1 << 30)
+        idle = ray.get(ray.remote(num_cpus=1)(_rss_kb).remote())
+        sets.append("run.executor=ray")
+    else:
+        idle = None
+    cfg = load_config(None, sets)
+    t = time.perf_counter()
+    stats = runmod.run_pipeline(cfg, log=lambda m: None)[args.stage]
+    seconds = time.perf_counter() - t
+    workers_kb = {}
+    for f in events.glob("*.done"):
+        pid = f.name.rsplit("-", 1)[1].split(".")[0]
+        workers_kb[pid] = max(workers_kb.get(pid, 0), int(f.read_text()))
+    print(json.dumps({"stage": args.stage, "path": args.path, "docs": stats["read"], "seconds": round(seconds, 2),
+                      "docs_per_s": round(stats["read"] / seconds, 1), "driver_peak_mb": round(_peak_mb(), 1),
+                      "worker_peak_mb": round(max(workers_kb.values()) / 1024, 1) if workers_kb else None,
+                      "worker_idle_mb": round(idle / 1024, 1) if idle else None, "workers": len(workers_kb),
+                      "kept": stats["kept"], "engine": stats.get("engine")}))
+
+
+def _rss_kb() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
+    ap.add_argument("--stages", nargs="+", default=["dedup", "shard"])
+    ap.add_argument("--paths", nargs="+", default=["local", "ray-1", "ray-2"])
+    ap.add_argument("--rows-per-task", type=int, default=50_000)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scale.json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--stage", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--input", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    results = json.loads(args.out.read_text()) if args.out.is_file() else []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        for n in args.sizes:
+            t = time.perf_counter()
+            inp = make_input(n, Path(tmp) / f"in-{n}")
+            print(f"input: {n:,} documents in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            for stage in args.stages:
+                for path in args.paths:
+                    work = Path(tmp) / f"{stage}-{path}-{n}"
+                    cmd = [sys.executable, __file__, "--child", "--stage", stage, "--path", path, "--input", str(inp),
+                           "--work", str(work), "--rows-per-task", str(args.rows_per_task)]
+                    load = os.getloadavg()[0]
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                    lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+                    if out.returncode or not lines:
+                        print(out.stderr[-3000:], file=sys.stderr)
+                        raise SystemExit(f"{stage} {path} {n}: failed")
+                    row = {**json.loads(lines[-1]), "n": n, "load_before": round(load, 1),
+                           "load_after": round(os.getloadavg()[0], 1),
+                           "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    print(json.dumps(row), flush=True)
+                    results.append(row)
+                    args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
