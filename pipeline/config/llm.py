@@ -105,7 +105,7 @@ class LLMSection(StrictModel):
     local_port: int | None = Field(default=None, ge=1, le=65535, description="provider local: port (default free)")
     local_device: str = Field(default="auto", description="provider local: device for `transformers serve`")
     local_threads: int | None = Field(
-        default=None, ge=1, description="provider local, GGUF: llama.cpp threads (default: the CPUs this process may use)"
+        default=None, ge=1, description="provider local, GGUF: llama.cpp threads (default: 1 for a GGUF file under 1 GiB, else the CPUs this process may use)"
     )
     local_ctx: int = Field(
         default=2048, ge=256, description="provider local, GGUF: llama.cpp context (prompt + completion tokens)"

@@ -220,12 +220,31 @@ class LocalServer:
                 self.log_path.unlink()
 
 
+SMALL_GGUF_BYTES = 1 << 30
+
+
+def default_threads(gguf: str | Path) -> int:
+    """llama.cpp threads for `gguf`: 1 below SMALL_GGUF_BYTES, else the CPUs this process may use.
+
+    A small model's matrices are too small to split well: per token, synchronising the threads costs more than
+    the work. SmolLM2-135M (Q4_1, 98 MB) on 2 cores, 4 answers of <= 250 tokens (benchmarks/RESULTS.md, issue 16):
+    1 thread 51-61 tokens/s whether the cores are idle or shared; 2 threads with passive OpenMP waiting 25-30;
+    2 threads spinning 66 on idle cores but 8 (and 300 s timeouts) on shared ones.
+    """
+    try:
+        small = Path(gguf).stat().st_size < SMALL_GGUF_BYTES
+    except OSError:
+        small = False
+    return 1 if small else len(os.sched_getaffinity(0))
+
+
 class LlamaCppServer(LocalServer):
     """llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) for one GGUF file.
 
     `model` is the GGUF path; requests name the model by `alias` (the configured `llm.model`, so the ledger key
-    does not depend on where the file lies). `threads` defaults to the CPUs this process may use, `n_ctx` bounds
-    prompt + completion tokens per request. The chat template is the one stored in the GGUF metadata.
+    does not depend on where the file lies). `threads` defaults to `default_threads(model)`: one thread for a
+    small model (a GGUF file under 1 GiB), else the CPUs this process may use. `n_ctx` bounds prompt + completion
+    tokens per request. The chat template is the one stored in the GGUF metadata.
     Source: llama-cpp-python's server (github.com/abetlen/llama-cpp-python), llama.cpp (github.com/ggml-org/llama.cpp).
     """
 
@@ -235,7 +254,7 @@ class LlamaCppServer(LocalServer):
                  **kwargs: object) -> None:
         super().__init__(model, **kwargs)  # type: ignore[arg-type]
         self.alias = alias or Path(model).name
-        self.threads = threads or len(os.sched_getaffinity(0))
+        self.threads = threads or default_threads(model)
         self.n_ctx = n_ctx
 
     def prepare(self) -> None:
