@@ -30,7 +30,6 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import RunConfig, config_hash
-from pipeline.documents import list_document_files
 from pipeline.errors import NoInputDocuments, ResourceUnavailable, TextbookError
 from pipeline.io import atomic_write_text
 from pipeline.stats import StageStats
@@ -189,6 +188,8 @@ def _hash_files(paths: list[Path]) -> str:
 def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str],
                    skipped: frozenset[str] = frozenset()) -> tuple[list[Path], list[str]]:
     """The stage's input document files and the upstream stages they come from (skipped stages left out)."""
+    from pipeline.documents import list_document_files  # here: pyarrow is not needed by every stage's driver
+
     spec = STAGES[name]
     section = getattr(cfg, name, None)
     explicit = list(getattr(section, "inputs", []) or [])

@@ -155,8 +155,11 @@ def test_prestarted_pool_serves_one_run(tmp_path, ray_session, monkeypatch):
         assert pool.handles == []
         with pytest.raises(TextbookError, match="serves one run"):
             run_requests(_requests(llm, 20), llm, BudgetSection(), tmp_path / "b.sqlite", progress=False, pool=pool)
-    # nothing to prestart: the in-process worker, or no key for OpenAI's endpoint (run_requests says what is missing)
-    assert prestart_workers(llm.model_copy(update={"workers": 0})) is None
+    # the in-process worker is prestarted too (its HTTP client imports while the caller plans)
+    thread = prestart_workers(llm.model_copy(update={"workers": 0}))
+    assert thread is not None and len(thread.handles) == 1 and not hasattr(thread.handles[0], "actor")
+    thread.close()
+    # nothing to prestart without a key for OpenAI's endpoint (run_requests says what is missing)
     monkeypatch.delenv("TEXTBOOK_TEST_NO_KEY", raising=False)
     assert prestart_workers(LLMSection(model="m", api_key_env="TEXTBOOK_TEST_NO_KEY", workers=1)) is None
 

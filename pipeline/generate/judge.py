@@ -29,9 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.documents import DocumentWriter, RemovedWriters, doc_id
 from pipeline.errors import TextbookError
-from pipeline.generate.diversity import DiversityGuard
 from pipeline.generate.sampler import PromptSpec
 from pipeline.llm.types import LLMRequest, LLMResult
 from pipeline.stats import StageStats
@@ -79,7 +77,28 @@ class JudgeSetup:
 
 
 class Judge:
+    # Preloaded validators (`Judge.preload`), by the settings they were built from: the judging process builds
+    # its validator while the driver plans, instead of after the plan arrives.
+    _preloaded: dict[str, Any] = {}
+
+    @staticmethod
+    def _validator_key(cfg: RunConfig) -> str:
+        return cfg.generate.model_dump_json() + "\x1f" + str(cfg.tokenizer.path)
+
+    @classmethod
+    def preload(cls, cfg: RunConfig) -> None:
+        """Build the validator (tokenizer, language id, checks) for `cfg` now; `Judge(setup)` with the same
+        generate and tokenizer settings uses it."""
+        from pipeline.generate.validate import Validator
+
+        cls._preloaded[cls._validator_key(cfg)] = Validator(cfg.generate, cfg.tokenizer.path)
+
     def __init__(self, setup: JudgeSetup) -> None:
+        # here, not at module level: the driver imports this module for JudgeProcess and needs neither pyarrow
+        # (the documents) nor numpy (the diversity guard)
+        from pipeline.documents import RemovedWriters
+        from pipeline.generate.diversity import DiversityGuard
+
         self.setup, self.cfg = setup, setup.cfg
         self.stats = StageStats("generate")
         self.guard = DiversityGuard(self.cfg.generate.diversity)
@@ -98,7 +117,8 @@ class Judge:
         if self._validator is None:
             from pipeline.generate.validate import Validator
 
-            self._validator = Validator(self.cfg.generate, self.cfg.tokenizer.path)
+            self._validator = self._preloaded.pop(self._validator_key(self.cfg), None) or Validator(
+                self.cfg.generate, self.cfg.tokenizer.path)
         return self._validator
 
     def sent_params(self, sample_index: int) -> dict[str, Any]:
@@ -125,6 +145,8 @@ class Judge:
         if spec.seed is not None:
             meta.update(seed_id=spec.seed.id, seed_edu_score=spec.seed.edu_score)
         meta.update(extra)
+        from pipeline.documents import doc_id
+
         return {"id": doc_id(text) if text else result.key[:32], "text": text, "source": SOURCE,
                 "topic": spec.topic, "audience": spec.audience, "format": spec.format,
                 "prompt_id": self.setup.prompt_ids[spec.format], "model": result.model or self.cfg.llm.model,
@@ -191,6 +213,8 @@ class Judge:
     def close(self) -> dict[str, Any]:
         """Write the kept documents (in spec order: the same config gives the same files whatever order answers
         came in) and return the judge's accounting for the stage stats."""
+        from pipeline.documents import DocumentWriter
+
         rows = sorted(self.kept_rows, key=lambda r: (r[0], r[1]))
         with DocumentWriter(self.setup.kept_dir) as w:
             for _, _, doc in rows:
@@ -216,7 +240,13 @@ def child_main(inbox_fd: int, outbox_fd: int, factory: str = "pipeline.generate.
     inbox, outbox = Connection(inbox_fd, writable=False), Connection(outbox_fd, readable=False)
     try:
         module_name, name = factory.split(":")
-        judge = getattr(importlib.import_module(module_name), name)(inbox.recv())
+        cls = getattr(importlib.import_module(module_name), name)
+        setup = inbox.recv()
+        if isinstance(setup, tuple) and setup and setup[0] == "preload":  # `JudgeProcess.preload`
+            if hasattr(cls, "preload"):
+                cls.preload(setup[1])
+            setup = inbox.recv()
+        judge = cls(setup)
         judge.validator  # noqa: B018 - load tokenizer + language id before the first answer
         outbox.send(("ready",))
         reported: set[str] = set()
@@ -232,6 +262,12 @@ def child_main(inbox_fd: int, outbox_fd: int, factory: str = "pipeline.generate.
         return
     except BaseException as e:  # noqa: BLE001 - handed to the driver, which raises it
         outbox.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        return
+    # everything is written and reported: skip the interpreter's teardown (unloading pyarrow, the language-id
+    # model, ...), which the driver would otherwise wait for (~0.3 s idle, seconds on a busy machine)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class JudgeProcess:
@@ -267,6 +303,11 @@ class JudgeProcess:
         self._sender = threading.Thread(target=self._send_loop, name="judge-sender", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="judge-reader", daemon=True)
         self._reader.start()
+
+    def preload(self, cfg: RunConfig) -> None:
+        """Let the child build what judging needs for `cfg` (tokenizer, language id) while the caller plans;
+        `start` then waits only for what is left. Call it before `start`, at most once."""
+        self._to_child.send(("preload", cfg))
 
     def start(self, setup: JudgeSetup) -> None:
         """Hand the child its setup and wait until it can judge (tokenizer and language id loaded), so the

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.documents import iter_documents
-
 
 @dataclass(frozen=True)
 class SeedPage:
@@ -61,6 +59,8 @@ def make_extract(text: str, max_chars: int) -> str:
 def load_seeds(paths: Iterable[str | Path], min_score: float, extract_chars: int,
                on_error: Callable[[str, str], None] | None = None) -> tuple[list[SeedPage], dict[str, int]]:
     """Pages scoring >= min_score as seeds (best first, then by id: deterministic), and counts of what was skipped."""
+    from pipeline.documents import iter_documents  # here: planning without web seeds needs no pyarrow
+
     seeds: dict[str, SeedPage] = {}
     skipped = {"no_score": 0, "low_score": 0, "too_short": 0, "duplicate": 0}
     for doc in iter_documents(list(paths), on_error=on_error):

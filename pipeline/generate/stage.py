@@ -196,6 +196,7 @@ def run_stage(ctx: Any) -> StageStats:
     cfg: RunConfig = ctx.cfg
     input_errors: Counter[str] = Counter()
     judge = JudgeProcess()  # the judging interpreter and the Ray workers start while we plan
+    judge.preload(cfg)  # and it loads its tokenizer and language id meanwhile
     pool = prestart_workers(cfg.llm)
     try:
         the_plan = plan(cfg, list(ctx.inputs), on_error=lambda reason, where: input_errors.update([reason]),

@@ -71,7 +71,9 @@ def _compiled(source: str) -> Any:
     return _env().from_string(source)
 
 
+@lru_cache(maxsize=1)
 def _env() -> Any:
+    """One environment for every template (building one per template parse cost a planning run ~0.1 s)."""
     import jinja2
 
     return jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,

@@ -175,9 +175,11 @@ class WorkerPool:
         if not ray.is_initialized():
             from pipeline.signals import keep_signal_handlers
 
+            # "local": without an address ray.init joins any cluster a `ray start` left on this machine (another
+            # user's, perhaps gone: it then waits minutes and fails), not the local Ray that llm.ray_address promises
             with keep_signal_handlers():  # ray.init sets SIGTERM to sys.exit(15): `textbook`'s handlers stay
-                ray.init(address=llm.resolved_ray_address(), include_dashboard=False, ignore_reinit_error=True,
-                         log_to_driver=False)
+                ray.init(address=llm.resolved_ray_address() or "local", include_dashboard=False,
+                         ignore_reinit_error=True, log_to_driver=False)
         limiter = None
         if llm.requests_per_minute or llm.tokens_per_minute:
             limiter = ray.remote(num_cpus=0)(LimiterActor).remote(llm.requests_per_minute, llm.tokens_per_minute)
@@ -207,10 +209,12 @@ class WorkerPool:
 
 
 def prestart_workers(llm: LLMSection) -> WorkerPool | None:
-    """Start Ray worker actors now, for a `run_requests(..., pool=...)` that follows the caller's planning.
-    None where there is nothing to gain or it cannot start yet: the thread worker (starts instantly), batch mode
-    (no workers), a local server not started yet, or no API key (run_requests then reports what is missing)."""
-    if llm.workers == 0 or llm.mode == "batch" or _needs_local_server(llm):
+    """Start the workers now, for a `run_requests(..., pool=...)` that follows the caller's planning: Ray actors
+    come up meanwhile; the thread worker (`llm.workers: 0`) imports the HTTP client here (openai and httpx, about
+    0.5 s), while the caller's child processes load. None where there is nothing to gain or it cannot start yet:
+    batch mode (no workers), a local server not started yet, or no API key (run_requests then reports what is
+    missing)."""
+    if llm.mode == "batch" or _needs_local_server(llm):
         return None
     try:
         secret = api_key(llm)
