@@ -46,22 +46,21 @@ def _validator(fmt_kind: str | None = None) -> Any:
 
 # ------------------------------------------------------------------ fired: every reason on every answer
 def read_answers(stage_dirs: list[Path]) -> list[dict[str, Any]]:
-    """Every answer a generate stage wrote: kept/*.parquet|jsonl and removed/<reason>/..., with its stage reason."""
+    """Every answer a generate stage wrote (kept/ and removed/), with the reason the stage dropped it for."""
     from pipeline.documents import iter_documents, list_document_files
 
     out = []
     for stage in stage_dirs:
-        for sub, reason_of in (("kept", lambda p: None), ("removed", lambda p: p.parent.name)):
+        for sub in ("kept", "removed"):
             root = stage / sub
             if not root.exists():
                 continue
-            for path in list_document_files([root]):
-                for doc in iter_documents([path]):
-                    meta = doc["meta"] if isinstance(doc["meta"], dict) else json.loads(doc["meta"] or "{}")
-                    if not (doc.get("text") or "").strip() and reason_of(path) not in (None, "empty"):
-                        continue  # failed requests: no answer to judge
-                    out.append({"stage_dir": str(stage), "doc": doc, "meta": meta,
-                                "stage_reason": reason_of(path) or meta.get("reason")})
+            for doc in iter_documents(list_document_files([root])):
+                meta = doc["meta"] if isinstance(doc["meta"], dict) else json.loads(doc["meta"] or "{}")
+                reason = doc.get("reason") if sub == "removed" else None
+                if reason and reason.startswith(("failed_", "skipped_")):
+                    continue  # no answer to judge
+                out.append({"stage_dir": str(stage), "doc": doc, "meta": meta, "stage_reason": reason})
     return out
 
 

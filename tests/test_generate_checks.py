@@ -67,6 +67,7 @@ def test_refusals_by_family(v, opening):
     "Below you will find a set of exercises.\n\n",
     "I'd be happy to write this for you.\n\n",
     "# I've written a short lesson on photosynthesis\n\n",
+    "I'll walk you through a sample of my textbook.\n\n",
 ])
 def test_preambles_by_family(v, opening):
     assert "preamble" in reasons(v, opening + BODY)
@@ -81,6 +82,10 @@ def test_preambles_by_family(v, opening):
     (BODY + "\nI hope this helps! Let me know if you need more examples.", "meta_talk"),
     ("Following your instructions, " + BODY, "meta_talk"),
     (BODY + "\n(312 words)", "meta_talk"),
+    # real 135M answers the first patterns missed (benchmarks/results/validators.md)
+    ("Here are six questions and their answers to the above request:\n\n" + BODY, "meta_talk"),
+    ("I'm here to help you practice your questions. " + BODY, "meta_talk"),
+    ("I'm ready to help. " + BODY, "meta_talk"),
 ])
 def test_meta_talk_by_family(v, text, expect):
     assert expect in reasons(v, text)
@@ -113,6 +118,7 @@ def test_placeholders_by_family(v, text):
     "Use an f-string:\n\n```python\nname = 'Ada'\nprint(f'Hello, {name}')\n```\n\nor `'{name}'.format(name=name)`.\n\n"
     + BODY,
     "Certainly the most important idea is energy. " + BODY,  # "Certainly" not followed by punctuation
+    "The server sends a response to the request and to your request. " + BODY,
     BODY + "\nIf you have a question, ask your teacher; feel free to draw the leaf. " + MORE,  # not at the end
 ])
 def test_textbook_text_is_not_flagged(v, text):
@@ -138,6 +144,18 @@ def test_word_loop_is_repetition_not_length(v):
 def test_repetition_rules(text, rule):
     found = repetition(text, RepetitionSettings())
     assert found is not None and found.startswith(rule), found
+
+
+def test_repetition_spares_dialogue_speaker_lines_and_short_answers():
+    # real 135M answers labelled wrong: a dialogue's "Teacher:" / "Student:" lines; one 4-gram twice in 60 words
+    turns = [f"{who}:\n{line}" for who, line in zip(["Teacher", "Student"] * 5,
+                                                     (BODY + MORE).replace("\n", " ").split(". "), strict=False)]
+    assert repetition("\n".join(turns), RepetitionSettings()) is None
+    short = ("Q: What is a simple answer to that question? A: The answer to that question is that plants make sugar "
+             "from light, water and air, and animals eat the plants. This shows how food chains start with the sun "
+             "and how every animal depends on green plants in the end, even the ones that eat meat.")
+    assert 50 < len(short.split()) < 100 and repetition(short, RepetitionSettings()) is None
+    assert repetition(short, RepetitionSettings(min_words=50)) is not None
 
 
 def test_repetition_spares_code_fences_short_texts_and_the_test_server(v):

@@ -53,7 +53,7 @@ DEFAULT_PREAMBLES = [
     r"requested|for you)\b",
     # the assistant announcing itself: "I'd be happy to", "I've written", "Let me write"
     r"\A[\s#*_>]*(?:i(?:'d| would) (?:be )?(?:happy|glad|delighted) to|i(?:'ve| have) (?:written|created|"
-    r"prepared|put together|drafted|rewritten)|i(?:'ll| will) (?:write|create|provide|rewrite|now)|"
+    r"prepared|put together|drafted|rewritten)|i(?:'ll| will) (?:write|create|provide|rewrite|now|walk you|guide you)|"
     r"let me (?:write|create|provide|rewrite|explain))\b",
 ]
 
@@ -63,6 +63,9 @@ DEFAULT_META_TALK = [
     r"(?:asked|requested) (?:for|me)|you(?:'ve| have) (?:asked|requested))\b",
     r"\b(?:the given|the provided|the above) (?:instructions|prompt)\b",
     r"\b(?:per|following|according to|based on|as stated in) your (?:request|instructions|prompt)\b",
+    r"\b(?:the above|the given|the previous) request\b",
+    # the assistant offering its services: "I'm here to help you", "I'm ready to help"
+    r"\bi(?:'m| am) (?:here|ready|happy|glad|always here) to (?:help|assist)\b",
     r"\b(?:mention(?:ing|ed)?|follow(?:ing)?) (?:the|these|any|your|all) (?:instructions|guidelines|rules) "
     r"(?:given|provided|above|you gave)\b",
     r"\b(?:without|not) mentioning (?:the|these|any) instructions\b",
@@ -100,12 +103,15 @@ class RepetitionSettings(StrictModel):
     """Repetition rules of Gopher's quality filter (Rae et al. 2021, "Scaling Language Models", Appendix A, Table
     A1; as in datatrove's GopherRepetitionFilter), measured on words (`\\w+`, lower-cased) with fractions of the
     words' characters, plus the lowest distinct-word ratio in any window (a loop at the end of a long text: the
-    whole-text fractions dilute it). Fence lines (```), blank lines and lines without a letter are not lines here:
-    every code block opens and closes with the same fence. The n-gram rules and the window read the prose (fenced
+    whole-text fractions dilute it). Fence lines (```), blank lines, lines without a letter and label lines
+    (speaker labels "Teacher:", "Solution:") are not lines here: a code block opens and closes with the same fence,
+    a dialogue names its speakers again and again. The n-gram rules and the window read the prose (fenced
     code taken out). A null threshold turns its rule off. `pipeline/generate/repetition.py` has the details."""
 
     enabled: bool = Field(default=True, description="drop repetitive answers (repetition)")
-    min_words: int = Field(default=50, ge=1, description="answers with fewer words are not judged (too few to count)")
+    min_words: int = Field(default=100, ge=1,
+                           description="answers with fewer words are not judged: one 4-gram said twice in 60 words "
+                                       "passes the 4-gram limit (a short answer is judged by min_tokens instead)")
     max_dup_line_frac: float | None = Field(default=0.3, ge=0, le=1,
                                             description="lines that repeat an earlier line / lines")
     max_dup_para_frac: float | None = Field(default=0.3, ge=0, le=1,

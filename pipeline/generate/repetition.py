@@ -4,8 +4,8 @@
 Written for LLM answers rather than web pages (datatrove's `GopherRepetitionFilter` implements the same rules for
 web text): words are `\\w+` runs, lower-cased (a loop "The the the" is one word repeated); fractions are of the
 words' characters, each counted once however many repeated n-grams cover it, so every fraction is in [0, 1];
-fence lines (```), blank lines and lines without a letter are not lines, since every code block opens and closes
-with the same fence. The line and paragraph rules read the whole answer (a model looping in code repeats lines);
+fence lines (```), blank lines, lines without a letter and label lines ("Teacher:", "Solution:") are not lines,
+since every code block opens and closes with the same fence and a dialogue repeats its speaker labels. The line and paragraph rules read the whole answer (a model looping in code repeats lines);
 the n-gram rules and the windowed ratio read its prose (fenced code taken out: code repeats names and calls by
 nature; 100-word windows of the Python standard library go down to 0.15 distinct). The windowed ratio catches a
 loop at the end of a long answer, which the whole-text fractions dilute below their thresholds.
@@ -22,13 +22,15 @@ from pipeline.config.checks import RepetitionSettings
 _WORD = re.compile(r"\w+")
 _LETTER = re.compile(r"[^\W\d_]")
 _FENCE = re.compile(r"^\s*(?:```|~~~)")
+_LABEL = re.compile(r"[*_#]*\s*\w[\w ()'.-]{0,30}:\s*[*_]*")  # "Teacher:", "**Solution:**", "Student (Ann):"
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
 _CODE_BLOCK = re.compile(r"```.*?(?:```|\Z)", re.S)
 
 
 def _units(parts: Sequence[str]) -> list[str]:
-    """Lines or paragraphs that count: stripped, with a letter, not a code fence."""
-    return [p for p in (x.strip() for x in parts) if p and _LETTER.search(p) and not _FENCE.match(p)]
+    """Lines or paragraphs that count: stripped, with a letter, not a code fence, not a label ("Teacher:")."""
+    return [p for p in (x.strip() for x in parts)
+            if p and _LETTER.search(p) and not _FENCE.match(p) and not _LABEL.fullmatch(p)]
 
 
 def duplicate_fractions(units: Sequence[str]) -> tuple[float, float]:
