@@ -1,19 +1,21 @@
 """Precision of the output checks (issue 20): how often each drop reason fires, and how often it is right.
 
     # 1. real model output: generate with the local model (keep every answer, dropped ones too) ...
-    textbook generate configs/quickstart.yaml --set run.out=/tmp/v20/a generate.n=32 generate.web_seed_fraction=0
+    textbook generate configs/quickstart.yaml --set run.out=/tmp/v20/a --set generate.n=30 \\
+        --set generate.web_seed_fraction=0 --set llm.max_tokens=500   # validators_header.md has both runs
     # 2. ... list every reason that fires on every answer (all checks, not just the first) for hand-labelling
     python benchmarks/bench_validators.py fired /tmp/v20/a/stages/generate /tmp/v20/b/stages/generate \\
         --out benchmarks/results/validators_outputs.jsonl
     # 3. the labelled table: per reason fired / right / precision, and every labelled answer
     python benchmarks/bench_validators.py table benchmarks/results/validators_outputs.jsonl \\
-        benchmarks/results/validators_labels.json --out benchmarks/results/validators.md
+        benchmarks/results/validators_labels.json --out benchmarks/results/validators.md \\
+        --header benchmarks/results/validators_header.md
     # false alarms on real human text (no model needed): OpenStax's Python textbook as Markdown with fenced
     # code (checked as a python_chapter that only promises code that parses), FineWeb-Edu and FineWeb pages
     python benchmarks/bench_validators.py human --data ../shared/data
 
-`fired` re-judges every answer the generate stage wrote (kept/ and removed/<reason>/) with `Validator.reasons`,
-which evaluates every check, so a reason that a earlier one shadowed (a loop cut off at max_tokens is `length`
+`fired` re-judges every answer the generate stage wrote (kept/ and removed/) with `Validator.reasons`,
+which evaluates every check, so a reason that an earlier one shadows (a loop cut off at max_tokens is `length`
 first) is measured too. Labels: {"<id>": {"<reason>": "right" | "wrong"}, ...} written by a person who read the
 answer.
 """
