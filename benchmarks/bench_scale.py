@@ -67,29 +67,39 @@ def child(args: argparse.Namespace) -> None:
         workers = int(args.path.split("-")[1])
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  object_store_memory=1 << 30)
-        idle = ray.get(ray.remote(num_cpus=1)(_rss_kb).remote())
+        # a worker that has only started (Ray, numpy, pyarrow imported): its RSS and CPU are subtracted/beside
+        idle, idle_cpu = ray.get(ray.remote(num_cpus=1)(_usage).remote())
         sets.append("run.executor=ray")
     else:
-        idle = None
+        idle, idle_cpu = None, 0.0
     cfg = load_config(None, sets)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     stats = runmod.run_pipeline(cfg, log=lambda m: None)[args.stage]
-    seconds = time.perf_counter() - t
-    workers_kb = {}
+    seconds, driver_cpu = time.perf_counter() - t, time.process_time() - c
+    workers_kb: dict[str, int] = {}
+    workers_cpu: dict[str, float] = {}
     for f in events.glob("*.done"):
         pid = f.name.rsplit("-", 1)[1].split(".")[0]
-        workers_kb[pid] = max(workers_kb.get(pid, 0), int(f.read_text()))
+        kb, cpu = f.read_text().split()
+        workers_kb[pid] = max(workers_kb.get(pid, 0), int(kb))
+        workers_cpu[pid] = max(workers_cpu.get(pid, 0.0), float(cpu))  # cumulative per worker process
+    cpu = driver_cpu + sum(workers_cpu.values()) - (idle_cpu * len(workers_cpu) if idle else 0.0)
     print(json.dumps({"stage": args.stage, "path": args.path, "docs": stats["read"], "seconds": round(seconds, 2),
-                      "docs_per_s": round(stats["read"] / seconds, 1), "driver_peak_mb": round(_peak_mb(), 1),
+                      "docs_per_s": round(stats["read"] / seconds, 1), "cpu_s": round(cpu, 2),
+                      "docs_per_cpu_s": round(stats["read"] / cpu, 1) if cpu > 0 else None,
+                      "driver_cpu_s": round(driver_cpu, 2), "driver_peak_mb": round(_peak_mb(), 1),
                       "worker_peak_mb": round(max(workers_kb.values()) / 1024, 1) if workers_kb else None,
                       "worker_idle_mb": round(idle / 1024, 1) if idle else None, "workers": len(workers_kb),
                       "kept": stats["kept"], "engine": stats.get("engine")}))
 
 
-def _rss_kb() -> int:
+def _usage() -> tuple[int, float]:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from pipeline import dedup, mix  # noqa: F401  (what a task imports: counted in the idle figures)
+
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_maxrss, use.ru_utime + use.ru_stime
 
 
 def _peak_mb() -> float:
@@ -105,6 +115,7 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=["dedup", "shard"])
     ap.add_argument("--paths", nargs="+", default=["local", "ray-1", "ray-2"])
     ap.add_argument("--rows-per-task", type=int, default=50_000)
+    ap.add_argument("--per-file", type=int, default=10_000, help="documents per input file (one hash/tokenize task)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scale.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
@@ -119,7 +130,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for n in args.sizes:
             t = time.perf_counter()
-            inp = make_input(n, Path(tmp) / f"in-{n}")
+            inp = make_input(n, Path(tmp) / f"in-{n}", args.per_file)
             print(f"input: {n:,} documents in {time.perf_counter() - t:.0f} s", file=sys.stderr)
             for stage in args.stages:
                 for path in args.paths:

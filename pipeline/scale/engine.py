@@ -16,7 +16,7 @@ GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN, HF_ENDPOINT) are passed to the tasks i
 Test hook, for fault-injection tests only: with `$TEXTBOOK_TASK_EVENTS` set to a directory on the driver, every
 task writes `<dir>/<label>-<index>-<node id>-<pid>.started` when it starts and then waits while
 `<dir>/hold` exists, so a test can kill a node while its tasks are known to be running (an observed event,
-never a sleep); when it ends it writes `<same name>.done` holding its worker's peak RSS in KB (benchmarks).
+never a sleep); when it ends it writes `<same name>.done` holding its worker's peak RSS (KB) and CPU seconds (benchmarks).
 """
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ def _run_task(fn: Callable[..., Any], item: tuple[Any, ...], label: str, index: 
     result = fn(*item)
     import resource
 
-    # the worker's peak RSS so far (KB): what the benchmark reports as memory per worker
-    (Path(events) / f"{name}.done").write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    # the worker's peak RSS (KB) and CPU seconds so far: what the benchmark reports per worker
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    (Path(events) / f"{name}.done").write_text(f"{use.ru_maxrss} {use.ru_utime + use.ru_stime:.3f}")
     return result
 
 
