@@ -8,6 +8,13 @@ the FaultyOpenAIServer (separate process) with lognormal latency (median 0.5 s, 
 
 Goal: ratio (stage req/s / plain req/s) >= 0.95, without and with 10 % 429 responses.
 The stage's time is its whole wall time (planning, Ray start, validation, writing); the plain loop only sends.
+
+Whole commands (`--command`): `textbook generate CONFIG` as a process (interpreter start, imports, planning, the
+judging process, Ray if llm.workers > 0, every answer judged and written, exit) against the plain loop as a
+process (`plain_openai_loop.py`: interpreter start, `import openai`, the loop over the same prompts, exit), in
+alternating order, one ratio per round per size; prints the 3,000- and 10,000-request ratios:
+
+    .venv/bin/python benchmarks/bench_generate.py --command --sizes 3000 10000 --workers 0 1 --rounds 3
 """
 
 from __future__ import annotations
@@ -57,6 +64,91 @@ def settings(srv: FaultyOpenAIServer, args: argparse.Namespace, workers: int, d:
             "llm.backoff_base_s=0.1"]
 
 
+def _nested(sets: list[str]) -> dict:
+    """--set style "a.b=value" pairs as a config mapping (values read as YAML, as `--set` does)."""
+    import yaml
+
+    cfg: dict = {}
+    for item in sets:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return cfg
+
+
+def _timed(cmd: list[str], pythonpath: str | None = None) -> float:
+    """Wall seconds of a whole process, start to exit; its output is kept only to show on failure.
+    `pythonpath`: import `pipeline` from there (another checkout's code: --compare)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    secs = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(f"{cmd[:3]} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return secs
+
+
+def command_rounds(args: argparse.Namespace) -> list[dict]:
+    """`--command`: per size and round, the plain loop process and `textbook generate` (once per --workers value)
+    in alternating order (even rounds plain first, odd rounds ours first: drift of the shared machine cancels)."""
+    import os
+    import sys
+
+    import yaml
+
+    here = Path(__file__).resolve().parent
+    textbook = str(Path(sys.executable).parent / "textbook")
+    rows = []
+    with FaultyOpenAIServer(mode="process", latency="lognormal", latency_s=0.5, sigma=0.5, words=args.words,
+                            seed=1) as srv, tempfile.TemporaryDirectory() as d:
+        for n in args.sizes:
+            args.n = n
+            cfg = load_config(None, settings(srv, args, 0, d))
+            prompts = Path(d) / f"prompts-{n}.json"
+            prompts.write_text(json.dumps([list(r.messages) for r in plan(cfg, []).requests]))
+            plain_cmd = [sys.executable, str(here / "plain_openai_loop.py"), str(prompts), srv.base_url,
+                         str(args.concurrency), json.dumps(cfg.llm.sampling_params())]
+            variants = [("this checkout", None)] + ([("--compare", args.compare)] if args.compare else [])
+            cases = [(label, path, w) for label, path in variants for w in args.workers]
+            for rnd in range(1, args.rounds + 1):
+                order = [None, *cases] if rnd % 2 else [*cases[::-1], None]  # None: the plain loop
+                secs: dict = {}
+                for case in order:
+                    if case is None:
+                        secs["plain"] = _timed(plain_cmd)
+                        continue
+                    label, path, w = case
+                    run = Path(d) / f"run-{n}-{rnd}-{w}-{len(secs)}"
+                    config = run.with_suffix(".yaml")
+                    config.write_text(yaml.safe_dump(_nested(settings(srv, args, w, str(run)))))
+                    secs[case] = _timed([textbook, "generate", str(config)], path)
+                load = os.getloadavg()[0]
+                for case in cases:
+                    label, _, w = case
+                    row = {"n": n, "round": rnd, "code": label, "workers": w, "plain_s": round(secs["plain"], 2),
+                           "textbook_s": round(secs[case], 2), "ratio": round(secs["plain"] / secs[case], 3),
+                           "load_1min": round(load, 1)}
+                    rows.append(row)
+                    print(f"{n} requests round {rnd}: plain loop command {row['plain_s']} s, textbook generate "
+                          f"({label}) workers={w} {row['textbook_s']} s: ratio {row['ratio']:.3f} "
+                          f"(load {load:.1f})", flush=True)
+    print("\nwhole-command throughput ratio (plain s / textbook s, same round), median over rounds:")
+    for n in args.sizes:
+        for label in dict.fromkeys(r["code"] for r in rows):
+            for w in args.workers:
+                ratios = sorted(r["ratio"] for r in rows if r["n"] == n and r["workers"] == w and r["code"] == label)
+                print(f"  {n:>6,} requests, {label}, workers={w}: median {statistics.median(ratios):.3f}  "
+                      f"(rounds: {', '.join(f'{x:.3f}' for x in ratios)})")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=3000)
@@ -71,7 +163,18 @@ def main() -> None:
                     help="also time run_requests alone on the same requests (the LLM layer without the stage)")
     ap.add_argument("--no-429", action="store_true", help="only the fault-free case")
     ap.add_argument("--out", type=str, default=None, help="write the results as JSON here")
+    ap.add_argument("--command", action="store_true",
+                    help="time whole commands: `textbook generate` vs the plain loop, each as its own process")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[3000, 10000], help="--command: requests per run")
+    ap.add_argument("--compare", type=str, default=None,
+                    help="--command: also time `textbook generate` importing `pipeline` from this directory (an "
+                         "older checkout, e.g. from `git archive COMMIT pipeline prompts tokenizers`), same rounds")
     args = ap.parse_args()
+    if args.command:
+        rows = command_rounds(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        return
 
     import ray
 
