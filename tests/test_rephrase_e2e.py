@@ -174,6 +174,8 @@ def test_fidelity_checks_drop_exactly_the_injected_failures_with_their_reasons(r
         kinds = [fault_of(a, vocabulary) for a in r["text"].split(JOIN)]
         first = next(k for k in kinds if k is not None)
         assert r["reason"] == FAULT_REASON[first], (r["reason"], kinds, meta["fidelity"])
+        if r["reason"] == "refusal":  # what the validator found is kept with the dropped rewrite
+            assert meta["drop_detail"].lower().startswith("i'm sorry, but i can't help")
         reasons[r["reason"]] += 1
     assert set(reasons) == set(FAULT_REASON.values())  # each injected failure was met and named
     assert sum(rephrase_run["server"]["faults"].get(f"rephrase_{k}", 0) for k in FAULT_REASON) >= sum(reasons.values())

@@ -154,6 +154,7 @@ class RephraseJudge:
         tpl = self.setup.templates[rw.template]
         self.validator  # noqa: B018 - both validators loaded
         fate, reason = "kept", None
+        detail: str | None = None  # what a validator found: the phrase, the repetition rule and its value
         chunk_figures: list[dict[str, Any]] = []
         skipped = next((x for x in results if x.skipped), None)
         failed = next((x for x in results if not x.ok and not x.skipped), None)
@@ -168,6 +169,7 @@ class RephraseJudge:
                 verdict = self._chunk_validator.check(text, x.finish_reason)
                 if verdict.reason is not None:
                     fate, reason = "dropped", verdict.reason
+                    detail = verdict.detail
                     break
                 if marker and marker in text[: len(marker) + 40].lower():
                     fate, reason = "dropped", "no_usable_content"
@@ -185,7 +187,9 @@ class RephraseJudge:
             if verdict.language is not None:
                 extra.update(language=verdict.language, language_score=round(verdict.language_score or 0, 3))
             if verdict.reason is not None:
-                fate, reason = "dropped", verdict.reason
+                fate, reason, detail = "dropped", verdict.reason, verdict.detail
+        if detail is not None:
+            extra["drop_detail"] = detail
         if joined.strip() and fate != "errored":
             key = hashlib.sha256("".join(x.key for x in results).encode()).hexdigest()
             extra.update(self.guard.observe(key, rw.cell, joined))
