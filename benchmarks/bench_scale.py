@@ -65,7 +65,7 @@ def child(args: argparse.Namespace) -> None:
         import ray
 
         workers = int(args.path.split("-")[1])
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  object_store_memory=1 << 30)
         # a worker that has only started (Ray, numpy, pyarrow imported): its RSS and CPU are subtracted/beside
         idle, idle_cpu = ray.get(ray.remote(num_cpus=1)(_usage).remote())

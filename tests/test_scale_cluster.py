@@ -76,6 +76,7 @@ def outputs(out):
             "shards": rows, "fingerprint": shards.fingerprint}
 
 
+@pytest.mark.slow
 def test_quickstart_chain_on_two_nodes_equals_local(cluster, quickstart_inputs, tmp_path):
     from test_scale import comparable
 
@@ -92,6 +93,7 @@ def test_quickstart_chain_on_two_nodes_equals_local(cluster, quickstart_inputs, 
     assert outputs(out_r) == outputs(out_l)
 
 
+@pytest.mark.slow
 def test_node_killed_during_shard_loses_and_duplicates_nothing(cluster, quickstart_inputs, tmp_path, monkeypatch):
     from test_scale import shard_rows
 

@@ -61,6 +61,7 @@ def run_stage(tmp_path, name, stage, inputs, *sets):
     return runmod.run_pipeline(cfg, log=lambda m: None)[stage], tmp_path / name / "stages" / stage
 
 
+@pytest.mark.slow
 def test_dedup_reads_s3_inputs_like_local_files(shared_data, tmp_path, s3, ray_session):
     from test_scale import comparable, corpus_files, docs_of
 
@@ -75,6 +76,7 @@ def test_dedup_reads_s3_inputs_like_local_files(shared_data, tmp_path, s3, ray_s
         f"s3://{BUCKET}/dedup-in/in-0.jsonl")
 
 
+@pytest.mark.slow
 def test_shard_set_published_to_s3_equals_local(shared_data, tmp_path, s3, ray_session, monkeypatch):
     from test_scale import SHARD_SETS, shard_inputs, shard_rows
 

@@ -69,8 +69,9 @@ class Engine:
 
         if ray.is_initialized():
             return
-        address = self.address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, num_cpus=None if address else self.workers, include_dashboard=False,
+        # "local": a Ray of our own, never another user's instance that happens to run on this machine
+        address = self.address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, num_cpus=self.workers if address == "local" else None, include_dashboard=False,
                  ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
 
     def put(self, obj: Any) -> Any:
