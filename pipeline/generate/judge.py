@@ -89,9 +89,11 @@ class Judge:
     def preload(cls, cfg: RunConfig) -> None:
         """Build the validator (tokenizer, language id, checks) for `cfg` now; `Judge(setup)` with the same
         generate and tokenizer settings uses it."""
-        from pipeline.generate.validate import Validator
+        from pipeline.generate.validate import Validator, detect_language
 
         cls._preloaded[cls._validator_key(cfg)] = Validator(cfg.generate, cfg.tokenizer.path)
+        if cfg.generate.language:  # the language-id model loads on first use: load it now, not on the first answer
+            detect_language("A sentence to load the language identification model with.")
 
     def __init__(self, setup: JudgeSetup) -> None:
         # here, not at module level: the driver imports this module for JudgeProcess and needs neither pyarrow
