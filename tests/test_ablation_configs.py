@@ -53,3 +53,21 @@ def test_shipped_ablation_config_passes_check_arms(path, shared_data, web_and_re
                               source_weights=arm.source_weights)
         x, _ = loader.next_batch()
         assert x.shape == (2, 32)
+
+
+def test_unigram_counts_follow_an_arms_source_weights(web_and_rephrase):
+    """The unigram baseline of an arm that trains on one source of a shard set counts only that source's tokens
+    (the rephrase check's arms share one shard set); weights in between scale a source's tokens."""
+    import numpy as np
+
+    from pipeline.shards import open_shards
+    from pipeline.train.ablate_data import token_counts
+
+    tokens = open_shards(web_and_rephrase).manifest["splits"]["train"]["sources"]
+    everything = token_counts([web_and_rephrase], "train", 16384)
+    web_only = token_counts([web_and_rephrase], "train", 16384, {"rephrase": 0.0})
+    rephrase_only = token_counts([web_and_rephrase], "train", 16384, {"web": 0.0})
+    assert web_only.sum() == tokens["web"]["tokens"] and rephrase_only.sum() == tokens["rephrase"]["tokens"]
+    assert np.array_equal(web_only + rephrase_only, everything)
+    half = token_counts([web_and_rephrase], "train", 16384, {"web": 0.5})
+    assert np.allclose(half, 0.5 * web_only + rephrase_only)

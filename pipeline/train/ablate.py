@@ -526,6 +526,7 @@ def unigram_table(cfg: AblationConfig, log: Log = print) -> dict[str, dict[str, 
     base = resolve_pretrain(cfg.pretrain)
     seq = base.train.seq_len or base.model.max_seq_len
     key = config_hash({"arms": {a.name: [_file_identity(s) for s in a.shards] for a in arms},
+                       "weights": {a.name: a.source_weights for a in arms if a.source_weights},
                        "sets": [[e.model_dump(mode="json"), _file_identity(e.path)] for e in sets],
                        "tokens": base.eval.tokens, "seq": seq})
     path = cfg.out_dir / "unigram.json"
@@ -536,7 +537,7 @@ def unigram_table(cfg: AblationConfig, log: Log = print) -> dict[str, dict[str, 
     targets = {e.name: eval_targets(e, tok_file, base.eval.tokens, seq) for e in sets}
     table: dict[str, dict[str, float]] = {}
     for a in arms:
-        counts = token_counts(a.shards, base.data.split, vocab)
+        counts = token_counts(a.shards, base.data.split, vocab, a.source_weights)
         table[a.name] = {n: round(unigram_bpb(counts, d.y, d.tokens_per_byte), 6)
                          for n, d in targets.items() if d is not None}
     atomic_write_text(path, json.dumps({"key": key, "bpb": table}, indent=2) + "\n")

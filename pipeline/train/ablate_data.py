@@ -179,20 +179,31 @@ def classifier_dirs(shard_paths: Iterable[str | Path], extra: str | None) -> lis
 
 
 # --- unigram baseline ------------------------------------------------------------------------------------------
-def token_counts(paths: Iterable[str | Path], split: str, vocab_size: int) -> np.ndarray:
-    """Occurrences of every token id in one split of shard directories (EOS included), shape (vocab_size,)."""
+def token_counts(paths: Iterable[str | Path], split: str, vocab_size: int,
+                 source_weights: dict[str, float] | None = None) -> np.ndarray:
+    """Occurrences of every token id in one split of shard directories (EOS included), shape (vocab_size,).
+    With `source_weights` (an arm's `data.source_weights`), each document's tokens count `weight` times (1 for a
+    source not named), as the loader repeats or drops them: an arm that trains on one source of a shard set gets
+    the frequencies of what it trains on (float counts)."""
     import pyarrow.parquet as pq
 
     from pipeline.shards import open_shards
 
-    counts = np.zeros(vocab_size, dtype=np.int64)
+    weights = dict(source_weights or {})
+    counts = np.zeros(vocab_size, dtype=np.float64 if weights else np.int64)
     for p in paths:
         for f in open_shards(p).files(split):
             pf = pq.ParquetFile(f)
             for i in range(pf.metadata.num_row_groups):
-                col = pf.read_row_group(i, columns=["input_ids"]).column("input_ids").combine_chunks()
+                table = pf.read_row_group(i, columns=["input_ids", "source"] if weights else ["input_ids"])
+                col = table.column("input_ids").combine_chunks()
                 ids = np.asarray(col.values, dtype=np.int64)
-                counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+                if not weights:
+                    counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+                    continue
+                per_doc = np.array([weights.get(s or "unknown", 1.0) for s in table.column("source").to_pylist()])
+                per_token = np.repeat(per_doc, np.diff(np.asarray(col.offsets)))
+                counts += np.bincount(ids, weights=per_token, minlength=vocab_size)[:vocab_size]
     return counts
 
 
