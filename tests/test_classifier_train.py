@@ -73,6 +73,36 @@ def test_sklearn_backends_same_interface(tmp_path, shared_data):
         assert s[0] == clf.score_min and s[2] == clf.score_min and 0 <= s[1] <= 5
 
 
+def test_char_ngram_block_saved_and_loaded(tmp_path, shared_data):
+    """Word + character n-gram TF-IDF (`char_ngrams`): a saved and reloaded model scores exactly as the fitted
+    one, the feature rows have unit norm, and the char block changes the scores (it is used)."""
+    import csv
+
+    from pipeline.classify.backends import SklearnBackend
+    from pipeline.classify.text import prepare
+
+    with (shared_data / "edu_labels/fineweb_c_danish_human/labels.csv").open(encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f)][:300]
+    texts = [prepare(r["text"], 2000) for r in rows]
+    y = [float(r["float_score"]) for r in rows]
+    params = {"head": "ridge", "char_ngrams": [2, 4], "char_max_features": 50_000}
+    b = SklearnBackend("regression", list(range(6)), 5.0, params)
+    b.fit(texts[:200], y[:200])
+    want = b.predict_scores(texts[200:])
+    norms = np.sqrt(np.asarray(b._weigh(b._counts(texts[200:]), b._char_counter.transform(texts[200:]))
+                               .power(2).sum(axis=1))).ravel()
+    assert np.allclose(norms, 1.0, atol=1e-5)
+    name = b.save(tmp_path)
+    loaded = SklearnBackend("regression", list(range(6)), 5.0, params)
+    loaded.load(tmp_path / name)
+    assert np.array_equal(loaded.predict_scores(texts[200:]), want)
+    words_only = SklearnBackend("regression", list(range(6)), 5.0, {"head": "ridge"})
+    words_only.fit(texts[:200], y[:200])
+    assert not np.allclose(words_only.predict_scores(texts[200:]), want, atol=1e-3)
+    with pytest.raises(TextbookError, match="char_ngrams"):
+        SklearnBackend("regression", [0, 1], 5.0, {"head": "ridge", "features": "hashing", "char_ngrams": [2, 4]})
+
+
 @pytest.mark.parametrize("ngram_max", [1, 2, 3])
 def test_fast_ngram_counts_equal_countvectorizer(shared_data, ngram_max):
     """The TF-IDF backend's own n-gram counter gives exactly CountVectorizer.transform's matrix on real pages,

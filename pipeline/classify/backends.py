@@ -152,6 +152,7 @@ class FastTextBackend(Backend):
 SKLEARN_DEFAULTS: dict[str, Any] = {
     "features": "tfidf", "head": "logistic", "ngram_max": 2, "max_features": 200_000, "min_df": 2,
     "hash_features": 2**20, "C": 4.0, "alpha": 1.0, "class_weight": None, "max_iter": 2000,
+    "char_ngrams": None, "char_max_features": 300_000,
 }
 _TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default: words of two or more word characters
 
@@ -162,7 +163,13 @@ class SklearnBackend(Backend):
     Saved as `model.npz` (no pickle: loading a model directory never runs code, and a model outlives the
     scikit-learn version that fitted it): the vocabulary (or the hashing size), the IDF weights and the linear
     head's coefficients. Scoring recomputes the same features: n-gram counts, sublinear tf (1 + log), x IDF,
-    L2-normalised rows, then `X @ coef.T + intercept` (ridge: the score; logistic: sigmoid/softmax → P)."""
+    L2-normalised rows, then `X @ coef.T + intercept` (ridge: the score; logistic: sigmoid/softmax → P).
+
+    `char_ngrams: [lo, hi]` (tfidf only) adds a second block: character n-grams inside word boundaries
+    (scikit-learn's `char_wb` analyzer), weighted and normalised the same way; the two L2-normalised blocks are
+    concatenated and scaled by 1/sqrt(2), so a row still has unit norm. Character n-grams share evidence
+    between inflected and compound forms; on the Danish set they raised cross-validated F1 but not holdout F1
+    (benchmarks/results/classifier.md), so no shipped config uses them."""
 
     name = "sklearn"
     defaults = SKLEARN_DEFAULTS
@@ -177,7 +184,14 @@ class SklearnBackend(Backend):
             raise TextbookError(f"sklearn features must be 'tfidf' or 'hashing', got {self.params['features']!r}")
         if self.params["head"] not in ("logistic", "ridge"):
             raise TextbookError(f"sklearn head must be 'logistic' or 'ridge', got {self.params['head']!r}")
+        chars = self.params.get("char_ngrams")
+        if chars is not None and (self.params["features"] != "tfidf" or len(chars) != 2
+                                  or not 1 <= int(chars[0]) <= int(chars[1])):
+            raise TextbookError(f"sklearn char_ngrams must be [lo, hi] with 1 <= lo <= hi and features tfidf, "
+                                f"got {chars!r}")
         self._counter: Any = None  # CountVectorizer (fixed vocabulary) or HashingVectorizer
+        self._char_counter: Any = None  # CountVectorizer(analyzer="char_wb") with a fixed vocabulary, or None
+        self.char_idf: np.ndarray | None = None
         self.idf: np.ndarray | None = None
         self.coef: np.ndarray | None = None  # (k, n_features); k = 1 for ridge and binary logistic
         self.intercept: np.ndarray | None = None
@@ -200,15 +214,43 @@ class SklearnBackend(Backend):
         return CountVectorizer(ngram_range=self._ngrams(), vocabulary=vocabulary, token_pattern=_TOKEN_PATTERN,
                                dtype=np.float32)
 
-    def _weigh(self, counts: Any) -> Any:
+    def _char_counter_for(self, vocabulary: dict[str, int] | None = None) -> Any:
+        from sklearn.feature_extraction.text import CountVectorizer
+
+        lo, hi = (int(v) for v in self.params["char_ngrams"])
+        if vocabulary is None:
+            return CountVectorizer(analyzer="char_wb", ngram_range=(lo, hi), min_df=int(self.params["min_df"]),
+                                   max_features=int(self.params["char_max_features"]), dtype=np.float32)
+        return CountVectorizer(analyzer="char_wb", ngram_range=(lo, hi), vocabulary=vocabulary, dtype=np.float32)
+
+    @staticmethod
+    def _weigh_block(counts: Any, idf: np.ndarray) -> Any:
         """counts (CSR) → sublinear tf x idf, L2-normalised rows (TfidfVectorizer(sublinear_tf=True))."""
         from sklearn.preprocessing import normalize
 
         x = counts.tocsr().astype(np.float32)
         np.log(x.data, out=x.data)
         x.data += 1.0
-        x = x.multiply(self.idf).tocsr()
+        x = x.multiply(idf).tocsr()
         return normalize(x, norm="l2", copy=False)
+
+    def _weigh(self, counts: Any, char_counts: Any = None) -> Any:
+        """Word block, or [word block, char block] / sqrt(2) when the model has character n-grams."""
+        import scipy.sparse as sp
+
+        x = self._weigh_block(counts, self.idf)
+        if char_counts is None:
+            return x
+        both = sp.hstack([x, self._weigh_block(char_counts, self.char_idf)], format="csr")
+        both.data *= np.float32(1 / np.sqrt(2))
+        return both
+
+    @staticmethod
+    def _idf(counts: Any) -> np.ndarray:
+        """Smooth IDF, as scikit-learn: ln((1 + n) / (1 + df)) + 1."""
+        n = counts.shape[0]
+        df = np.bincount(counts.indices, minlength=counts.shape[1]).astype(np.float64)
+        return (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
 
     def fit(self, texts: list[str], labels: list[float], final: bool = True) -> None:
         from sklearn.linear_model import LogisticRegression, Ridge
@@ -217,15 +259,19 @@ class SklearnBackend(Backend):
         counter = self._counter_for()
         counts = counter.fit_transform(texts) if p["features"] == "tfidf" else counter.transform(texts)
         counts = counts.tocsr()
-        n = counts.shape[0]
-        df = np.bincount(counts.indices, minlength=counts.shape[1]).astype(np.float64)
         if p["features"] == "tfidf":
             vocab = counter.vocabulary_
             self._counter = self._counter_for(vocab)
         else:
             self._counter = counter
-        self.idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)  # smooth_idf, as scikit-learn
-        x = self._weigh(counts)
+        self.idf = self._idf(counts)
+        char_counts = None
+        if p.get("char_ngrams") is not None:
+            char_counter = self._char_counter_for()
+            char_counts = char_counter.fit_transform(texts).tocsr()
+            self._char_counter = self._char_counter_for(char_counter.vocabulary_)
+            self.char_idf = self._idf(char_counts)
+        x = self._weigh(counts, char_counts)
         if p["head"] == "ridge":
             head = Ridge(alpha=float(p["alpha"]))
             head.fit(x, np.asarray(labels, dtype=np.float64))
@@ -269,7 +315,8 @@ class SklearnBackend(Backend):
                              shape=(len(texts), len(vocab)))
 
     def _decision(self, texts: list[str]) -> np.ndarray:
-        x = self._weigh(self._counts(texts))
+        chars = self._char_counter.transform(texts) if self._char_counter is not None else None
+        x = self._weigh(self._counts(texts), chars)
         return np.asarray(x @ self.coef.T, dtype=np.float64) + self.intercept
 
     def predict_scores(self, texts: list[str]) -> np.ndarray:
@@ -295,6 +342,12 @@ class SklearnBackend(Backend):
             if any("\n" in t for t in terms):
                 raise TextbookError("vocabulary term with a newline (cannot happen with the default tokenizer)")
             arrays["vocabulary"] = np.frombuffer("\n".join(terms).encode("utf-8"), dtype=np.uint8)
+        if self._char_counter is not None:
+            terms = sorted(self._char_counter.vocabulary, key=self._char_counter.vocabulary.get)
+            if any("\n" in t for t in terms):  # char_wb n-grams lie inside one whitespace-split word
+                raise TextbookError("character n-gram with a newline (cannot happen with char_wb)")
+            arrays["char_vocabulary"] = np.frombuffer("\n".join(terms).encode("utf-8"), dtype=np.uint8)
+            arrays["char_idf"] = self.char_idf
         np.savez_compressed(model_dir / "model.npz", **arrays)
         return "model.npz"
 
@@ -306,8 +359,13 @@ class SklearnBackend(Backend):
             if self.params["features"] == "tfidf":
                 terms = z["vocabulary"].tobytes().decode("utf-8").split("\n")
                 vocab = {t: i for i, t in enumerate(terms)}
+            if self.params.get("char_ngrams") is not None:
+                terms = z["char_vocabulary"].tobytes().decode("utf-8").split("\n")
+                self._char_counter = self._char_counter_for({t: i for i, t in enumerate(terms)})
+                self.char_idf = z["char_idf"]
         self._counter = self._counter_for(vocab)
-        if self.coef.shape[1] != len(self.idf):
+        n_features = len(self.idf) + (len(self.char_idf) if self._char_counter is not None else 0)
+        if self.coef.shape[1] != n_features:
             raise TextbookError(f"{path}: coefficients and features differ in size")
 
 

@@ -88,7 +88,8 @@ class TrainSection(StrictModel):
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="backend hyperparameters (fasttext: lr, epoch, wordNgrams, dim, minCount, bucket, quantize, "
-        "cutoff; sklearn: features tfidf|hashing, head logistic|ridge, ngram_max, max_features, C, alpha)",
+        "cutoff; sklearn: features tfidf|hashing, head logistic|ridge, ngram_max, max_features, C, alpha, "
+        "char_ngrams [lo, hi] (adds character n-grams inside words), char_max_features)",
     )
     score_min: float = Field(default=0, description="lowest valid score of the rubric")
     score_max: float = Field(default=5, description="highest valid score of the rubric")
