@@ -61,6 +61,8 @@ def child(args: argparse.Namespace) -> None:
     sets = [f"run.out={args.work}/out", f"run.stages=[{args.stage}]", f"{args.stage}.inputs=[{args.input}]"]
     if args.stage == "dedup":
         sets.append("dedup.keep_index=false")
+    if args.stage == "shard" and args.shuffle_mb:
+        sets.append(f"shard.shuffle_buffer_mb={args.shuffle_mb}")
     if args.path.startswith("ray"):
         import ray
 
@@ -115,6 +117,8 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=["dedup", "shard"])
     ap.add_argument("--paths", nargs="+", default=["local", "ray-1", "ray-2"])
     ap.add_argument("--rows-per-task", type=int, default=50_000)
+    ap.add_argument("--shuffle-mb", type=int, default=0, help="shard.shuffle_buffer_mb (a write task's bound); "
+                    "0: the default 512")
     ap.add_argument("--per-file", type=int, default=10_000, help="documents per input file (one hash/tokenize task)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scale.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -136,7 +140,8 @@ def main() -> None:
                 for path in args.paths:
                     work = Path(tmp) / f"{stage}-{path}-{n}"
                     cmd = [sys.executable, __file__, "--child", "--stage", stage, "--path", path, "--input", str(inp),
-                           "--work", str(work), "--rows-per-task", str(args.rows_per_task)]
+                           "--work", str(work), "--rows-per-task", str(args.rows_per_task),
+                           "--shuffle-mb", str(args.shuffle_mb)]
                     load = os.getloadavg()[0]
                     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
                     lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
@@ -144,6 +149,7 @@ def main() -> None:
                         print(out.stderr[-3000:], file=sys.stderr)
                         raise SystemExit(f"{stage} {path} {n}: failed")
                     row = {**json.loads(lines[-1]), "n": n, "load_before": round(load, 1),
+                           "shuffle_mb": args.shuffle_mb or 512, "rows_per_task": args.rows_per_task,
                            "load_after": round(os.getloadavg()[0], 1),
                            "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
                     print(json.dumps(row), flush=True)
