@@ -72,7 +72,7 @@ from pipeline.stats import StageStats
 
 CHUNK_ROWS = 262_144  # rows of a band file read at once by a bucket task
 ROWS_PER_TASK = 2_000_000  # rows of one band a bucket task holds: sets the number of hash ranges per band
-PAIRS_PER_TASK = 1_000_000
+PAIRS_PER_TASK = 250_000  # a verify task holds 2 * 4 * num_perm B a pair: ~225 MB
 
 
 def run_distributed(ctx: Any, engine: Any, rows_per_task: int | None = None) -> StageStats:
