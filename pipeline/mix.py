@@ -337,6 +337,13 @@ def run_stage(ctx: Any) -> StageStats:
         raise NoInputDocuments("shard: no input documents (the upstream stages kept nothing, or shard.inputs is empty)")
     tokenizer = load_tokenizer(cfg.tokenizer.path, workers=cfg.tokenizer.workers)
     out_dir, url = _out_dir(ctx)
+    if url is not None:  # the local check runs in ShardSetWriter; a published set is checked before any work
+        from pipeline.scale.storage import remote_manifest
+        from pipeline.shards import check_compatible
+
+        published = remote_manifest(url)
+        if published is not None:
+            check_compatible(url, tokenizer.sha256, published)
     work = ctx.state_dir / "work"
     shutil.rmtree(work, ignore_errors=True)
     (work / "store").mkdir(parents=True)

@@ -277,15 +277,19 @@ def token_id_array(ids: list[Any]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.uint32()))
 
 
-def check_compatible(out_dir: Path, tokenizer_sha256: str) -> None:
-    """Refuse to mix shards of another tokenizer or schema into an existing output directory."""
-    mpath = out_dir / "manifest.json"
-    if not mpath.is_file():
-        return
-    try:
-        m = json.loads(mpath.read_text())
-    except ValueError:
-        raise TextbookError(f"{mpath}: existing manifest is not valid JSON; remove the directory or choose another run.out") from None
+def check_compatible(out_dir: Path | str, tokenizer_sha256: str, manifest: dict[str, Any] | None = None) -> None:
+    """Refuse to mix shards of another tokenizer or schema into an existing output directory (or URL, whose
+    `manifest` the caller read: `pipeline.scale.storage.remote_manifest`)."""
+    if manifest is None:
+        mpath = Path(out_dir) / "manifest.json"
+        if not mpath.is_file():
+            return
+        try:
+            manifest = json.loads(mpath.read_text())
+        except ValueError:
+            raise TextbookError(f"{mpath}: existing manifest is not valid JSON; remove the directory or choose "
+                                "another run.out") from None
+    m = manifest
     if m.get("schema_version") != SCHEMA_VERSION:
         raise TextbookError(f"{out_dir}: holds shards of schema version {m.get('schema_version')}, "
                             f"this writer makes version {SCHEMA_VERSION}; choose another run.out")

@@ -116,3 +116,9 @@ def test_shard_set_published_to_s3_equals_local(shared_data, tmp_path, s3, ray_s
     again, shards = shard_rows(storage.fetch_shard_set(out_url, tmp_path / "fetched-again"))
     assert again != shard_rows(fetched)[0]  # the new seed's set, complete (every listed file there and read)
     assert sum(map(len, again.values())) == shards.manifest["totals"]["documents"]
+
+    # a published set of another tokenizer is never overwritten with this one's shards (checked before any work)
+    other = {**shards.manifest, "tokenizer": {**shards.manifest["tokenizer"], "sha256": "0" * 64, "name": "other"}}
+    s3.pipe(f"{BUCKET}/shards/run1/manifest.json", json.dumps(other).encode())
+    with pytest.raises(TextbookError, match="another tokenizer"):
+        run_stage(tmp_path, "s3-other", "shard", [url], *SHARD_SETS, f"shard.out={out_url}")

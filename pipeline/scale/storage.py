@@ -127,6 +127,18 @@ def publish_shard_set(local_dir: Path, url: str) -> None:
             fs.rm(tmp_prefix, recursive=True)
 
 
+def remote_manifest(url: str) -> dict[str, Any] | None:
+    """The manifest.json of a shard set at `url`, None when there is none (nothing published, or mid-publication)."""
+    fs, root = filesystem(url)
+    path = f"{root.rstrip('/')}/manifest.json"
+    if not fs.exists(path):
+        return None
+    try:
+        return json.loads(fs.cat(path))
+    except ValueError:
+        raise TextbookError(f"{url}/manifest.json: not valid JSON; remove it or choose another shard.out") from None
+
+
 def fetch_shard_set(url: str, dest: Path) -> Path:
     """Download a published shard set (manifest first: refuse a prefix without one, as `open_shards` does)."""
     fs, root = filesystem(url)
