@@ -227,6 +227,8 @@ def main() -> None:
     for m in models:
         lm = load_scoring_model(m)
         res = evaluate_tasks(lm, tasks, items=args.items, path=bench, progress=False)
+        for r in res.values():  # the committed report names files relative to the checkout, not this machine
+            r["files"] = [os.path.relpath(f, RESULTS.parent.parent) for f in r.get("files", [])]
         label = "tiny, untrained (step 0)" if m.name == "untrained.pt" else (
             f"tiny, {args.train_tiny} steps" if args.train_tiny and m == models[1] else str(m))
         report["models"].append({"model": label, "info": lm.info, "tasks": res})
