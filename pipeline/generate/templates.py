@@ -80,19 +80,28 @@ def _env() -> Any:
                               keep_trailing_newline=True, autoescape=False)
 
 
-def parse_template(path: Path) -> Format:
+def read_header(path: Path, kind: str, known: frozenset[str] | set[str]) -> tuple[str, dict[str, Any], int]:
+    """(raw text, header dict, offset where the body starts) of a `{#--- YAML ---#}` template (prompts/, formats
+    and rephrasing templates alike). Errors: TextbookError naming the file for a missing header, invalid YAML or
+    a key outside `known`."""
     raw = path.read_text(encoding="utf-8")
     m = _HEADER.match(raw)
     if not m:
-        raise TextbookError(f"{path}: a format template must start with a '{{#---' ... '---#}}' YAML header")
+        raise TextbookError(f"{path}: a {kind} template must start with a '{{#---' ... '---#}}' YAML header")
     try:
         meta = yaml.load(m.group(1), Loader=YAML_LOADER) or {}
     except yaml.YAMLError as e:
         raise TextbookError(f"{path}: header: invalid YAML: {e}") from None
-    unknown = set(meta) - _HEADER_KEYS
+    unknown = set(meta) - set(known)
     if unknown:
-        raise TextbookError(f"{path}: header: unknown key(s) {', '.join(sorted(unknown))}")
-    body = raw[m.end():]
+        raise TextbookError(f"{path}: header: unknown key(s) {', '.join(sorted(unknown))} "
+                            f"(known: {', '.join(sorted(known))})")
+    return raw, meta, m.end()
+
+
+def parse_template(path: Path) -> Format:
+    raw, meta, start = read_header(path, "format", _HEADER_KEYS)
+    body = raw[start:]
     try:
         _env().parse(body)
     except Exception as e:  # jinja2.TemplateSyntaxError, imported lazily

@@ -20,20 +20,16 @@ text).
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.config.rephrase import FidelityBounds
 from pipeline.errors import TextbookError
 from pipeline.generate.taxonomy import resolve_path
-from pipeline.io import YAML_LOADER
+from pipeline.generate.templates import read_header
 
-_HEADER = re.compile(r"\A\{#---\n(.*?)\n---#\}\n?", re.S)
 _HEADER_KEYS = {"description", "format_words", "fidelity"}
 
 
@@ -69,18 +65,7 @@ def _partials_digest(directory: Path) -> bytes:
 
 def parse_template(path: Path) -> RephraseTemplate:
     """One template file: header checked (unknown keys and bad bounds are errors), body parsed."""
-    raw = path.read_text(encoding="utf-8")
-    m = _HEADER.match(raw)
-    if not m:
-        raise TextbookError(f"{path}: a rephrasing template must start with a '{{#---' ... '---#}}' YAML header")
-    try:
-        meta = yaml.load(m.group(1), Loader=YAML_LOADER) or {}
-    except yaml.YAMLError as e:
-        raise TextbookError(f"{path}: header: invalid YAML: {e}") from None
-    unknown = set(meta) - _HEADER_KEYS
-    if unknown:
-        raise TextbookError(f"{path}: header: unknown key(s) {', '.join(sorted(unknown))} "
-                            f"(known: {', '.join(sorted(_HEADER_KEYS))})")
+    raw, meta, _ = read_header(path, "rephrasing", _HEADER_KEYS)
     try:
         _env(str(path.parent)).parse(raw)
     except Exception as e:  # jinja2.TemplateSyntaxError, imported lazily
