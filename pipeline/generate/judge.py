@@ -383,6 +383,28 @@ class JudgeProcess:
         self.final["diversity"]["requests_not_sent_per_cell"] = dict(self.not_sent)  # the guard never sees them
         return self.final
 
+    def judge_requests(self, setup: Any, requests: list[LLMRequest], cfg: Any, state_dir: str | Path,
+                       pool: Any = None) -> tuple[Any, dict[str, Any]]:
+        """Start judging with `setup`, send `requests` through the LLM layer (the judge decides what is still worth
+        sending per cell and receives every answer), then close: (RunSummary, the judge's final stats). Any
+        failure aborts the judging process; `pool` (prestarted workers) is closed either way. `cfg` is the run's
+        config (llm, budget); the local server's log goes under `state_dir`/llm-server."""
+        from pipeline.llm.runner import run_requests
+
+        try:
+            self.start(setup)
+            summary = run_requests(requests, cfg.llm, cfg.budget, cfg.llm.ledger_path(),
+                                   should_send=lambda req: self.should_send(req.tag["cell"]),
+                                   on_result=self.put, progress=True, pool=pool,
+                                   server_log_dir=Path(state_dir) / "llm-server")
+            return summary, self.close()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            if pool is not None:
+                pool.close()  # run_requests closes it too; this covers a failure before the run
+
     def abort(self) -> None:
         """After a failure in the driver: stop the child without waiting for it to write anything."""
         self.proc.kill()

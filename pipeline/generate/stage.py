@@ -191,7 +191,7 @@ def drop_contaminated_seeds(cfg: RunConfig, seeds: list) -> tuple[list, list[dic
 
 def run_stage(ctx: Any) -> StageStats:
     from pipeline.generate.judge import JudgeProcess, JudgeSetup, billed_reconciles
-    from pipeline.llm.runner import prestart_workers, run_requests
+    from pipeline.llm.runner import prestart_workers
 
     cfg: RunConfig = ctx.cfg
     input_errors: Counter[str] = Counter()
@@ -206,19 +206,14 @@ def run_stage(ctx: Any) -> StageStats:
         if cfg.llm.api_note():
             print(f"generate: {cfg.llm.api_note()}", file=sys.stderr)
         requests = the_plan.requests
-        judge.start(JudgeSetup(cfg, Path(ctx.kept_dir).resolve(), Path(ctx.removed_dir).resolve(),
-                               the_plan.specs, {k: f.prompt_id for k, f in the_plan.formats.items()}))
-        summary = run_requests(requests, cfg.llm, cfg.budget, cfg.llm.ledger_path(),
-                               should_send=lambda req: judge.should_send(req.tag["cell"]),
-                               on_result=judge.put, progress=True, pool=pool,
-                               server_log_dir=Path(ctx.state_dir) / "llm-server")
-        judged = judge.close()
     except BaseException:
         judge.abort()
-        raise
-    finally:
         if pool is not None:
-            pool.close()  # run_requests closes it too; this covers a failure before the run
+            pool.close()
+        raise
+    summary, judged = judge.judge_requests(
+        JudgeSetup(cfg, Path(ctx.kept_dir).resolve(), Path(ctx.removed_dir).resolve(), the_plan.specs,
+                   {k: f.prompt_id for k, f in the_plan.formats.items()}), requests, cfg, ctx.state_dir, pool)
     stats = StageStats.from_dict(judged["stats"])
     _account_missing(stats, len(requests))
     stats.set("prompt_specs", len(the_plan.specs))

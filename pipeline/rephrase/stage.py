@@ -60,7 +60,7 @@ def _setup(cfg: RunConfig, the_plan: Plan, kept_dir: Path, removed_dir: Path) ->
 
 def run_stage(ctx: Any) -> StageStats:
     from pipeline.generate.judge import JudgeProcess, billed_reconciles
-    from pipeline.llm.runner import prestart_workers, run_requests
+    from pipeline.llm.runner import prestart_workers
     from pipeline.llm.types import RunSummary
 
     cfg: RunConfig = ctx.cfg
@@ -83,21 +83,13 @@ def run_stage(ctx: Any) -> StageStats:
     judged = _nothing_judged()
     if requests:  # no request, no model: a plan that keeps or drops every page starts no server and no worker
         judge = JudgeProcess(factory="pipeline.rephrase.judge:RephraseJudge", stage="rephrase")
-        pool = None
         try:
             pool = prestart_workers(cfg.llm)
-            judge.start(_setup(cfg, the_plan, kept_dir, removed_dir))
-            summary = run_requests(requests, cfg.llm, cfg.budget, cfg.llm.ledger_path(),
-                                   should_send=lambda req: judge.should_send(req.tag["cell"]),
-                                   on_result=judge.put, progress=True, pool=pool,
-                                   server_log_dir=Path(ctx.state_dir) / "llm-server")
-            judged = judge.close()
         except BaseException:
             judge.abort()
             raise
-        finally:
-            if pool is not None:
-                pool.close()  # run_requests closes it too; this covers a failure before the run
+        summary, judged = judge.judge_requests(_setup(cfg, the_plan, kept_dir, removed_dir), requests, cfg,
+                                               ctx.state_dir, pool)
     account_pages(stats, the_plan, judged, kept_dir, removed_dir)
     stats.set("inputs", read)
     stats.set("requests", len(requests))
