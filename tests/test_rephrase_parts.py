@@ -170,6 +170,32 @@ def test_the_web_stages_kept_and_below_cutoff_pages_are_read_guarded_ones_are_no
     assert list(source_files(no_recycle, [], ["web"], web)) == ["kept"]
 
 
+def test_a_page_with_an_unusable_edu_score_is_dropped_by_name_not_crashed_on_or_bucketed(tmp_path):
+    """One page whose stored score is text, NaN or infinite costs that page (invalid_edu_score), not the stage;
+    a NaN must not fall into the catch-all bucket as if it were a low score."""
+    text = " ".join(f"word{i}" for i in range(80))
+    scores = {"text": "high", "nan": float("nan"), "inf": float("inf"), "bool": True, "string": "2.5", "none": None,
+              "ok": 3.5}
+    path = tmp_path / "pages.jsonl"
+    path.write_text("".join(json.dumps({"id": k, "text": text, "edu_score": v}) + "\n" for k, v in scores.items()))
+    cfg = _cfg(tmp_path, f"rephrase.inputs=[{path}]", "rephrase.source_language_check=false")
+    pages, _ = read_pages({"inputs": [path]}, lambda reason, where: None)
+    plan(cfg, pages)
+    fates = {p.id: p.fate or p.bucket for p in pages}
+    assert fates == {"text": "invalid_edu_score", "nan": "invalid_edu_score", "inf": "invalid_edu_score",
+                     "bool": "invalid_edu_score", "string": "middle", "none": "unscored", "ok": "high"}
+    # through the stage (a keep-only policy: no model): the dropped pages are written, the score as read in meta
+    stage_cfg = _cfg(tmp_path, f"rephrase.inputs=[{path}]", "run.stages=[rephrase]",
+                     "rephrase.buckets=[{name: high, min_score: 3, keep: true}, {name: rest, min_score: null}]")
+    stats = runmod.run_one(stage_cfg, "rephrase", log=lambda m: None)
+    assert stats["reconciled"] and stats["kept"] == 1
+    assert stats["dropped"] == {"invalid_edu_score": 4, "unscored": 1, "policy_drop_rest": 1}
+    removed = pq.read_table(next((tmp_path / "out/stages/rephrase/removed").glob("invalid_edu_score-*"))).to_pylist()
+    as_read = {r["id"]: json.loads(r["meta"])["rephrase"]["edu_score_as_read"] for r in removed}
+    assert as_read == {"text": "'high'", "nan": "nan", "inf": "inf", "bool": "True"}
+    assert all(r["edu_score"] is None for r in removed)
+
+
 def test_rephrase_stands_in_for_web_downstream_and_web_feeds_on_when_rephrase_is_skipped(tmp_path, shared_data):
     web, _ = _web_stage(tmp_path, shared_data)
     run_dir = tmp_path / "out"

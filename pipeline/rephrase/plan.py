@@ -6,7 +6,8 @@
     checks   = source_too_short, source_not_<lang>, source_too_long (chunks > max_chunks), source_contaminated
     rewrites = page x template, each split into chunks (`chunks.split_chunks`), one request per chunk
 
-A page ends in exactly one fate, decided here (dropped: `duplicate_page`, `unscored`, `below_buckets`,
+A page ends in exactly one fate, decided here (dropped: `duplicate_page`, `unscored`, `invalid_edu_score`,
+`below_buckets`,
 `policy_drop_<bucket>`, a source check) or after the answers (kept as is, rewritten, or dropped because every
 rewrite of it was: `rewrite_<reason>`). Request construction depends only on the config, the templates and the
 pages, so a re-run after a crash takes every answered request from the ledger.
@@ -15,6 +16,7 @@ pages, so a re-run after a crash takes every answered request from the ledger.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -137,12 +139,28 @@ def read_pages(files: dict[str, list[Path]], on_error: Callable[[str, str], None
                 left_out[str(doc.get("reason"))] += 1
                 continue
             meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
-            score = doc.get("edu_score")
+            score, bad_score = edu_score_of(doc.get("edu_score"))
             pages.append(Page(index=len(pages), id=str(doc["id"]), text=doc["text"],
-                              url=doc.get("url") or meta.get("url"),
-                              edu_score=float(score) if score is not None else None, origin=origin,
-                              doc={k: v for k, v in doc.items() if k != "reason"}))
+                              url=doc.get("url") or meta.get("url"), edu_score=score, origin=origin,
+                              doc={k: v for k, v in doc.items() if k != "reason"},
+                              fate="invalid_edu_score" if bad_score else None))
     return pages, left_out
+
+
+def edu_score_of(value: Any) -> tuple[float | None, bool]:
+    """(score, invalid) from a stored `edu_score`: a finite number or numeric string is the score; None is no
+    score (the page is `unscored`); anything else (text, NaN, an infinity, a boolean) is invalid: the page is
+    dropped as `invalid_edu_score` rather than stopping the stage or landing in a bucket by accident (NaN
+    compares false with every bound, so it would fall into the catch-all bucket)."""
+    if value is None:
+        return None, False
+    if isinstance(value, bool):
+        return None, True
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        return None, True
+    return (score, False) if math.isfinite(score) else (None, True)
 
 
 def _overhead_tokens(cfg: RunConfig, templates: dict[str, RephraseTemplate]) -> int:
@@ -177,6 +195,8 @@ def plan(cfg: RunConfig, pages: list[Page], index_loader: Callable[[], Any] | No
             p.fate = "duplicate_page"
             continue
         seen.add(p.id)
+        if p.fate is not None:  # decided on reading (invalid_edu_score)
+            continue
         if p.edu_score is None:
             p.fate = "unscored"
             continue

@@ -126,7 +126,10 @@ def _page_doc(p: Page, fate: str, rewritten_as: list[str]) -> dict[str, Any]:
     meta["rephrase"] = {"bucket": p.bucket, "fate": fate, "rewritten_as": rewritten_as, "origin": p.origin}
     if p.not_rewritten:
         meta["rephrase"]["not_rewritten"] = p.not_rewritten
-    return {**p.doc, "source": p.doc.get("source") or "web", "meta": meta}  # pages as is are web text
+    doc = {**p.doc, "source": p.doc.get("source") or "web", "meta": meta}  # pages as is are web text
+    if fate == "invalid_edu_score":  # the writers store edu_score as a number: the value as read goes to meta
+        meta["rephrase"]["edu_score_as_read"] = repr(doc.pop("edu_score", None))[:200]
+    return doc
 
 
 def account_pages(stats: StageStats, the_plan: Plan, judged: dict[str, Any], kept_dir: Path,
@@ -222,6 +225,8 @@ def explain_empty(cfg: RunConfig, stats: dict[str, Any]) -> list[str]:
     for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1])[:3]:
         if reason == "unscored":
             why = "pages without an edu_score: turn on web.edu.enabled (or give rephrase.inputs an edu_score field)"
+        elif reason == "invalid_edu_score":
+            why = "pages whose edu_score is not a finite number (text, NaN, infinity): fix the inputs' edu_score field"
         elif reason.startswith("policy_drop_") or reason == "below_buckets":
             why = "the bucket policy drops them: give the bucket templates or keep: true (rephrase.buckets)"
         elif reason.startswith("source_"):
