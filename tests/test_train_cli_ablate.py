@@ -222,6 +222,28 @@ def test_check_arms_rejects_a_missing_eval_path(shards, tmp_path):
     assert r.exit_code == 1 and "arm b:" in r.output and "not a shard directory" in r.output
 
 
+def test_an_arm_is_checked_and_gathered_while_another_is_still_being_built(shards, web_sets, tmp_path):
+    """--arm a checks only arm a (arm b's shards are not built yet); the table names b as not overlap-checked;
+    with controls, the first arm (whose tokenizer they use) is checked even when only a control arm is chosen."""
+    from pipeline.errors import TextbookError
+    from pipeline.train.ablate import check_arms, gather, load_ablation_config, prepare
+
+    later = tmp_path / "b-shards"  # not built yet
+    path = _ablation(tmp_path, [{"name": "a", "shards": [str(shards)]}, {"name": "b", "shards": [str(later)]}],
+                     [{"name": "heldout", "path": str(web_sets["heldout"])}])
+    cfg = load_ablation_config(path)
+    with pytest.raises(TextbookError, match="arm b:.*not a shard directory"):
+        check_arms(cfg)
+    prepare(cfg, print, ["a"])
+    assert json.loads((tmp_path / "abl" / "checks.json").read_text())["arms"] == ["a"]
+    results = gather(cfg, print)
+    assert "overlap with evaluation sets not checked for arm(s) b: their shards are not built" in results["checks"]
+    first_missing = _ablation(tmp_path, [{"name": "a", "shards": [str(later)]}, {"name": "b", "shards": [str(shards)]}],
+                              [], controls={"labels": str(tmp_path / "l.jsonl")})
+    with pytest.raises(TextbookError, match="arm a:.*not a shard directory"):
+        check_arms(load_ablation_config(first_missing), ["control-high"])
+
+
 def test_overlap_warnings_eval_doc_in_an_arm_and_in_classifier_training(shared_data, web_sets, tmp_path):
     from pipeline.classify.overlap import write_training_hashes
     from pipeline.train.ablate import load_ablation_config, prepare

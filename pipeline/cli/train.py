@@ -208,7 +208,7 @@ def ablate(
     cfg = load_ablation_config(config, set_)
     log = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731 - "[arm seed 1]" is text
     todo = select_runs(cfg, arm or None, seed or None)
-    prepare(cfg, log)
+    prepare(cfg, log, None if gather_only else arm or None)
     failed: list[str] = []
     if not gather_only:
         if jobs > 1 and len(todo) > 1:

@@ -221,15 +221,17 @@ def _tokenizer_sha(shard_dir: str | Path) -> str:
     return json.loads((Path(shard_dir) / "manifest.json").read_text())["tokenizer"]["sha256"]
 
 
-def check_arms(cfg: AblationConfig) -> None:
+def check_arms(cfg: AblationConfig, arms: list[str] | None = None) -> None:
     """Before any training: every configured arm's shard directories exist and share one tokenizer, every
     configured evaluation set is found and readable with that tokenizer (a shard set with its split, document
     files, a benchmark's files: `pipeline.train.evals.check_eval_set`), and the controls' labels file exists.
+    With `arms` (the --arm selection) only those arms are checked, plus the first configured arm when there are
+    controls (they are tokenized with its tokenizer), so arms can be trained while others are still being built.
     Raises TextbookError with the arm or set named."""
     from pipeline.train.evals import check_eval_set
 
     sha = None
-    for arm in cfg.arms:
+    for arm in _arms_to_check(cfg, arms):
         for s in arm.shards:
             if not (Path(s) / "manifest.json").is_file():
                 raise TextbookError(f"arm {arm.name}: {s} is not a shard directory (no manifest.json)")
@@ -245,6 +247,12 @@ def check_arms(cfg: AblationConfig) -> None:
             raise TextbookError(f"ablation {cfg.name}: {err}") from None
     if cfg.controls is not None and not Path(cfg.controls.labels).is_file():
         raise TextbookError(f"controls: labels file {cfg.controls.labels} not found")
+
+
+def _arms_to_check(cfg: AblationConfig, arms: list[str] | None) -> list[ArmSection]:
+    if arms is None:
+        return list(cfg.arms)
+    return [a for i, a in enumerate(cfg.arms) if a.name in arms or (i == 0 and cfg.controls is not None)]
 
 
 def _tokenizer(cfg: AblationConfig) -> Any:
@@ -345,12 +353,13 @@ def build_controls(cfg: AblationConfig, log: Log = print) -> dict[str, Any] | No
         return record
 
 
-def run_checks(cfg: AblationConfig, log: Log = print) -> list[str]:
+def run_checks(cfg: AblationConfig, log: Log = print, selected: list[str] | None = None) -> list[str]:
     """Warnings about evaluation sets sharing documents with an arm's training split or with a classifier's
-    training data (pipeline/train/ablate_data.py), computed once per inputs (out/checks.json) and logged."""
+    training data (pipeline/train/ablate_data.py), computed once per inputs (out/checks.json) and logged.
+    With `selected`, only those arms (a later --gather checks them all)."""
     from pipeline.train.ablate_data import classifier_dirs, overlap_checks
 
-    arms = {a.name: list(a.shards) for a in all_arms(cfg)}
+    arms = {a.name: list(a.shards) for a in all_arms(cfg) if selected is None or a.name in selected}
     sets = [e for e in all_eval_sets(cfg) if e.task is None]
     classifiers = classifier_dirs([s for a in cfg.arms for s in a.shards], cfg.classifier)
     if cfg.classifier and not classifier_dirs([], cfg.classifier):
@@ -365,20 +374,22 @@ def run_checks(cfg: AblationConfig, log: Log = print) -> list[str]:
         else:
             found = overlap_checks(sets, arms, classifiers, log=log)
             warnings = [o.warning() for o in found]
-            atomic_write_text(path, json.dumps({"key": key, "classifiers": classifiers, "warnings": warnings,
+            atomic_write_text(path, json.dumps({"key": key, "arms": sorted(arms), "classifiers": classifiers,
+                                                "warnings": warnings,
                                                 "overlaps": [o.__dict__ for o in found]}, indent=2) + "\n")
     for w in warnings:
         log(w)
     return warnings
 
 
-def prepare(cfg: AblationConfig, log: Log = print) -> list[str]:
-    """Everything before the runs: up-front checks, the controls' shards, the overlap warnings, ablation.yaml."""
-    check_arms(cfg)
+def prepare(cfg: AblationConfig, log: Log = print, arms: list[str] | None = None) -> list[str]:
+    """Everything before the runs: up-front checks, the controls' shards, the overlap warnings, ablation.yaml.
+    `arms`: the --arm selection (checks restricted to those arms; None = all)."""
+    check_arms(cfg, arms)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.out_dir / "ablation.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     build_controls(cfg, log)
-    return run_checks(cfg, log)
+    return run_checks(cfg, log, arms)
 
 
 # --- runs ------------------------------------------------------------------------------------------------------
@@ -594,13 +605,26 @@ def summarise(cfg: AblationConfig, runs: list[dict[str, Any]], status: dict[str,
                       "final_loss": r["summary"].get("final_loss")} for r in runs]}
 
 
+def _checks_of_every_arm(cfg: AblationConfig, log: Log) -> list[str]:
+    """The overlap warnings for the table: checks.json when it covers every arm (an --arm run checks only its
+    own), else the checks run again over every arm whose shards exist, naming the arms left unchecked."""
+    path = cfg.out_dir / "checks.json"
+    names = {a.name for a in all_arms(cfg)}
+    if path.is_file() and names <= set(json.loads(path.read_text()).get("arms", [])):
+        return json.loads(path.read_text())["warnings"]
+    built = [a.name for a in all_arms(cfg) if all((Path(s) / "manifest.json").is_file() for s in a.shards)]
+    warnings = run_checks(cfg, log, built)
+    missing = sorted(names - set(built))
+    return warnings + ([f"overlap with evaluation sets not checked for arm(s) {', '.join(missing)}: "
+                        "their shards are not built"] if missing else [])
+
+
 def gather(cfg: AblationConfig, log: Log = print) -> dict[str, Any]:
     """Read every finished run and write results.json, results.md and ablation.png (under a lock; a later
     gather sees at least the runs an earlier one saw). Runs not finished yet are listed, not waited for."""
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    checks_path = out / "checks.json"
-    checks = json.loads(checks_path.read_text())["warnings"] if checks_path.is_file() else []
+    checks = _checks_of_every_arm(cfg, log)
     with file_lock(out / ".gather.lock"):
         runs, status = collect(cfg)
         results = summarise(cfg, runs, status, unigram_table(cfg, log), checks)
@@ -614,7 +638,7 @@ def gather(cfg: AblationConfig, log: Log = print) -> dict[str, Any]:
 def run_ablation(cfg: AblationConfig, log: Log = print, *, arms: list[str] | None = None,
                  seeds: list[int] | None = None, do_gather: bool = True) -> dict[str, Any] | None:
     """In this process: prepare, train the selected runs one after another, then gather (unless told not to)."""
-    prepare(cfg, log)
+    prepare(cfg, log, arms)
     for arm, seed in select_runs(cfg, arms, seeds):
         run_one(cfg, arm, seed, log)
     return gather(cfg, log) if do_gather else None
