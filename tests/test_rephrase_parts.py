@@ -196,6 +196,22 @@ def test_a_page_with_an_unusable_edu_score_is_dropped_by_name_not_crashed_on_or_
     assert all(r["edu_score"] is None for r in removed)
 
 
+def test_a_page_in_a_script_without_spaces_is_named_by_its_language_not_as_too_short(tmp_path, shared_data):
+    """Word counts split on spaces: a long Chinese or Japanese page has 'one word'. It must end source_not_en,
+    not source_too_short; an empty page and a short English stub are still too short."""
+    english = scored_pages(shared_data)[0]["text"]
+    pages_in = {"chinese": "光合作用是植物利用光能把二氧化碳和水转化为葡萄糖并释放氧气的过程。" * 40,
+                "japanese": "光合成は、植物が光のエネルギーを使って二酸化炭素と水から糖を作り、酸素を出す仕組みです。" * 30,
+                "empty": "", "blank": "  \n\t ", "stub": " ".join(english.split()[:30]), "english": english}
+    path = tmp_path / "pages.jsonl"
+    path.write_text("".join(json.dumps({"id": k, "text": v, "edu_score": 2.5}) + "\n" for k, v in pages_in.items()))
+    pages, _ = read_pages({"inputs": [path]}, lambda reason, where: None)
+    plan(_cfg(tmp_path), pages)
+    assert {p.id: p.fate for p in pages} == {"chinese": "source_not_en", "japanese": "source_not_en",
+                                            "empty": "source_too_short", "blank": "source_too_short",
+                                            "stub": "source_too_short", "english": None}
+
+
 def test_rephrase_stands_in_for_web_downstream_and_web_feeds_on_when_rephrase_is_skipped(tmp_path, shared_data):
     web, _ = _web_stage(tmp_path, shared_data)
     run_dir = tmp_path / "out"

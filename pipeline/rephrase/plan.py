@@ -218,11 +218,9 @@ def plan(cfg: RunConfig, pages: list[Page], index_loader: Callable[[], Any] | No
                   file=sys.stderr, leave=False):
         if not buckets[p.bucket or ""].templates:
             continue
-        if len(p.text.split()) < r.min_source_words:
-            checked[p.index] = "source_too_short"
-            continue
-        if lang_ok is not None and not lang_ok(p.text):
-            checked[p.index] = f"source_not_{r.language}"
+        failed = source_check(p.text, r, lang_ok)
+        if failed is not None:
+            checked[p.index] = failed
             continue
         chunks = split_chunks(p.text, chunk_tokens, r.chars_per_token)
         if len(chunks) > r.max_chunks:
@@ -274,6 +272,19 @@ def plan(cfg: RunConfig, pages: list[Page], index_loader: Callable[[], Any] | No
                 requests.append(req)
             rewrites.append(rw)
     return Plan(pages, rewrites, requests, templates, chunk_tokens, ctx_tokens, info)
+
+
+def source_check(text: str, r: RephraseSection, lang_ok: Callable[[str], bool] | None) -> str | None:
+    """The length and language checks on a page before paying: `source_too_short`, `source_not_<lang>` or None.
+    Language comes before the word count: words are counted between spaces, so a long page in a script written
+    without them (Chinese, Japanese, Thai) has "one word" and would otherwise be named too short."""
+    if not text.strip():
+        return "source_too_short"
+    if lang_ok is not None and not lang_ok(text):
+        return f"source_not_{r.language}"
+    if len(text.split()) < r.min_source_words:
+        return "source_too_short"
+    return None
 
 
 def _guidance(audience: str | None) -> str:
