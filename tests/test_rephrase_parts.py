@@ -329,6 +329,17 @@ def test_the_judge_joins_chunks_in_order_names_every_fate_and_accounts_every_bil
     assert out["contamination"]["contaminated"][0]["source_id"] == "p5"
 
 
+def test_a_page_whose_rewrites_all_failed_is_named_once_by_the_first_drop():
+    from pipeline.rephrase.stage import fate_of_unkept_page
+
+    assert fate_of_unkept_page([("errored", "failed_timeout"), ("dropped", "fidelity_low_overlap")]) == \
+        ("dropped", "rewrite_fidelity_low_overlap")
+    assert fate_of_unkept_page([("errored", "failed_timeout")]) == ("errored", "rewrite_failed_timeout")
+    # the judge's own benchmark reason already names a rewrite: not rewrite_rewrite_contaminated
+    assert fate_of_unkept_page([("dropped", "rewrite_contaminated")]) == ("dropped", "rewrite_contaminated")
+    assert fate_of_unkept_page([]) == ("errored", "rewrite_not_planned")
+
+
 # ----------------------------------------------------------------------------------------------- LLM layer
 def _llm_run(tmp_path: Path, shared: Path, base_url: str, name: str, **overrides: object) -> dict:
     import yaml

@@ -183,10 +183,8 @@ def account_pages(stats: StageStats, the_plan: Plan, judged: dict[str, Any], kep
                 pages["rewritten"] += 1
                 b["rewritten"] += 1
                 continue
-            states = [outcomes.get(r, ("errored", "no_result_from_llm_layer")) for r in by_page.get(p.index, [])]
-            dropped = [reason for fate, reason in states if fate == "dropped"]
-            fate = "dropped" if dropped else "errored"
-            reason = f"rewrite_{(dropped or [reason for _, reason in states] or ['not_planned'])[0]}"
+            fate, reason = fate_of_unkept_page([outcomes.get(r, ("errored", "no_result_from_llm_layer"))
+                                                for r in by_page.get(p.index, [])])
             (stats.drop if fate == "dropped" else stats.error)(reason)
             b[fate][reason] += 1
             removed.write(_page_doc(p, reason, []), reason)
@@ -205,6 +203,16 @@ def account_pages(stats: StageStats, the_plan: Plan, judged: dict[str, Any], kep
                           for k, v in buckets.items()})
     stats.set("kept_not_rewritten", dict(not_rewritten))
     stats.set("documents_out", {"as_is": as_is, "rewrites": n_rewrites, "total": as_is + n_rewrites})
+
+
+def fate_of_unkept_page(states: list[tuple[str, str | None]]) -> tuple[str, str]:
+    """(dropped|errored, reason) of a page the policy does not keep and none of whose rewrites was kept, from its
+    rewrites' (state, reason) in rewrite order: dropped as `rewrite_<reason>` of its first dropped rewrite, else
+    errored as that of its first one (`rewrite_not_planned` without any). A reason that already names a rewrite
+    (the judge's `rewrite_contaminated`) is not prefixed twice."""
+    dropped = [reason for state, reason in states if state == "dropped"]
+    first = (dropped or [reason for _, reason in states] or ["not_planned"])[0] or "unknown"
+    return ("dropped" if dropped else "errored"), (first if first.startswith("rewrite_") else f"rewrite_{first}")
 
 
 def input_files(section: Any) -> list[Path]:
