@@ -172,3 +172,30 @@ def test_the_server_dies_with_its_driver(sig, tmp_path):
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+def test_a_configured_port_already_in_use_is_refused_before_the_server_starts(tmp_path):
+    """llm.local_port taken by another OpenAI-compatible server (another run's): its /v1/models answers, so the
+    health check passed while our server died on the bind and every request went to the other server's model."""
+    import http.server
+    import threading
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"data": [{"id": "another-model"}]}')
+
+        def log_message(self, *a):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        server = CommandServer(TINY_SERVER, port=other.server_address[1], log_dir=tmp_path, startup_timeout_s=60)
+        with pytest.raises(ResourceUnavailable, match=f"port {other.server_address[1]} .*in use"), server:
+            pass
+        assert server.proc is None  # nothing was started
+    finally:
+        other.shutdown()
+        other.server_close()

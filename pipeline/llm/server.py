@@ -41,6 +41,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ensure_port_free(port: int) -> None:
+    """Raise `ResourceUnavailable` when something listens on 127.0.0.1:`port`. Checked before a configured port is
+    used: another OpenAI-compatible server there would answer our health check while ours dies on the bind, and
+    every request would go to that server's model."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closing socket is no owner
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise ResourceUnavailable(f"llm.local_port: port {port} on 127.0.0.1 is in use by another process "
+                                      f"({e.strerror}); choose another port or leave llm.local_port unset") from None
+
+
 def _hf_cache_dir() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
@@ -174,6 +187,8 @@ class LocalServer:
         self.prepare()
         if self.port is None:
             self.port = free_port()
+        else:
+            ensure_port_free(self.port)
         self.log_path = self._open_log()
         cmd = self.command()
         with open(self.log_path, "wb") as logf:
