@@ -441,6 +441,15 @@ def _run_tasks(ctx: Any, engine: Any, stats: StageStats, seed: int, out_dir: Pat
     the data) the files are byte-identical too. With several buckets a shard ends at a bucket's end (the local
     path fills shards across buckets), so file boundaries and the fingerprint differ from a local run, never
     between runs with different numbers of workers: what a task writes depends on its partition alone.
+
+    Memory of a worker process (which runs many tasks) does not depend on the size of the input, only on
+    the partitions: a fixed part (Python, pyarrow, one tokenizer per process: `process_tokenizer`; ~230 MB
+    RSS measured) plus the largest of: a tokenize task, one input file's figures (~150 B a document) and one
+    batch (`tokenizer.batch_size` documents, <= 8 MB of text); a bucket task, its file's slice of the plan
+    (33 B a row), one store file (<= 64 MB, memory-mapped) and one open Arrow writer per bucket it feeds; a
+    write task, one bucket (`shard.shuffle_buffer_mb` of row bytes on average, ~3x that in RSS as Arrow
+    table, row dicts and parquet row group). tests/test_scale_memory.py checks 10x the input within 40 MB.
+    The driver holds the plan: ~40 B a document and ~33 B an output row.
     """
     from pipeline.shards import ShardSetWriter
     from pipeline.tokenizer import load_tokenizer
@@ -484,7 +493,7 @@ def _tokenize_file(k: int, path: str, store_dir: str, section: Any, seed: int, t
     """Task: step 1 for one input file into `store/<k>/`; its counts and per-document figures."""
     from pipeline.documents import iter_documents
     from pipeline.shards import SHARD_SCHEMA
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.tokenizer import process_tokenizer
 
     stats = StageStats("shard")
     d = Path(store_dir) / f"{k:06d}"
@@ -495,7 +504,7 @@ def _tokenize_file(k: int, path: str, store_dir: str, section: Any, seed: int, t
         stats.read()
         stats.error_at(reason, where)
 
-    tok = _Tokenizing(stats, _Store(d, SHARD_SCHEMA), load_tokenizer(tok_cfg[0], workers=1), section, seed,
+    tok = _Tokenizing(stats, _Store(d, SHARD_SCHEMA), process_tokenizer(tok_cfg[0], workers=1), section, seed,
                       tok_cfg[1])
     tok.run(iter_documents([path], on_error=unreadable, on_repair=stats.on_repair))
     return {"counts": stats.counts(), "figures": tok.figures}
@@ -521,11 +530,11 @@ def _write_bucket(split: str, bucket: int, bucket_dir: str, out_dir: str, shard_
                   ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
     """Task: step 4 for one bucket: its shard files (in a directory of its own) and their counts per source."""
     from pipeline.shards import ShardSetWriter
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.tokenizer import process_tokenizer
 
     target = Path(out_dir) / f"{split}-{bucket:05d}"
     shutil.rmtree(target, ignore_errors=True)  # a retried task starts afresh
-    writer = ShardSetWriter(target, load_tokenizer(tok_cfg[0], workers=1), shard_bytes=shard_mb << 20,
+    writer = ShardSetWriter(target, process_tokenizer(tok_cfg[0], workers=1), shard_bytes=shard_mb << 20,
                             batch_size=1024)
     writer.add(split, _bucket_docs(sorted((Path(bucket_dir) / f"{split}-{bucket:05d}").glob("*.arrow"))))
     return writer.parts(split)
