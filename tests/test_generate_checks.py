@@ -367,3 +367,90 @@ def test_labelled_real_answers_keep_their_verdicts():
         for reason, label in labels[r["id"]].items():
             if not reason.startswith("_"):
                 assert (reason in fired) == (label == "right"), (r["id"], reason, label)
+
+
+# ------------------------------------------------------------------ a newcomer's phrasings (issue 20 review)
+@pytest.mark.parametrize("opening", [
+    "I'm unable to help with that request. ",  # "i'm" + "unable": the family missed the contraction
+    "I'm not able to write this section. ",
+    "I'm afraid I can't write that chapter. ",
+    "Sorry, I can't do that. ",
+    "My apologies, but I cannot write about this topic. ",
+    "As a language model developed by a research lab, I write what I can. ",
+    "Being an AI, I do not have personal opinions about plants. ",
+    "I won't be able to write this chapter. ",
+    "I must decline this request. ",
+    "Writing this chapter is beyond my capabilities. ",
+    "This request goes against my guidelines. ",
+])
+def test_refusals_phrased_outside_the_first_list(v, opening):
+    assert reasons(v, opening + BODY)[:1] == ["refusal"]
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("Here you go!\n\n" + BODY, "preamble"),
+    ("<insert example here>\n\n" + BODY, "placeholder"),
+    ("(insert example)\n\n" + BODY, "placeholder"),
+    ("[Diagram to be added]\n\n" + BODY, "placeholder"),
+    ("TODO: fill in this section.\n\n" + BODY, "placeholder"),
+    ("Yes! Here is a short textbook section.\n\n" + BODY, "preamble"),
+    ("The user wants a textbook section about photosynthesis. " + BODY, "meta_talk"),
+    ("Your prompt asks for a section on photosynthesis. " + BODY, "meta_talk"),
+    ("In this section, as instructed, I avoid headings. " + BODY, "meta_talk"),
+    (BODY + "\n(Note: I have not mentioned the instructions in the text.)", "meta_talk"),
+    (BODY + "\nThis response follows the guidelines provided.", "meta_talk"),
+])
+def test_preambles_meta_talk_and_placeholders_phrased_outside_the_first_list(v, text, expect):
+    assert expect in reasons(v, text)
+
+
+@pytest.mark.parametrize("text", [
+    # a story's dialogue: the characters refuse and offer help, not the model
+    '"I cannot help you with that," said the old man, turning away from the gate. ' + BODY,
+    "'I'm sorry, but I can't help you with that,' the shopkeeper said. " + BODY,
+    "'Don't worry, I'm here to help,' said the nurse. " + BODY,
+    '"Here is the bread you asked for," said the baker. ' + BODY,
+    "\u201cOf course!\u201d said Mum, and we went out to look at the leaves. " + BODY,
+    "Press <Enter> to run the cell; the program stops when the user asks for help. " + BODY,
+    BODY + MORE + "'Let me know if you see the first shoot,' said Grandma, and we went to bed.",
+    # textbook prose about language models, processors, servers and the immune system
+    "As a large language model is trained on more text, its error falls. " + BODY,
+    "The CPU executes the given instructions in order, one per clock cycle. " + BODY,
+    "The web server sends the page as requested by the browser. " + BODY,
+    "Once you have requested a token, the API returns it in the response. " + BODY,
+    "The immune response begins within hours. In this response, white blood cells gather at the wound. " + BODY,
+    "Of course, nobody expected the river to flood that spring. " + BODY,
+    "Okay, so what is photosynthesis? " + BODY,
+    "Take the tablets as instructed by your doctor; the recipe follows the rules of baking. " + BODY,
+])
+def test_dialogue_and_textbook_prose_are_not_flagged(v, text):
+    assert reasons(v, text) == []
+
+
+def test_code_shown_again_as_it_grows_is_not_repetition(v):
+    """A textbook idiom: the same class shown three times, a method added each time (lines repeat across blocks);
+    a loop inside one block still counts (test_repetition_rules)."""
+    init = "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n" \
+           "        self.items.append(x)\n"
+    pop = "\n    def pop(self):\n        return self.items.pop()\n"
+    text = (f"A stack keeps the last item on top.\n\n```python\n{init}```\n\nWe add pop:\n\n```python\n{init}{pop}```"
+            f"\n\nAnd size:\n\n```python\n{init}{pop}\n    def size(self):\n        return len(self.items)\n\n"
+            "s = Stack()\ns.push(1)\nassert s.size() == 1\nassert s.pop() == 1\n```\n\n" + BODY + MORE)
+    assert v.check(text, "stop", "python_chapter").reason is None
+
+
+@pytest.mark.parametrize("lead_in, block", [
+    ("To avoid typing the numbers twice, store them:", "nums = [1, 2, 3\nprint(total(nums))"),
+    ("Validate the input:", "def check(x)\n    if x < 0:\n        raise ValueError('invalid input')"),
+    ("The loop:", "for i in range(3):\nprint(i)"),  # no body at all is not a skeleton with comment bodies
+])
+def test_code_that_cannot_run_is_not_excused_by_a_stray_word(v, lead_in, block):
+    verdict = v.check(CHAPTER + f"\n{lead_in}\n\n```python\n{block}\n```\n", "stop", "python_chapter")
+    assert verdict.reason == "code_syntax", verdict
+
+
+def test_passing_unittest_main_is_kept(v):
+    """`if __name__ == '__main__': unittest.main()` reads sys.argv: the runner's own arguments are not test names."""
+    text = _chapter("import unittest\nclass T(unittest.TestCase):\n    def test_x(self):\n"
+                    "        self.assertEqual(total([2]), 2)\n\nif __name__ == '__main__':\n    unittest.main()\n")
+    assert v.check(text, "stop", "python_chapter").reason is None

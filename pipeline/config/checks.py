@@ -17,37 +17,47 @@ from pydantic import Field, field_validator
 
 from pipeline.config.core import StrictModel
 
-_NOT = r"(?:can't|cannot|can not|won't|will not|(?:am|'m) (?:unable|not able) to|must decline to|do not|don't)"
+# "I/we" + a negation: "I can't", "I won't be able to", "I'm unable to" (the contraction has no space after "i")
+_NOT = (r"(?:(?:i|we) (?:can't|cannot|can not|won't(?: be able to)?|will not(?: be able to)?|(?:am|are) (?:unable|"
+        r"not able) to|must decline to|do not|don't)|(?:i'm|we're) (?:unable|not able) to)")
+# a softener before a refusal's first sentence: "Sorry,", "My apologies, but", "I'm afraid", "Unfortunately,"
+_SOFT = (r"(?:(?:unfortunately|however|regrettably|sorry|my apologies|apologies|(?:i'm|i am) (?:so |very |really )?"
+         r"(?:sorry|afraid))[,!.]? (?:but )?)?")
 _MAKE = r"(?:help|assist|fulfill|comply|complete|provide|write|create|generate|produce|answer|do (?:that|this))"
 _AI = (r"(?:ai|a\.i\.|artificial intelligence|(?:ai |large )?language model|llm|chatbot|"
        r"(?:ai |virtual |digital )assistant|ai model)")
 
 DEFAULT_REFUSALS = [
     # the model speaking as an AI: "As an AI language model", "As I'm an AI", "I am just a language model"
-    rf"\bas an? {_AI}(?:,| i\b| my\b)",
-    r"\bas an? (?:ai|large) language model\b",
-    rf"\b(?:as|since|because) (?:i'm|i am) (?:just |only |merely )?an? {_AI}\b",
+    rf"\bas an? {_AI}(?:,| i\b| my\b| (?:developed|trained|created|built|made|designed) by\b)",
+    rf"\b(?:(?:as|since|because) (?:i'm|i am)|being) (?:just |only |merely )?an? {_AI}\b",
     rf"\b(?:i'm|i am) (?:just |only |merely |simply )?an? {_AI}(?:,|\.| and\b| so\b| that\b| i\b| trained\b|$)",
     r"\b(?:my|as of my) (?:knowledge cut-?off|training data(?: only)? (?:goes|extends)|last (?:knowledge )?update)\b",
     r"\bi (?:don't|do not) have (?:personal (?:opinions|experiences|feelings|beliefs)|feelings|emotions|"
     r"the ability to|access to (?:real-time|the internet|external))\b",
     # apology + inability: "I'm sorry, but I can't", "I apologize, but I am unable to"
-    rf"\b(?:i'm|i am|we're|we are) (?:so |very |really |truly )?sorry,? (?:but )?(?:i|we) {_NOT} {_MAKE}\b",
+    rf"\b(?:i'm|i am|we're|we are) (?:so |very |really |truly )?sorry,? (?:but )?{_NOT} {_MAKE}\b",
     r"\bi apologi[sz]e,? but (?:i|as)\b",
     r"\bi apologi[sz]e for (?:the|any) (?:confusion|inconvenience|misunderstanding)\b",
     # inability to do what was asked: "I cannot help with that", "I can't fulfill this request"
-    rf"\b(?:i|we) {_NOT} (?:help|assist)(?: you)? with (?:that|this|your|such|the request)\b",
-    rf"\b(?:i|we) {_NOT} {_MAKE}(?: with)? (?:that|this|your|such|the) (?:request|task|prompt|assignment)\b",
+    rf"\b{_NOT} (?:help|assist)(?: you)? with (?:that|this|your|such|the request)\b",
+    rf"\b{_NOT} {_MAKE}(?: with)? (?:that|this|your|such|the) (?:request|task|prompt|assignment)\b",
+    r"\b(?:i|we) must (?:respectfully |politely )?decline\b",
+    r"\b(?:beyond|outside) (?:my|the scope of my) (?:capabilities|abilities|programming)\b",
+    r"\b(?:against|violates?) my (?:guidelines|programming|policies|principles)\b",
     # ... and, as the answer's first sentences, any "I cannot write ..." (a sentence start: not a quoted line)
-    rf"\A[\s\S]{{0,300}}?(?:\A|[.!?:]\s)[\s#*_>]*(?:unfortunately,? |however,? )?i {_NOT} {_MAKE}\b",
+    rf"\A[\s\S]{{0,300}}?(?:\A|[.!?:]\s)[\s#*_>]*{_SOFT}{_NOT} {_MAKE}\b",
 ]
 
 DEFAULT_PREAMBLES = [
-    # an interjection to the requester: "Sure! Here's", "Certainly, below is", "Of course.", "Absolutely!"
-    r"\A[\s#*_>]*(?:sure(?: thing)?|certainly|of course|absolutely|okay|ok|alright|all right|great|gladly|"
-    r"definitely|no problem|happy to help|great question)\s*[!,.:]",
-    # "Here is/Here's/Below is ... <the thing asked for>" as the opening
-    r"\A[\s#*_>]*(?:here(?:'s| is| are)|below (?:is|are|you(?:'ll| will) find)|the following is|following is)\b"
+    # an interjection to the requester: "Sure! Here's", "Certainly, below is", "Of course.", "Absolutely!"; the words a
+    # story or a teacher also opens with ("Of course, nobody ...", "Okay, so ...") only with the assistant's next words
+    r"\A[\s#*_>]*(?:sure(?: thing)?|certainly|absolutely|gladly|no problem|happy to help|great question)\s*[!,.:]",
+    r"\A[\s#*_>]*(?:of course|okay|ok|alright|all right|great|definitely)\s*(?:[!.:]|,\s*(?:here|below|i\b|i'|"
+    r"let me|the following))",
+    r"\A[\s#*_>]*here you go\b",
+    # "Here is/Here's/Below is ... <the thing asked for>" as the opening, after a word or two ("Yes! Here is")
+    r"\A[\s#*_>]*(?:[a-z]+(?: [a-z]+)?\s*[!,.]\s*)?(?:here(?:'s| is| are)|below (?:is|are|you(?:'ll| will) find)|the following is|following is)\b"
     r"[^.!?:]{0,80}?\b(?:textbook|section|chapter|story|lesson|dialogue|explanation|exercises?|faq|guide|"
     r"tutorial|article|overview|version|rewrite|rewritten|response|draft|text|passage|introduction|summary|"
     r"requested|for you)\b",
@@ -59,16 +69,22 @@ DEFAULT_PREAMBLES = [
 
 DEFAULT_META_TALK = [
     # the request itself: "the section you asked for", "as requested", "per your request"
-    r"\b(?:as (?:you )?requested|as per your request|per your request|(?:you|that you|which you) "
-    r"(?:asked|requested) (?:for|me)|you(?:'ve| have) (?:asked|requested))\b",
-    r"\b(?:the given|the provided|the above) (?:instructions|prompt)\b",
+    r"\b(?:as (?:you )?requested(?! by\b)|as per your request|per your request|(?:you|that you|which you) "
+    r"(?:asked|requested) (?:for|me)|you(?:'ve| have) (?:asked|requested) (?:me|for)\b)",
+    r"\b(?:the (?:given|provided|above) prompt|the above instructions|the instructions (?:above|you gave))\b",
+    # the requester and the prompt named: "The user wants a section", "Your prompt asks for", "as instructed, I"
+    # ("the user asks for help" is a program's user in a programming textbook: only a request for a text counts)
+    r"\bthe user (?:wants|wanted|asked|asks|requested|is asking|would like)(?: me)?(?: to write| for)? an? "
+    r"(?:[\w-]+ ){0,3}(?:textbook|section|chapter|story|lesson|dialogue|explanation|passage|faq|exercises|rewrite)\b",
+    r"\b(?:your|the) prompt (?:asks|asked|says|said|wants|requires|requests|requested|specifies)\b",
+    r"\bas instructed(?! by\b)",
     r"\b(?:per|following|according to|based on|as stated in) your (?:request|instructions|prompt)\b",
     r"\b(?:the above|the given|the previous) request\b",
     # the assistant offering its services: "I'm here to help you", "I'm ready to help"
     r"\bi(?:'m| am) (?:here|ready|happy|glad|always here) to (?:help|assist)\b",
-    r"\b(?:mention(?:ing|ed)?|follow(?:ing)?) (?:the|these|any|your|all) (?:instructions|guidelines|rules) "
+    r"\b(?:mention(?:ing|ed)?|follow(?:s|ed|ing)?) (?:the|these|any|your|all) (?:instructions|guidelines|rules) "
     r"(?:given|provided|above|you gave)\b",
-    r"\b(?:without|not) mentioning (?:the|these|any) instructions\b",
+    r"\b(?:without|not) (?:mention(?:ing|ed)?|referr?(?:ing|ed) to) (?:the|these|any) (?:instructions|prompt)\b",
     # notes about the text: "Note: this section is written for", "This story is tailored for young children"
     r"\bnote:? (?:that )?(?:this|the above) (?:section|chapter|text|story|lesson|dialogue|response|explanation|"
     r"answer|faq|set of exercises|exercise set|rewrite|passage|version) (?:is|was|has been|does|uses|follows|"
@@ -80,7 +96,7 @@ DEFAULT_META_TALK = [
     r"\b(?:i hope (?:this|that|the above)(?: [\w-]+){0,3} (?:helps?|meets|was helpful|is helpful|gives you|answers|"
     r"clarifies)|let me know if (?:you|there|this|that|anything)|feel free to (?:ask|let me know|reach out|modify|"
     r"adjust|customi[sz]e))\b(?=[\s\S]{0,300}\Z)",
-    r"\bin this (?:response|answer|reply)\b",
+    r"\bin this (?:response|answer|reply),? i\b",
     r"\bword count: \d|\(\s*\d{2,5} words\s*\)",
 ]
 
@@ -89,8 +105,11 @@ DEFAULT_PLACEHOLDERS = [
     r"\[\s*(?:insert|add|enter|include|put|paste|fill in|replace|placeholder|your|todo|tbd|to be)\b[^\]]{0,80}\]"
     r"(?!\()",
     r"\[[^\]]{0,60}\bhere\s*\](?!\()",
-    r"\((?:insert|add|enter|paste) [^)]{0,60}\bhere\)",
+    r"\((?:insert|add|enter|paste) [^)]{0,60}\bhere\)|\((?:insert|paste) [^)]{1,60}\)",
+    r"<\s*(?:insert|paste|your)\b[^<>]{0,80}>",  # not <Enter>: a key a programming text names
+    r"\[[^\]]{0,60}\b(?:to be (?:added|inserted|written|completed|filled in|provided)|goes here)\s*\]",
     r"\blorem ipsum\b",
+    r"\b(?:todo|tbd|fixme):? (?:fill|add|write|insert|complete|expand)\b",
     # unfilled template slots: {topic}, {{ concept }}, <TOPIC>, [NAME], {AUDIENCE}
     r"\{\{[^{}]{1,40}\}\}|\{%[^%]{1,60}%\}",
     r"\{\s*(?:topic|concept|subject|subtopic|audience|audience_guidance|extract|url|title|name|author|date)\s*\}",

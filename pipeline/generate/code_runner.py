@@ -68,6 +68,7 @@ def main(directory: str, memory_mb: int, cpu_s: int) -> None:
     report: dict = {"blocks": [], "done": False}
     module = types.ModuleType("__main__")  # `if __name__ == "__main__"` and unittest.main() see the blocks
     sys.modules["__main__"] = module
+    sys.argv = ["blocks"]  # unittest.main() reads test names from argv: not this runner's own arguments
     ns = module.__dict__
     sink = io.StringIO()
     for i, block in enumerate(blocks):

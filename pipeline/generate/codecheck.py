@@ -5,9 +5,9 @@ promises runnable code and tests). Drop reasons: `code_missing` (fewer than `min
 `code_syntax` (a block that does not parse), `tests_missing` (no block holds a test), `tests_failed` (a test block
 raised, a test failed, or the run passed `timeout_s`).
 
-A block that a "common mistakes" passage shows on purpose (the block or the 200 characters before it say wrong,
-incorrect, mistake, bug, avoid, don't ..., or the block is a traceback) may fail to parse or raise: the template
-asks for such passages.
+A block that a "common mistakes" passage shows on purpose (its lead-in, up to 200 characters before it, or its
+comments say wrong, incorrect, mistake, bug, avoid this, don't do ..., or the block is a traceback) may fail to
+parse or raise: the template asks for such passages.
 Test blocks are never excused.
 """
 
@@ -29,8 +29,12 @@ from pipeline.config.checks import CodeCheckSettings
 
 PYTHON_TAGS = frozenset({"python", "py", "python3", "py3", "pycon", "ipython", "pytest"})
 _BLOCK = re.compile(r"^[ \t]*```[ \t]*([\w+.#-]*)[^\n]*\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.S | re.M)
-_COUNTER_EXAMPLE = re.compile(r"\b(?:wrong|incorrect|mistakes?|bug(?:gy|s)?|broken|avoid|don't|do not|invalid|"
-                              r"pitfalls?|syntaxerror|will (?:raise|fail)|this fails|not work)\b", re.I)
+# words that show a block as a mistake; bare "avoid", "don't", "invalid" are not among them: "To avoid typing it
+# twice:", "Don't forget:" lead into code meant to run, and `raise ValueError("invalid input")` is correct code
+_COUNTER_EXAMPLE = re.compile(r"\b(?:wrong|incorrect|mistakes?|bug(?:gy|s)?|broken|avoid (?:this|code like|writing|"
+                              r"doing)|(?:don't|do not) (?:do|write)|invalid (?:syntax|code)|pitfalls?|syntaxerror|"
+                              r"will (?:raise|fail)|this fails|not work)\b", re.I)
+_COMMENT = re.compile(r"#[^\n]*")
 _RUNNER = Path(__file__).with_name("code_runner.py")
 
 
@@ -65,10 +69,25 @@ def python_blocks(text: str) -> list[CodeBlock]:
         if m.group(1).lower() not in PYTHON_TAGS:
             continue
         source = textwrap.dedent(_doctest_source(m.group(2)))
-        context = text[max(0, m.start() - 200):m.start()] + source
-        shown = bool(_COUNTER_EXAMPLE.search(context)) or source.lstrip().startswith("Traceback (most recent")
+        shown = _shown_as_mistake(_lead_in(text, m.start()), source)
         out.append(CodeBlock(source, m.start(), shown))
     return out
+
+
+def _lead_in(text: str, fence: int) -> str:
+    """The text that introduces a block: up to 200 characters before its fence, not reaching back past the end of
+    the block before it (that block's words introduce it, not this one)."""
+    before = text[max(0, fence - 200):fence]
+    end_of_previous = before.rfind("```")
+    return before[end_of_previous + 3:] if end_of_previous >= 0 else before
+
+
+def _shown_as_mistake(lead_in: str, source: str) -> bool:
+    """A block shown on purpose as a mistake: its lead-in or its comments say so (not its strings: `raise
+    ValueError("invalid input")` is correct code), or it is a traceback."""
+    comments = " ".join(_COMMENT.findall(source))
+    return bool(_COUNTER_EXAMPLE.search(lead_in + " " + comments)) or \
+        source.lstrip().startswith("Traceback (most recent")
 
 
 def has_tests(source: str) -> bool:
@@ -105,7 +124,7 @@ def _fill_skeleton(source: str) -> str:
             if len(x) - len(x.lstrip()) <= indent and not x.lstrip().startswith("#"):
                 break
             body.append(x)
-        if all(x.lstrip().startswith("#") for x in body):
+        if body and all(x.lstrip().startswith("#") for x in body):  # no body at all is a real IndentationError
             out.append(" " * (indent + 4) + "pass")
     return "\n".join(out)
 

@@ -5,9 +5,11 @@ Written for LLM answers rather than web pages (datatrove's `GopherRepetitionFilt
 web text): words are `\\w+` runs, lower-cased (a loop "The the the" is one word repeated); fractions are of the
 words' characters, each counted once however many repeated n-grams cover it, so every fraction is in [0, 1];
 fence lines (```), blank lines, lines without a letter and label lines ("Teacher:", "Solution:") are not lines,
-since every code block opens and closes with the same fence and a dialogue repeats its speaker labels. The line and paragraph rules read the whole answer (a model looping in code repeats lines);
-the n-gram rules and the windowed ratio read its prose (fenced code taken out: code repeats names and calls by
-nature; 100-word windows of the Python standard library go down to 0.15 distinct). The windowed ratio catches a
+since every code block opens and closes with the same fence and a dialogue repeats its speaker labels. The line
+and paragraph rules read the whole answer (a model looping in code repeats lines; a code line counts as repeated
+only within its own block, since a textbook shows a class again as it grows); the n-gram rules and the windowed
+ratio read its prose (fenced code taken out: code repeats names and calls by nature; 100-word windows of the Python
+standard library go down to 0.15 distinct). The windowed ratio catches a
 loop at the end of a long answer, which the whole-text fractions dilute below their thresholds.
 """
 
@@ -33,17 +35,36 @@ def _units(parts: Sequence[str]) -> list[str]:
             if p and _LETTER.search(p) and not _FENCE.match(p) and not _LABEL.fullmatch(p)]
 
 
-def duplicate_fractions(units: Sequence[str]) -> tuple[float, float]:
-    """(units equal to an earlier unit / units, their characters / all units' characters); (0, 0) for none."""
-    seen: set[str] = set()
+def _line_units(text: str) -> tuple[list[str], list[tuple[int, str]]]:
+    """The lines that count (`_units`) and their keys: a code block's lines are keyed with the block's number, so
+    a line repeated inside one block counts (a model looping in code) and the same line in two blocks does not (a
+    textbook shows a class again as it grows, or each example's `import` and `print`); prose lines have block 0."""
+    lines: list[str] = []
+    keys: list[tuple[int, str]] = []
+    block, in_code = 0, False
+    for raw in text.splitlines():
+        if _FENCE.match(raw):
+            in_code = not in_code
+            block += in_code
+            continue
+        for u in _units([raw]):
+            lines.append(u)
+            keys.append((block if in_code else 0, u))
+    return lines, keys
+
+
+def duplicate_fractions(units: Sequence[str], keys: Sequence[object] | None = None) -> tuple[float, float]:
+    """(units equal to an earlier unit / units, their characters / all units' characters); (0, 0) for none.
+    `keys`: what makes two units equal (default: the units themselves)."""
+    seen: set[object] = set()
     dup = dup_chars = total = 0
-    for u in units:
+    for u, key in zip(units, units if keys is None else keys, strict=True):
         total += len(u)
-        if u in seen:
+        if key in seen:
             dup += 1
             dup_chars += len(u)
         else:
-            seen.add(u)
+            seen.add(key)
     return (dup / len(units), dup_chars / total) if units and total else (0.0, 0.0)
 
 
@@ -102,7 +123,7 @@ def repetition(text: str, s: RepetitionSettings) -> str | None:
         return None
     checks: list[tuple[str, float | None, float | None]] = []
     para_frac, para_chars = duplicate_fractions(_units(_PARAGRAPH_BREAK.split(text)))
-    line_frac, line_chars = duplicate_fractions(_units(text.splitlines()))
+    line_frac, line_chars = duplicate_fractions(*_line_units(text))
     checks += [("dup_para_frac", para_frac, s.max_dup_para_frac),
                ("dup_para_char_frac", para_chars, s.max_dup_para_char_frac),
                ("dup_line_frac", line_frac, s.max_dup_line_frac),

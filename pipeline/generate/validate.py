@@ -3,6 +3,7 @@
 Reasons, checked in this order (the first that applies is the drop reason; `Validator.reasons` lists them all):
 
 - `empty`; `length` (cut off at max_tokens);
+- (the next four read the text outside quoted speech: a story's characters may refuse or offer help)
 - `refusal`: the model refusing or speaking as an AI ("As an AI language model", "As I'm an AI", "I'm sorry, but I
   can't", "I cannot help with that"); `preamble`: an assistant's opening to the requester ("Sure! Here's",
   "Certainly, below is", "I'd be happy to"); `meta_talk`: talk about the request or the text ("the section you
@@ -72,6 +73,16 @@ def detect_language(text: str) -> tuple[str, float]:
 def normalize(text: str) -> str:
     """What the pattern checks read: straight quotes, every whitespace run one space."""
     return _SPACE.sub(" ", text.translate(_QUOTES)).strip()
+
+
+# a character's words in a story or dialogue: "…" or '…' (an apostrophe inside a word neither opens nor closes)
+_QUOTED = re.compile(r'"[^"]{1,400}"|(?<!\w)\'[^\n]{1,400}?\'(?!\w)')
+
+
+def unquote(flat: str) -> str:
+    """`flat` (normalized) with quoted speech replaced by '"…"': a story's shopkeeper saying "I'm sorry, but I can't
+    help you with that" or a nurse's "I'm here to help" is not the model refusing or talking to the requester."""
+    return _QUOTED.sub('"…"', flat)
 
 
 def prose(text: str) -> str:
@@ -171,13 +182,13 @@ class Validator:
         return tokens >= self.s.min_tokens, tokens
 
     def refusal(self, text: str) -> str | None:
-        """The refusal phrase found in `text`, or None."""
-        return self.refusals.search(normalize(text))
+        """The refusal phrase found in `text` (outside quoted speech), or None."""
+        return self.refusals.search(unquote(normalize(text)))
 
     def _checks(self, text: str, finish_reason: str | None, fmt: str | None,
                 v: Verdict) -> Iterator[tuple[str, Callable[[], str | bool | None]]]:
         """(reason, test) in order; a test returns a truthy detail when its reason applies."""
-        flat = normalize(text)
+        flat = unquote(normalize(text))  # what the model says, not what its characters say
         yield "length", lambda: self.s.drop_length_finish and finish_reason == "length"
         yield "refusal", lambda: self.refusals.search(flat)
         yield "preamble", lambda: self.preambles.search(flat)
