@@ -454,3 +454,23 @@ def test_passing_unittest_main_is_kept(v):
     text = _chapter("import unittest\nclass T(unittest.TestCase):\n    def test_x(self):\n"
                     "        self.assertEqual(total([2]), 2)\n\nif __name__ == '__main__':\n    unittest.main()\n")
     assert v.check(text, "stop", "python_chapter").reason is None
+
+
+def test_a_process_the_tests_leave_behind_does_not_hold_the_check(tmp_path):
+    """Model code that starts a process in a session of its own (out of reach of the process-group kill) and
+    passes: the verdict comes when the test process exits, not when that process closes the inherited stderr
+    (before: 'timeout', reported only after the stray process ended)."""
+    import os
+    import signal
+
+    pid_file = tmp_path / "stray.pid"
+    code = ("import subprocess\np = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid))\nassert 1 + 1 == 2\n")
+    try:
+        assert codecheck.run_tests(codecheck.python_blocks(f"```python\n{code}```\n"), CodeCheckSettings()) is None
+    finally:
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

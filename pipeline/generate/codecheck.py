@@ -14,6 +14,7 @@ Test blocks are never excused.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -157,24 +158,36 @@ def run_tests(blocks: list[CodeBlock], s: CodeCheckSettings) -> str | None:
     A non-test block that raises is tolerated (its names are then missing, so the tests that use it fail)."""
     runnable = [b for b in blocks if not (b.counter_example and not b.tests)]
     payload = [{"source": b.source, "tests": b.tests} for b in runnable]
-    with tempfile.TemporaryDirectory(prefix="textbook-code-") as tmp:
+    # a process the model's code leaves behind may still write there: cleaning up must not raise
+    with tempfile.TemporaryDirectory(prefix="textbook-code-", ignore_cleanup_errors=True) as tmp:
         Path(tmp, "blocks.json").write_text(json.dumps(payload), encoding="utf-8")
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "TMPDIR": tmp, "PYTHONHASHSEED": "0",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-        cpu_s = int(s.timeout_s) + 1
-        proc = subprocess.Popen([sys.executable, "-I", str(_RUNNER), tmp, str(s.memory_mb), str(cpu_s)], cwd=tmp,
-                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            _, err = proc.communicate(timeout=s.timeout_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the session: code that started processes of its own too
-            _, err = proc.communicate()
-            timed_out = True
+        timed_out, code, err = _run_runner(tmp, s)
         report_path = Path(tmp, "report.json")
         report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.exists() else None
-    return _verdict(runnable, report, timed_out, proc.returncode, err, s.timeout_s)
+    return _verdict(runnable, report, timed_out, code, err, s.timeout_s)
+
+
+def _run_runner(tmp: str, s: CodeCheckSettings) -> tuple[bool, int | None, bytes]:
+    """Run `code_runner.py` on `tmp`/blocks.json: (timed out, exit code, its stderr). Its stderr goes to a file, not
+    a pipe: a process the model's code starts in a session of its own (out of reach of the group kill) would hold
+    a pipe open and the wait with it; the wait ends when the test process exits, whatever it left behind."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "TMPDIR": tmp, "PYTHONHASHSEED": "0",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    cpu_s = int(s.timeout_s) + 1
+    err_path = Path(tmp, "stderr.txt")
+    with open(err_path, "wb") as err_file:
+        proc = subprocess.Popen([sys.executable, "-I", str(_RUNNER), tmp, str(s.memory_mb), str(cpu_s)], cwd=tmp,
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_file,
+                                start_new_session=True)
+    try:
+        proc.wait(timeout=s.timeout_s)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    with contextlib.suppress(ProcessLookupError):  # the session: processes the code started too (or none left)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return timed_out, proc.returncode, err_path.read_bytes()
 
 
 def _verdict(blocks: list[CodeBlock], report: dict | None, timed_out: bool, code: int | None, err: bytes,
