@@ -395,6 +395,8 @@ def _out_dir(ctx: Any) -> tuple[Path, str | None]:
     from pipeline.scale.storage import is_url, staging_dir_for
 
     out = ctx.section.out
+    if not out and is_url(ctx.cfg.run.out_dir):  # a run directory on object storage: the set goes to its root
+        out = ctx.cfg.run.out_dir
     if out and is_url(out):
         return staging_dir_for(out, ctx.state_dir), out
     return (Path(out) if out else Path(ctx.run_dir)), None

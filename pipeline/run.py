@@ -127,7 +127,20 @@ class StageContext:
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.run.out_dir)
+    """The run directory the stages write: `run.out`, or for a URL its local mirror (`remote_run`)."""
+    remote = remote_run(cfg)
+    return remote.mirror if remote is not None else Path(cfg.run.out_dir)
+
+
+def remote_run(cfg: RunConfig) -> Any:
+    """`pipeline.scale.rundir.RemoteRun` when `run.out` is an fsspec URL (outputs and markers live there), else None."""
+    from pipeline.scale.storage import is_url
+
+    if not is_url(cfg.run.out_dir):
+        return None
+    from pipeline.scale.rundir import RemoteRun
+
+    return RemoteRun(cfg.run.out_dir)
 
 
 def _success_path(run_dir: Path, stage: str) -> Path:
@@ -206,12 +219,17 @@ def resolve_inputs(cfg: RunConfig, name: str, run_dir: Path, planned: list[str],
         present = [s for s in present if not any(s in STAGES[o].supersedes for o in present)]
         if present:
             files: list[Path] = []
+            remote = remote_run(cfg)
             for s in present:
                 kept = run_dir / "stages" / s / "kept"
                 if output_hash(run_dir, s) is None:
                     raise TextbookError(f"stage {name}: upstream stage '{s}' has not completed in {run_dir} "
                                         f"(run it first, or list {name}.inputs)")
-                if kept.is_dir():
+                if remote is not None:  # the published kept/ objects (URLs), never the mirror's copies
+                    from pipeline.documents import DOC_SUFFIXES
+
+                    files.extend(remote.kept_urls(s, DOC_SUFFIXES))  # type: ignore[arg-type]
+                elif kept.is_dir():
                     files.extend(list_document_files([kept]))
             return files, present
     if name in OPTIONAL_UPSTREAM:
@@ -292,6 +310,9 @@ def run_one(cfg: RunConfig, name: str, planned: list[str] | None = None, force: 
     success = _success_path(run_dir, name)
     success.unlink(missing_ok=True)
     _partial_path(run_dir, name).unlink(missing_ok=True)
+    remote = remote_run(cfg)
+    if remote is not None:
+        remote.begin_stage(name)
     # Outputs of an earlier attempt are rewritten; private state (state/) survives for resume.
     for sub in ("kept", "removed"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
@@ -313,10 +334,13 @@ def run_one(cfg: RunConfig, name: str, planned: list[str] | None = None, force: 
     marker = {"hash": digest, "version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     partial = stats.as_dict().get("partial")
     if partial:  # stopped early: not complete, so the same command runs it again and goes on from the ledger
-        atomic_write_text(_partial_path(run_dir, name),
-                          json.dumps({**marker, "attempt": uuid.uuid4().hex, "partial": partial}) + "\n")
+        path, text = _partial_path(run_dir, name), json.dumps({**marker, "attempt": uuid.uuid4().hex,
+                                                                "partial": partial}) + "\n"
     else:
-        atomic_write_text(success, json.dumps(marker) + "\n")
+        path, text = success, json.dumps(marker) + "\n"
+    if remote is not None:  # outputs uploaded, stale ones removed, the marker last (pipeline.scale.rundir)
+        remote.publish_stage(name, (path.name, text))
+    atomic_write_text(path, text)
     return stats.as_dict()
 
 
@@ -437,6 +461,10 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: bool = 
         raise TextbookError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
     run_dir = run_dir_of(cfg)
     write_resolved_config(cfg, run_dir)
+    remote = remote_run(cfg)
+    if remote is not None:  # resume from what the URL holds, whatever this machine's mirror has
+        remote.pull_markers(list(STAGES))
+        remote.put_file(run_dir / "config.resolved.yaml", "config.resolved.yaml")
     results: dict[str, dict[str, Any]] = {}
     skipped: set[str] = set()
     for name in planned:
@@ -462,12 +490,17 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: bool = 
             skipped.add(name)
             log(f"[{name}] SKIPPED: {e}")
             results[name] = mark_skipped(run_dir, name, str(e))
+            if remote is not None:
+                remote.begin_stage(name)
+                remote.publish_stage(name, None)
         except NoInputDocuments as e:
             # Nothing left to work on: later stages would have nothing either. Record what emptied the run.
             stats = StageStats(name)
             for key, value in (("no_input", str(e)), ("funnel", e.funnel), ("hints", e.hints)):
                 stats.set(key, value)
             stats.write(run_dir / "stages" / name / "stats.json")
+            if remote is not None:
+                remote.publish_stage(name, None)
             results[name] = stats.as_dict()
             e.results = results
             raise

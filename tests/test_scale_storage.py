@@ -122,3 +122,68 @@ def test_shard_set_published_to_s3_equals_local(shared_data, tmp_path, s3, ray_s
     s3.pipe(f"{BUCKET}/shards/run1/manifest.json", json.dumps(other).encode())
     with pytest.raises(TextbookError, match="another tokenizer"):
         run_stage(tmp_path, "s3-other", "shard", [url], *SHARD_SETS, f"shard.out={out_url}")
+
+
+PRETRAIN_SETS = ["pretrain.preset=tiny", "pretrain.train.max_steps=2", "pretrain.train.batch_size=2",
+                 "pretrain.train.warmup_steps=1", "pretrain.train.log_every=1", "pretrain.train.checkpoint_every=2",
+                 "pretrain.eval.every=2", "pretrain.eval.tokens=256"]
+
+
+@pytest.mark.slow
+def test_run_directory_on_s3(shared_data, tmp_path, s3, monkeypatch):
+    """run.out = s3://...: stage outputs, completion markers and the shard set live in the bucket; a run resumed
+    on another machine (another local mirror) skips what the bucket says is complete; a publication that dies
+    leaves no marker, so the stage runs again; the pretraining runner trains on the published s3:// shards."""
+    from test_scale import corpus_files, docs_of, shard_rows
+
+    from pipeline.documents import iter_documents
+    from pipeline.scale import rundir
+    from pipeline.scale.storage import open_shards_any
+
+    inputs, _ = corpus_files(shared_data, tmp_path, n_copies=30)
+    chain = [f"dedup.inputs={json.dumps([str(p) for p in inputs])}", "decontaminate.benchmarks=[gsm8k]",
+             f"decontaminate.local_dir={shared_data / 'benchmarks'}", *PRETRAIN_SETS]
+
+    def run(out, stages, log=None):
+        cfg = load_config(None, [f"run.out={out}", f"run.stages={stages}", *chain])
+        return runmod.run_pipeline(cfg, log=log or (lambda m: None))
+
+    local = run(tmp_path / "local", "[dedup, decontaminate, shard]")
+    url = f"s3://{BUCKET}/runs/r1"
+    monkeypatch.setenv("TEXTBOOK_CACHE", str(tmp_path / "machine-a"))
+    remote = run(url, "[dedup, decontaminate, shard, pretrain]")
+    for stage in ("dedup", "decontaminate", "shard", "pretrain"):
+        assert s3.exists(f"{BUCKET}/runs/r1/stages/{stage}/_SUCCESS.json"), stage
+    keys = s3.find(f"{BUCKET}/runs/r1")
+    assert not [k for k in keys if "/state/" in k or "/.tmp-" in k]  # scratch stays local, temporaries removed
+    assert [(d["id"], d["text"]) for d in iter_documents([f"{url}/stages/decontaminate/kept"])] == \
+        [(i, t) for i, t, _ in docs_of(tmp_path / "local/stages/decontaminate/kept")]
+    assert remote["shard"]["output_dir"] == url and remote["shard"]["kept"] == local["shard"]["kept"]
+    assert shard_rows(open_shards_any(url).path)[0] == shard_rows(tmp_path / "local")[0]
+    assert remote["pretrain"]["steps"] == 2 and remote["pretrain"]["final_loss"] > 0  # trained on the s3 shards
+
+    # another machine (an empty mirror): the bucket's markers say every stage is complete
+    monkeypatch.setenv("TEXTBOOK_CACHE", str(tmp_path / "machine-b"))
+    said: list[str] = []
+    run(url, "[dedup, decontaminate, shard]", said.append)
+    assert sum("already complete" in m for m in said) == 3, said
+
+    # a publication that dies half-way leaves the stage without a marker; the next run does it again
+    real_put, calls = rundir.put_atomic, []
+
+    def dying_put(fs, local_file, final, tmp_prefix):
+        calls.append(final)
+        if len(calls) == 4:  # config.resolved.yaml and two of dedup's files are up
+            raise OSError("connection lost")
+        real_put(fs, local_file, final, tmp_prefix)
+
+    monkeypatch.setattr(rundir, "put_atomic", dying_put)
+    url2 = f"s3://{BUCKET}/runs/r2"
+    with pytest.raises(OSError, match="connection lost"):
+        run(url2, "[dedup]")
+    assert s3.find(f"{BUCKET}/runs/r2/stages/dedup") and not s3.exists(f"{BUCKET}/runs/r2/stages/dedup/_SUCCESS.json")
+    monkeypatch.setattr(rundir, "put_atomic", real_put)
+    said.clear()
+    again = run(url2, "[dedup]", said.append)
+    assert not any("already complete" in m for m in said) and again["dedup"]["kept"] == local["dedup"]["kept"]
+    assert s3.exists(f"{BUCKET}/runs/r2/stages/dedup/_SUCCESS.json")

@@ -24,7 +24,8 @@ class StageSection(StrictModel):
 
 class RunSection(StrictModel):
     name: str = "run"
-    out: str | None = Field(default=None, description="output directory; default shards/<name>")
+    out: str | None = Field(default=None, description="output directory or fsspec URL (s3://...: outputs and "
+                             "markers there, see pipeline.scale.rundir); default shards/<name>")
     stages: list[str] = Field(default_factory=lambda: ["generate", "web", "dedup", "decontaminate", "shard"])
     seed: int = 0
     executor: Literal["local", "ray", "inline"] = Field(

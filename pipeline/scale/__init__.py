@@ -13,9 +13,10 @@ because every task writes under a name derived from its partition (a retry overw
 `run.executor: ray` runs the task versions, on `run.ray_address` / `$RAY_ADDRESS` when set (join a cluster),
 else on a local Ray with `run.workers` CPUs. Outputs are the same either way (see each stage's docstring).
 
-Storage: inputs of these stages (`<stage>.inputs`) and `shard.out` may be fsspec URLs (s3://, gs://, hf://,
-file://); see `pipeline.scale.storage`. The run directory (stage outputs, markers, scratch) must be a
-filesystem every node sees (as for datatrove's Ray executor).
+Storage: inputs of these stages (`<stage>.inputs`), `shard.out`, `run.out` and the pretraining runner's shard
+sets may be fsspec URLs (s3://, gs://, hf://, file://); see `pipeline.scale.storage` and `pipeline.scale.rundir`
+(stage outputs and completion markers on object storage). Stage scratch (`state/`) stays in a local mirror,
+which on a multi-node cluster must be a filesystem every node sees (as for datatrove's Ray executor).
 """
 
 from pipeline.scale.engine import Engine, engine_for

@@ -10,7 +10,10 @@ Guarantees kept on object storage (which has no rename):
 - a shard set is published by `publish_shard_set`: the old `manifest.json` is deleted first, every file is
   uploaded under a temporary key (`<out>/.tmp-<id>/...`) and copied to its final key only once the upload
   completed, stale data files are removed, and `manifest.json` (the completion marker) is written last, so a
-  reader that finds a manifest finds every file it lists, complete. `open_shards_any` reads one back.
+  reader that finds a manifest finds every file it lists, complete. `open_shards_any` reads one back (the
+  pretraining runner's `data.shards` may be such URLs).
+
+The run directory itself may be a URL too: see `pipeline.scale.rundir`.
 """
 
 from __future__ import annotations
@@ -152,6 +155,35 @@ def fetch_shard_set(url: str, dest: Path) -> Path:
         fs.get(f"{root}/{rel}", str(dest / rel))
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
+
+
+def open_shards_any(path: str | os.PathLike[str]) -> Any:
+    """`pipeline.shards.open_shards` of a directory or of a published shard set's URL.
+
+    A URL is read from a local copy under `<cache>/shard-sets/<sha of the URL>/`, fetched whole the first time
+    and again only when the published manifest's fingerprint changes (a new set was published there); the copy
+    is built beside and swapped in by renames, so a reader never opens a half-fetched set."""
+    import shutil
+
+    from pipeline.paths import cache_dir
+    from pipeline.shards import open_shards
+
+    if not is_url(str(path)):
+        return open_shards(path)
+    url = str(path)
+    manifest = remote_manifest(url)
+    if manifest is None:
+        raise TextbookError(f"{url}: no manifest.json: not a (complete) textbook shard set")
+    dest = cache_dir() / "shard-sets" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    have = dest / "manifest.json"
+    if not (have.is_file() and json.loads(have.read_text()).get("fingerprint") == manifest.get("fingerprint")):
+        fresh = fetch_shard_set(url, dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}"))
+        old = dest.with_name(f"{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(fresh, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    return open_shards(dest)
 
 
 def staging_dir_for(url: str, base: Path) -> Path:

@@ -62,10 +62,10 @@ def _unit(text: str, salt: str) -> float:
 # --- texts of evaluation sets and arms ---------------------------------------------------------------------
 def shard_texts(paths: Iterable[str | Path], split: str) -> Iterator[str]:
     """The `text` of every document of one split of shard directories, one row group at a time."""
-    from pipeline.shards import open_shards
+    from pipeline.scale.storage import open_shards_any
 
     for p in paths:
-        yield from (r["text"] for r in open_shards(p).iter_documents(split, columns=["text"]))
+        yield from (r["text"] for r in open_shards_any(p).iter_documents(split, columns=["text"]))
 
 
 def eval_set_texts(section: Any) -> Iterator[str] | None:
@@ -187,12 +187,12 @@ def token_counts(paths: Iterable[str | Path], split: str, vocab_size: int,
     the frequencies of what it trains on (float counts)."""
     import pyarrow.parquet as pq
 
-    from pipeline.shards import open_shards
+    from pipeline.scale.storage import open_shards_any
 
     weights = dict(source_weights or {})
     counts = np.zeros(vocab_size, dtype=np.float64 if weights else np.int64)
     for p in paths:
-        for f in open_shards(p).files(split):
+        for f in open_shards_any(p).files(split):
             pf = pq.ParquetFile(f)
             for i in range(pf.metadata.num_row_groups):
                 table = pf.read_row_group(i, columns=["input_ids", "source"] if weights else ["input_ids"])

@@ -35,11 +35,11 @@ class RowGroup:
 
 def open_sets(paths: list[str | Path]) -> list[Any]:
     """Open shard directories and check they share one tokenizer (ids from two tokenizers cannot be mixed)."""
-    from pipeline.shards import open_shards
+    from pipeline.scale.storage import open_shards_any
 
     if not paths:
         raise TextbookError("pretrain: no shard directories to train on (set pretrain.data.shards)")
-    sets = [open_shards(p) for p in paths]
+    sets = [open_shards_any(p) for p in paths]
     first = sets[0].manifest["tokenizer"]
     for s in sets[1:]:
         tok = s.manifest["tokenizer"]

@@ -17,9 +17,12 @@ def run_stage(ctx) -> StageStats:  # ctx: pipeline.run.StageContext
     from pipeline.train.trainer import train
 
     section = ctx.cfg.pretrain
-    shards = list(section.data.shards) or [str(ctx.run_dir)]
+    from pipeline.scale.storage import is_url, remote_manifest
+
+    run_out = ctx.cfg.run.out_dir
+    shards = list(section.data.shards) or [run_out if is_url(run_out) else str(ctx.run_dir)]
     for s in shards:
-        if not (Path(s) / "manifest.json").is_file():
+        if not (remote_manifest(s) is not None if is_url(s) else (Path(s) / "manifest.json").is_file()):
             raise TextbookError(f"pretrain: no shards at {s} (run the shard stage first, or set pretrain.data.shards)")
     out = Path(section.out) if section.out else ctx.out_dir
     summary = train(section, out, shards=shards, resume="auto")
