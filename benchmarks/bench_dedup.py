@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def corpus(n: int, seed: int = 0) -> list[dict]:
-    """n documents of 100-600 words cut from real text at random offsets, 15 % of words resampled so they are
-    distinct, plus 10 % near-copies (5 % of words changed) of earlier documents."""
+def real_word_stream() -> list[str]:
+    """The words of the real texts the synthetic documents are cut from (Dolma CC, OpenStax, FineWeb-Edu sample)."""
     from pipeline.documents import iter_documents
     from pipeline.paths import shared_data_dir
 
@@ -39,7 +38,13 @@ def corpus(n: int, seed: int = 0) -> list[dict]:
     texts = [d["text"] for d in iter_documents([data / "web/dolma_cc", data / "textbooks/openstax_intro_python/"
                                                 "modules_plaintext.jsonl"])]
     texts += [r["original_text"] for r in json.loads((data / "web/fineweb_sample_300/fineweb_subset.json").read_text())]
-    stream = " ".join(texts).split()
+    return " ".join(texts).split()
+
+
+def corpus(n: int, seed: int = 0) -> list[dict]:
+    """n documents of 100-600 words cut from real text at random offsets, 15 % of words resampled so they are
+    distinct, plus 10 % near-copies (5 % of words changed) of earlier documents."""
+    stream = real_word_stream()
     rng = random.Random(seed)
     docs: list[dict] = []
     for i in range(n):

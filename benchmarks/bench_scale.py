@@ -18,6 +18,9 @@ beside it. The bucket tasks of dedup hold at most `--rows-per-task` rows of one 
 the bound is reached at these sizes as it would be at 2M rows per task on a large corpus).
 
     .venv/bin/python benchmarks/bench_scale.py --sizes 20000 200000 [--stages dedup shard] [--paths local ray-1 ray-2]
+
+The issue's full run (1M documents, 1 vs 2 workers, and the 10x memory check; on an idle 2-core machine it
+takes a few hours, see benchmarks/results/scale.md for the exact command) ends with a markdown summary.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,16 +41,44 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def make_input(n: int, dest: Path, per_file: int = 10_000) -> Path:
-    from bench_dedup import corpus
+def corpus_stream(n: int, per_file: int, seed: int = 0, pool: int = 20_000) -> Iterator[list[dict]]:
+    """`bench_dedup.corpus`'s documents (100-600-word windows of real text, 15 % of words resampled; 10 %
+    near-copies with 5 % of words changed), one file's worth at a time: memory stays at `pool` documents (the
+    near-copies' originals are drawn from the last `pool` ones), so 1M documents fit on a laptop."""
+    from bench_dedup import real_word_stream
 
+    stream = real_word_stream()
+    rng = random.Random(seed)
+    recent: list[str] = []
+    for first in range(0, n, per_file):
+        docs = []
+        for i in range(first, min(n, first + per_file)):
+            if recent and rng.random() < 0.1:
+                ws = [w if rng.random() > 0.05 else rng.choice(stream) for w in rng.choice(recent).split()]
+            else:
+                length = rng.randint(100, 600)
+                start = rng.randrange(len(stream) - length)
+                ws = [w if rng.random() > 0.15 else rng.choice(stream) for w in stream[start:start + length]]
+            text = " ".join(ws)
+            docs.append({"id": f"d{i}", "text": text, "source": "web", "edu_score": rng.random() * 5})
+            recent.append(text)
+            if len(recent) > pool:
+                recent.pop(rng.randrange(len(recent)))
+        yield docs
+
+
+def make_input(n: int, dest: Path, per_file: int = 10_000) -> Path:
+    """n documents as parquet files of `per_file` (generated file by file; progress on stderr)."""
     from pipeline.documents import DocumentWriter
 
     dest.mkdir(parents=True, exist_ok=True)
-    docs = corpus(n)
-    for k in range(0, n, per_file):
-        with DocumentWriter(dest, prefix=f"in-{k // per_file:05d}", rows_per_file=per_file) as w:
-            w.write_many(docs[k:k + per_file])
+    t = time.perf_counter()
+    for k, docs in enumerate(corpus_stream(n, per_file)):
+        with DocumentWriter(dest, prefix=f"in-{k:05d}", rows_per_file=per_file) as w:
+            w.write_many(docs)
+        if k % 10 == 9:
+            print(f"input: {(k + 1) * per_file:,} of {n:,} documents ({time.perf_counter() - t:.0f} s)",
+                  file=sys.stderr, flush=True)
     return dest
 
 
@@ -131,6 +164,7 @@ def main() -> None:
         child(args)
         return
     results = json.loads(args.out.read_text()) if args.out.is_file() else []
+    fresh: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for n in args.sizes:
             t = time.perf_counter()
@@ -154,7 +188,32 @@ def main() -> None:
                            "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
                     print(json.dumps(row), flush=True)
                     results.append(row)
+                    fresh.append(row)
                     args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(summary(fresh))
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown: documents/s and worker peak per (stage, size, path); speed-up 1 -> 2 workers; the worker peak
+    at the largest size against the smallest (the memory bound: flat means the same within noise)."""
+    out = ["| stage | documents | path | docs/s | CPU s | worker peak MB | driver peak MB | load before |",
+           "|---|---:|---|---:|---:|---:|---:|---:|"]
+    by = {(r["stage"], r["n"], r["path"]): r for r in rows}
+    for (stage, n, path), r in sorted(by.items()):
+        out.append(f"| {stage} | {n:,} | {path} | {r['docs_per_s']:,} | {r['cpu_s']} | {r['worker_peak_mb'] or '-'} "
+                   f"| {r['driver_peak_mb']} | {r['load_before']} |")
+    sizes = sorted({r["n"] for r in rows})
+    for stage in sorted({r["stage"] for r in rows}):
+        for n in sizes:
+            one, two = by.get((stage, n, "ray-1")), by.get((stage, n, "ray-2"))
+            if one and two:
+                out.append(f"- {stage}, {n:,} documents: 1 -> 2 workers {two['docs_per_s'] / one['docs_per_s']:.2f}x")
+        for path in ("ray-1", "ray-2"):
+            lo, hi = by.get((stage, sizes[0], path)), by.get((stage, sizes[-1], path))
+            if lo and hi and len(sizes) > 1 and lo["worker_peak_mb"] and hi["worker_peak_mb"]:
+                out.append(f"- {stage}, {path}: worker peak {lo['worker_peak_mb']} MB at {sizes[0]:,} documents, "
+                           f"{hi['worker_peak_mb']} MB at {sizes[-1]:,} ({hi['n'] / lo['n']:.0f}x the input)")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

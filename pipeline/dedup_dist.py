@@ -73,6 +73,7 @@ from pipeline.stats import StageStats
 CHUNK_ROWS = 262_144  # rows of a band file read at once by a bucket task
 ROWS_PER_TASK = 2_000_000  # rows of one band a bucket task holds: sets the number of hash ranges per band
 PAIRS_PER_TASK = 250_000  # a verify task holds 2 * 4 * num_perm B a pair: ~225 MB
+MIN_PAIRS_PER_TASK = 20_000  # below this a task's start costs more than it saves
 
 
 def run_distributed(ctx: Any, engine: Any, rows_per_task: int | None = None) -> StageStats:
@@ -227,8 +228,10 @@ class _BandTasks:
     def similarity(self, rows: Rows, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if not len(a):
             return np.empty(0, dtype=np.float32)
-        items = [(self.sig_files, self.num_perm, a[i:i + PAIRS_PER_TASK], b[i:i + PAIRS_PER_TASK])
-                 for i in range(0, len(a), PAIRS_PER_TASK)]
+        # at most PAIRS_PER_TASK a task (memory), and enough tasks to keep every CPU busy (one chunk of
+        # 250k pairs would run on one worker while the others wait), but not below MIN_PAIRS_PER_TASK
+        per = min(PAIRS_PER_TASK, max(MIN_PAIRS_PER_TASK, math.ceil(len(a) / (2 * self.engine.cpus()))))
+        items = [(self.sig_files, self.num_perm, a[i:i + per], b[i:i + per]) for i in range(0, len(a), per)]
         return np.concatenate(self.engine.map(_similarity_task, items, label="dedup: verify"))
 
 

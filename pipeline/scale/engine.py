@@ -74,6 +74,15 @@ class Engine:
         ray.init(address=address, num_cpus=self.workers if address == "local" else None, include_dashboard=False,
                  ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
 
+    def cpus(self) -> int:
+        """CPUs the tasks may use at once: the cluster's (ray), else 1 (inline and local run one at a time)."""
+        if not self.on_ray:
+            return 1
+        import ray
+
+        self._init()
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
     def put(self, obj: Any) -> Any:
         """A value many tasks read (an index, a lookup table): one copy in Ray's object store, or `obj` itself."""
         if not self.on_ray:
