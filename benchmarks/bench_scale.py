@@ -125,7 +125,10 @@ def child(args: argparse.Namespace) -> None:
                       "driver_cpu_s": round(driver_cpu, 2), "driver_peak_mb": round(_peak_mb(), 1),
                       "worker_peak_mb": round(max(workers_kb.values()) / 1024, 1) if workers_kb else None,
                       "worker_idle_mb": round(idle / 1024, 1) if idle else None, "workers": len(workers_kb),
-                      "kept": stats["kept"], "engine": stats.get("engine")}))
+                      "kept": stats["kept"], "engine": stats.get("engine"),
+                      # wall seconds per phase (what does not shrink with more workers is what serialises)
+                      "phases": {k: stats.get(k) for k in ("seconds_hash", "seconds_exact", "seconds_buckets",
+                                                           "seconds_cluster", "seconds_tokenize") if k in stats}}))
 
 
 def _usage() -> tuple[int, float]:
