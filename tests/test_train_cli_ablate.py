@@ -331,3 +331,30 @@ def test_controls_from_a_real_labelled_file(shared_data, web_sets, tmp_path):
     md = (tmp_path / "abl" / "results.md").read_text()
     assert "(1 seed: no spread measured)" in md and "± 0.0000" not in md
     assert all(math.isfinite(a["unigram"]["heldout-labelled"]) for a in res["arms"].values())
+
+
+def test_controls_section_says_whether_the_harness_separates(tmp_path):
+    """Whatever the baseline arm, results carry the controls' own comparison (high minus low, paired by seed) and
+    results.md says in words whether they separate on the held-out set; unknown until two common seeds."""
+    from pipeline.train.ablate import _controls_comparison, load_ablation_config
+    from pipeline.train.ablate_report import controls_markdown
+
+    path = _ablation(tmp_path, [{"name": "web", "shards": ["s"]}], [], controls={"labels": "l.jsonl", "eval_name": "heldout"})
+    cfg = load_ablation_config(path)
+    held, arc = "eval/heldout/bpb", "eval/arc_easy/acc_norm"
+    low = {held: {0: 2.60, 1: 2.62, 2: 2.61}, arc: {0: 0.25, 1: 0.27, 2: 0.26}}
+    high = {held: {0: 2.50, 1: 2.53, 2: 2.51}, arc: {0: 0.26, 1: 0.25, 2: 0.28}}
+    c = _controls_comparison(cfg, [held, arc], {"control-low": low, "control-high": high, "web": {}})
+    assert c["separated"] is True and c["paired"][held]["verdict"] == "better"
+    assert c["paired"][held]["mean"] == pytest.approx(-0.0967, abs=1e-4)
+    md = "\n".join(controls_markdown({"controls": c}, 95))
+    assert "**Yes**: control-high beats control-low beyond the 95 % interval on heldout" in md
+    assert "| heldout bpb (lower is better) | -0.0967 [" in md and "better than control-low" in md
+    mixed = {held: {0: 2.58, 1: 2.64, 2: 2.61}, arc: high[arc]}  # -0.02, +0.02, 0.00: no separation
+    c = _controls_comparison(cfg, [held, arc], {"control-low": low, "control-high": mixed})
+    assert c["separated"] is False
+    assert "**No**" in "\n".join(controls_markdown({"controls": c}, 95))
+    one = {held: {0: 2.50}, arc: {0: 0.3}}
+    c = _controls_comparison(cfg, [held, arc], {"control-low": low, "control-high": one})
+    assert c["separated"] is None and "Not known yet" in "\n".join(controls_markdown({"controls": c}, 95))
+    assert controls_markdown({"controls": None}, 95) == []

@@ -252,6 +252,14 @@ def _print_ablation(results: dict) -> None:
             label = f"{name} {'bpb' if metric == 'bpb' else 'acc_norm'} ({METRICS[metric][0]} better)" if i == 0 else ""
             table.add_row(label, a, cell, diff, verdict, "" if u is None else f"{u:.4f}")
     console.print(table)
+    c = results.get("controls")
+    if c and c.get("eval_set"):
+        p = c["paired"].get(f"eval/{c['eval_set']}/bpb")
+        diff = fmt_paired(p, c["low"])[0] if p else "n/a"
+        word = {True: "separated", False: "NOT separated (do not read arm differences as data effects)",
+                None: "not known yet"}[c.get("separated")]
+        console.print(f"controls on {c['eval_set']} bpb, {c['high']} - {c['low']}: {diff}: {word}",
+                      highlight=False, markup=False)
     for line in results.get("checks") or []:
         console.print(line, highlight=False, markup=False)
 

@@ -555,6 +555,22 @@ def unigram_table(cfg: AblationConfig, log: Log = print) -> dict[str, dict[str, 
     return table
 
 
+def _controls_comparison(cfg: AblationConfig, keys: list[str], values: dict[str, dict[str, dict[int, float]]]
+                         ) -> dict[str, Any] | None:
+    """The controls' own question, whatever the baseline: per compared figure, the high-label arm minus the
+    low-label arm paired by seed (`paired_difference`), and whether they separate on the controls' held-out
+    set (`separated`: the high arm better beyond the interval on its bits per byte; None before both ran)."""
+    c = cfg.controls
+    if c is None:
+        return None
+    paired = {k: paired_difference(values[c.low_arm][k], values[c.high_arm][k], METRICS[split_key(k)[1]][0], LEVEL)
+              for k in keys}
+    held = paired.get(f"eval/{c.eval_name}/bpb")
+    separated = None if held is None or held["ci"] is None else held["verdict"] == "better"
+    return {"high": c.high_arm, "low": c.low_arm, "eval_set": c.eval_name if c.heldout_eval != "none" else None,
+            "paired": paired, "separated": separated}
+
+
 def summarise(cfg: AblationConfig, runs: list[dict[str, Any]], status: dict[str, Any],
               unigram: dict[str, dict[str, float]], checks: list[str]) -> dict[str, Any]:
     """results.json: per arm and compared figure the seeds' values (mean, std, min, max), the paired
@@ -587,6 +603,7 @@ def summarise(cfg: AblationConfig, runs: list[dict[str, Any]], status: dict[str,
         }
     paired = {k: {a.name: paired_difference(values[base][k], values[a.name][k], METRICS[split_key(k)[1]][0], LEVEL)
                   for a in arms if a.name != base} for k in keys}
+    controls = _controls_comparison(cfg, keys, values)
     model = None
     if runs:
         s = runs[0]["summary"]
@@ -599,7 +616,7 @@ def summarise(cfg: AblationConfig, runs: list[dict[str, Any]], status: dict[str,
     return {"name": cfg.name, "tokens_per_run": cfg.tokens, "seeds": cfg.seeds, "baseline": base, "level": LEVEL,
             "chance": chance,
             "eval_sets": [e.name for e in all_eval_sets(cfg)], "metrics": keys, "arms": table, "paired": paired,
-            "status": status, "model": model, "checks": checks,
+            "status": status, "model": model, "checks": checks, "controls": controls,
             "runs": [{"arm": r["arm"], "seed": r["seed"], "tokens": r["summary"].get("tokens"),
                       "tokens_per_s": r["summary"].get("tokens_per_s"), "data_epochs": r["summary"].get("data_epochs"),
                       "final_loss": r["summary"].get("final_loss")} for r in runs]}

@@ -127,6 +127,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         if st.get(key):
             lines.append(f"- {label}: " + ", ".join(f"{r['arm']} seed {r['seed']}" for r in st[key]))
     lines.append("")
+    lines += controls_markdown(results, level)
     for key in results["metrics"]:
         name, metric = split_key(key) or ("?", "?")
         direction, label = METRICS[metric]
@@ -168,6 +169,35 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     if checks:
         lines += ["## Checks", ""] + [f"- {c}" for c in checks] + [""]
     return "\n".join(lines)
+
+
+def controls_markdown(results: Mapping[str, Any], level: int) -> list[str]:
+    """The controls section of results.md: can this harness, at this budget, tell data known to differ apart?
+    One row per compared figure (high-label arm minus low-label arm, paired by seed) and a verdict sentence on
+    the controls' held-out set; empty without controls."""
+    c = results.get("controls")
+    if not c:
+        return []
+    high, low = c["high"], c["low"]
+    lines = [f"## Controls: does the harness separate data known to differ? ({high} minus {low})", ""]
+    sep, held = c.get("separated"), c.get("eval_set")
+    if sep is True:
+        lines.append(f"**Yes**: {high} beats {low} beyond the {level} % interval on {held}; differences between the "
+                     "arms at this budget can be read.")
+    elif sep is False:
+        lines.append(f"**No**: on {held} the interval of {high} minus {low} includes 0 (or favours {low}); at this "
+                     "budget the harness does not separate data known to differ, so do not read a difference "
+                     "between the other arms as a data effect.")
+    else:
+        lines.append(f"Not known yet: the controls' paired difference on {held or 'a held-out set'} needs both "
+                     "control arms trained with two or more common seeds.")
+    lines += ["", f"| figure | Δ {high} − {low} [{level} % CI] | verdict | per seed |", "|---|---:|---|---|"]
+    for key, p in c["paired"].items():
+        name, metric = split_key(key) or ("?", "?")
+        diff, verdict = fmt_paired(p, low)
+        per_seed = ", ".join(f"{s}: {d:+.4f}" for s, d in zip(p["seeds"], p["diffs"], strict=True))
+        lines.append(f"| {name} {metric} ({METRICS[metric][0]} is better) | {diff} | {verdict} | {per_seed} |")
+    return lines + [""]
 
 
 def _tokens_label(x: float, _pos: Any = None) -> str:
