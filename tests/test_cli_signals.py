@@ -73,6 +73,8 @@ DRIVER = textwrap.dedent("""
         def put(self, result):
             raise RuntimeError("driver crashed on a result")
         judge.JudgeProcess.put = put
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as from a terminal (a background job ignores it)
     sys.argv = ["textbook", "generate", config]
     from pipeline.cli import main
     main()
@@ -151,8 +153,8 @@ def _finish(driver: subprocess.Popen, tmp_path: Path, timeout: float) -> tuple[s
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux-only")
-@pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, 0), (signal.SIGHUP, 0), (signal.SIGKILL, 0),
-                                         (signal.SIGTERM, 1)])
+@pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, 0), (signal.SIGHUP, 0), (signal.SIGINT, 0),
+                                         (signal.SIGKILL, 0), (signal.SIGTERM, 1)])
 def test_the_server_goes_when_textbook_is_signalled(sig, workers, tmp_path):
     """workers=1: Ray's driver installs its own SIGTERM handler (`ray.init`); ours is put back after it."""
     driver = _start(tmp_path, "hang", workers=workers)
@@ -168,6 +170,8 @@ def test_the_server_goes_when_textbook_is_signalled(sig, workers, tmp_path):
     _wait_for(lambda: not _alive(pid), 60, f"server {pid} to exit after {sig.name}")
     if sig == signal.SIGKILL:
         assert driver.returncode == -signal.SIGKILL  # no handler ran: the parent-death signal stopped the server
+    elif sig == signal.SIGINT:  # Ctrl-C: Python's KeyboardInterrupt, unwound by the CLI
+        assert driver.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     else:
         assert driver.returncode == 128 + sig, err  # our handler ran the clean-up, then exited
         assert f"terminated ({sig.name})" in err and "Traceback" not in err
