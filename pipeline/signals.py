@@ -39,6 +39,8 @@ def install_signal_handlers() -> None:
         return
     for sig in SIGNALS:
         signal.signal(sig, _handler)
+    # a parent may have left them blocked (the mask is inherited across exec): then no handler would ever run
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 @contextlib.contextmanager

@@ -147,6 +147,12 @@ def test_a_healthy_server_is_stopped_at_the_end_and_its_log_kept(tmp_path):
 DRIVER = textwrap.dedent("""
     import json, sys, time
     sys.path.insert(0, sys.argv[1])
+    import signal
+    # a driver as started from a shell: nothing blocked or ignored (a pytest process that ran Ray may pass its
+    # blocked SIGTERM on to its children, and a blocked SIGTERM would never reach this driver)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
     from test_llm_local_server import CommandServer, TINY_SERVER
     with CommandServer(TINY_SERVER, startup_timeout_s=60) as server:
         print(json.dumps({"server_pid": server.proc.pid}), flush=True)
@@ -167,7 +173,12 @@ def test_the_server_dies_with_its_driver(sig, tmp_path):
         server_pid = json.loads(line)["server_pid"]
         assert _alive(server_pid)
         driver.send_signal(sig)
-        driver.wait(60)
+        try:
+            driver.wait(60)
+        except subprocess.TimeoutExpired:  # say why: the driver's signal state, not only a timeout
+            status = Path(f"/proc/{driver.pid}/status").read_text()
+            pytest.fail(f"driver outlived {sig.name} by 60 s: " + " ".join(
+                line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt", "State"))))
         assert _wait_gone(server_pid), f"server {server_pid} outlived its driver killed by {sig.name}"
     finally:
         if driver.poll() is None:
