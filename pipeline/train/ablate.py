@@ -627,8 +627,9 @@ def _checks_of_every_arm(cfg: AblationConfig, log: Log) -> list[str]:
     own), else the checks run again over every arm whose shards exist, naming the arms left unchecked."""
     path = cfg.out_dir / "checks.json"
     names = {a.name for a in all_arms(cfg)}
-    if path.is_file() and names <= set(json.loads(path.read_text()).get("arms", [])):
-        return json.loads(path.read_text())["warnings"]
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if names <= set(saved.get("arms", [])):
+        return saved["warnings"]
     built = [a.name for a in all_arms(cfg) if all((Path(s) / "manifest.json").is_file() for s in a.shards)]
     warnings = run_checks(cfg, log, built)
     missing = sorted(names - set(built))
