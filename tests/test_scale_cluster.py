@@ -1,5 +1,6 @@
-"""A two-node Ray cluster on this machine (issue 18): the quickstart's dedup -> decontaminate -> shard chain on
-it gives the local run's outputs, and a node killed mid-stage loses and duplicates nothing.
+"""A two-node Ray cluster on this machine (issue 18): the whole quickstart (`textbook run`, every stage) joined to it
+through $RAY_ADDRESS gives the local run's outputs, so does its dedup -> decontaminate -> shard chain on planted
+copies and contamination, and a node killed mid-stage loses and duplicates nothing.
 
 The cluster is `ray.cluster_utils.Cluster`: a head and a second node, each a raylet of its own on loopback
 with one CPU. The session's shared local Ray is shut down for this module and started again after it (as
@@ -9,7 +10,11 @@ tests/conftest.py starts it), so the tests that follow find it as they expect.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +22,7 @@ from pipeline import run as runmod
 from pipeline.config import load_config
 from pipeline.scale.engine import EVENTS_ENV
 
+ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = "configs/quickstart.yaml"
 STAGES = "[dedup, decontaminate, shard]"
 
@@ -93,11 +99,71 @@ def test_quickstart_chain_on_two_nodes_equals_local(cluster, quickstart_inputs, 
     assert outputs(out_r) == outputs(out_l)
 
 
+# The quickstart, shrunk where only time is saved: fewer web pages (the first of the dolma files), 8 textbooks,
+# 4 pretraining steps. Every stage runs: web, generate, dedup, decontaminate, shard, pretrain, report.
+SMALL = ["web.sources=[{path: %s, limit: 400}]", "generate.n=8", "pretrain.train.max_steps=4",
+         "pretrain.train.checkpoint_every=4", "pretrain.eval.every=4", "pretrain.eval.tokens=1024"]
+# every stage on the cluster: dedup / decontaminate / shard as Ray tasks, web on datatrove's Ray executor,
+# generate on two Ray actors
+ON_RAY = ["run.executor=ray", "web.executor=ray", "llm.workers=2"]
+
+
+def textbook_run(tmp_path: Path, name: str, shared_data: Path, base_url: str, ray_address: str | None,
+                 *sets: str) -> Path:
+    out = tmp_path / name
+    env = {**os.environ, "TEXTBOOK_OUT": str(out), "TEXTBOOK_CACHE": str(tmp_path / f"cache-{name}"),
+           "TEXTBOOK_WEB": str(shared_data / "web/dolma_cc"), "TEXTBOOK_BENCHMARKS": str(shared_data / "benchmarks"),
+           "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "sk-test-cluster", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    args = [a for x in (*SMALL, *sets) for a in ("--set", x.replace("%s", str(shared_data / "web/dolma_cc")))]
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", QUICKSTART, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_quickstart_textbook_run_on_two_nodes_equals_local(cluster, shared_data, tmp_path):
+    """`textbook run configs/quickstart.yaml` with $RAY_ADDRESS set: the same documents at every stage, the same
+    shards (fingerprint) and the same pretraining losses as the run in one process."""
+    import ray
+    from test_scale import docs_of, shard_rows
+
+    from pipeline.llm.testserver import FaultyOpenAIServer
+
+    c, _, _ = cluster
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    with FaultyOpenAIServer() as srv:  # answers depend on the request only: both runs get the same text
+        local = textbook_run(tmp_path, "local", shared_data, srv.base_url, None)
+        dist = textbook_run(tmp_path, "cluster", shared_data, srv.base_url, c.address, *ON_RAY)
+        assert srv.stats()["distinct_answered"] * 2 == srv.stats()["answered_total"]  # each run paid for its own
+
+    def stats(out: Path, stage: str) -> dict:
+        return json.loads((out / f"stages/{stage}/stats.json").read_text())
+
+    assert stats(dist, "web")["executor"] == "ray" and stats(local, "web")["executor"] == "local"
+    for stage in ("dedup", "decontaminate", "shard"):
+        assert stats(dist, stage)["engine"]["nodes"] == 2, stage
+    for stage in ("web", "generate", "dedup", "decontaminate"):
+        for key in ("read", "kept", "dropped", "errored"):
+            assert stats(dist, stage).get(key) == stats(local, stage).get(key), (stage, key)
+        assert docs_of(dist / f"stages/{stage}/kept") == docs_of(local / f"stages/{stage}/kept"), stage
+    assert stats(local, "web")["kept"] > 10 and stats(local, "generate")["kept"] > 0
+    rows_d, set_d = shard_rows(dist)
+    rows_l, set_l = shard_rows(local)
+    assert rows_d == rows_l and set_d.fingerprint == set_l.fingerprint
+    summary = [json.loads((out / "stages/pretrain/summary.json").read_text()) for out in (local, dist)]
+    assert {k: v for k, v in summary[0].items() if "loss" in k} == {k: v for k, v in summary[1].items() if "loss" in k}
+    assert (dist / "report/index.html").exists()
+
+
 @pytest.mark.slow
 def test_node_killed_during_shard_loses_and_duplicates_nothing(cluster, quickstart_inputs, tmp_path, monkeypatch):
     from test_scale import shard_rows
 
-    c, second, _ = cluster
+    c, second, node_args = cluster
     inputs, _ = quickstart_inputs
 
     def shard(name, *sets):
@@ -128,6 +194,8 @@ def test_node_killed_during_shard_loses_and_duplicates_nothing(cluster, quicksta
     finally:
         (events / "hold").unlink()
         worker.join()
+        c.add_node(**node_args)  # a fresh second node: the module's cluster has two again for any test after this
+        c.wait_for_nodes()
     assert not failures, failures
     lost = seen[0].name.rsplit("-", 2)[0]  # "<label>-<index>": the task that was on the dead node
     again = [p.name for p in events.glob(f"{lost}-*.done")]

@@ -134,13 +134,15 @@ class Judge:
         return params
 
     def _doc(self, spec: PromptSpec, result: LLMResult, text: str, extra: dict[str, Any]) -> dict[str, Any]:
+        # only what the answer's content depends on: how the request went (latency, attempts, served from the
+        # ledger) differs between a first run, a resumed one and one on a cluster, so it lives in the ledger
+        # (joined by request_key) and the stats, and the same data gives the same shards
         sample_index = result.tag["sample_index"]
         meta: dict[str, Any] = {
             "request_key": result.key, "spec_index": spec.index, "sample_index": sample_index,
             "params": self.sent_params(sample_index),
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-            "finish_reason": result.finish_reason, "latency_s": round(result.latency_s, 3),
-            "attempts": result.attempts, "cached": result.cached,
+            "finish_reason": result.finish_reason,
         }
         if spec.leaf is not None:
             meta.update(subject=spec.leaf.subject, subtopic=spec.leaf.subtopic, concept=spec.leaf.concept)

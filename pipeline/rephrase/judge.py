@@ -219,7 +219,7 @@ class RephraseJudge:
             "finish_reasons": [x.finish_reason for x in results],
             "usage": {"prompt_tokens": sum(x.prompt_tokens for x in results),
                       "completion_tokens": sum(x.completion_tokens for x in results)},
-            "cached": all(x.cached for x in results), "fidelity": chunk_figures,
+            "fidelity": chunk_figures,  # how the requests went (cached, latency) is the ledger's: not content
             "skipped": next((x.skipped for x in results if x.skipped), None),
         }
         meta.update(extra)
