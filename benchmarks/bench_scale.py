@@ -113,9 +113,16 @@ def child(args: argparse.Namespace) -> None:
     seconds, driver_cpu = time.perf_counter() - t, time.process_time() - c
     workers_kb: dict[str, int] = {}
     workers_cpu: dict[str, float] = {}
-    for f in events.glob("*.done"):
+    # ru_maxrss only grows: in one worker's tasks, in the order they ended, the rise during a task is what that
+    # task kind added to the peak (the largest rise over workers per kind says which task sets the bound)
+    growth_kb: dict[str, int] = {}
+    for f in sorted(events.glob("*.done"), key=lambda f: f.stat().st_mtime_ns):
         pid = f.name.rsplit("-", 1)[1].split(".")[0]
+        kind = f.name.split("-", 1)[0]
         kb, cpu = f.read_text().split()
+        rise = int(kb) - workers_kb.get(pid, int(idle or 0))
+        if rise > 0:
+            growth_kb[kind] = max(growth_kb.get(kind, 0), rise)
         workers_kb[pid] = max(workers_kb.get(pid, 0), int(kb))
         workers_cpu[pid] = max(workers_cpu.get(pid, 0.0), float(cpu))  # cumulative per worker process
     cpu = driver_cpu + sum(workers_cpu.values()) - (idle_cpu * len(workers_cpu) if idle else 0.0)
@@ -126,6 +133,7 @@ def child(args: argparse.Namespace) -> None:
                       "worker_peak_mb": round(max(workers_kb.values()) / 1024, 1) if workers_kb else None,
                       "worker_idle_mb": round(idle / 1024, 1) if idle else None, "workers": len(workers_kb),
                       "kept": stats["kept"], "engine": stats.get("engine"),
+                      "peak_rise_by_task_mb": {k: round(v / 1024, 1) for k, v in sorted(growth_kb.items())},
                       # wall seconds per phase (what does not shrink with more workers is what serialises)
                       "phases": {k: stats.get(k) for k in ("seconds_hash", "seconds_exact", "seconds_buckets",
                                                            "seconds_cluster", "seconds_tokenize") if k in stats}}))
