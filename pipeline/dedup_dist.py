@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -55,7 +56,6 @@ from pipeline.dedup import (
     _PairsWriter,
     _priority_rank,
     _scores,
-    _similarity,
     _start,
     _usable,
     _write_index,
@@ -72,7 +72,9 @@ from pipeline.stats import StageStats
 
 CHUNK_ROWS = 262_144  # rows of a band file read at once by a bucket task
 ROWS_PER_TASK = 2_000_000  # rows of one band a bucket task holds: sets the number of hash ranges per band
-PAIRS_PER_TASK = 250_000  # a verify task holds 2 * 4 * num_perm B a pair: ~225 MB
+PAIRS_PER_TASK = 250_000  # pairs a verify task is given, compared VERIFY_CHUNK at a time
+VERIFY_CHUNK = 32_768  # pairs compared at once: their signature rows, ~4 * 4 * num_perm B a pair (~60 MB)
+READ_SPAN = 1 << 20  # bytes of a signature file read at once: rows closer than this come in one read
 MIN_PAIRS_PER_TASK = 20_000  # below this a task's start costs more than it saves
 
 
@@ -269,11 +271,52 @@ def _read_band(path: str, n: int, row_major: bool, band: int, bands: int, lo: in
 
 
 def _similarity_task(sig_files: list[tuple[str, int]], num_perm: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Task: estimated Jaccard of a chunk of candidate pairs, from the signature files."""
-    rows = Rows()
-    for path, n in sig_files:
-        rows.add(_memmap(Path(path), np.uint32, num_perm), np.empty((n, 0), np.uint64), np.empty((n, 0), np.uint64))
-    return _similarity(rows, a, b)
+    """Task: estimated Jaccard (share of equal MinHash values; float32, len(a)) of candidate pairs `a[i], b[i]`
+    (global rows over `sig_files`, each `(path, rows)` of uint32 signatures, num_perm a row).
+
+    The signatures are read with explicit reads, VERIFY_CHUNK pairs at a time, never memory-mapped: a mapped
+    file's pages stay in the worker's RSS, and random rows map nearly all of it (the kernel maps 64 KB around
+    each fault), so the task grew with the corpus (+508 MB at 1M documents, benchmarks/results/scale.md).
+    Now it holds one chunk's rows whatever the size of the files."""
+    offsets = np.cumsum([0] + [n for _, n in sig_files])
+    out = []
+    fds = [os.open(path, os.O_RDONLY) if n else -1 for path, n in sig_files]
+    try:
+        for i in range(0, len(a), VERIFY_CHUNK):
+            ca, cb = a[i:i + VERIFY_CHUNK], b[i:i + VERIFY_CHUNK]
+            need = np.unique(np.concatenate([ca, cb]))
+            sig = np.empty((len(need), num_perm), dtype=np.uint32)
+            for k, fd in enumerate(fds):
+                lo, hi = np.searchsorted(need, offsets[k]), np.searchsorted(need, offsets[k + 1])
+                if hi > lo:
+                    sig[lo:hi] = _read_rows(fd, need[lo:hi] - offsets[k], num_perm)
+            sa, sb = sig[np.searchsorted(need, ca)], sig[np.searchsorted(need, cb)]
+            out.append((sa == sb).mean(axis=1).astype(np.float32))
+    finally:
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+    return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
+
+
+def _read_rows(fd: int, rows: np.ndarray, width: int) -> np.ndarray:
+    """Rows `rows` (ascending, unique) of a file of uint32 rows of `width`: one read per READ_SPAN bytes that
+    hold wanted rows, so memory is the rows plus one span."""
+    row_bytes = 4 * width
+    span = max(1, READ_SPAN // row_bytes)
+    out = np.empty((len(rows), width), dtype=np.uint32)
+    i = 0
+    while i < len(rows):
+        first = int(rows[i])
+        j = int(np.searchsorted(rows, first + span, side="left"))
+        count = int(rows[j - 1]) - first + 1
+        data = os.pread(fd, count * row_bytes, first * row_bytes)
+        if len(data) != count * row_bytes:
+            raise TextbookError(f"dedup: a signature file ended early (row {first + len(data) // row_bytes}); "
+                                "the stage's scratch was changed while it ran")
+        out[i:j] = np.frombuffer(data, dtype=np.uint32).reshape(count, width)[rows[i:j] - first]
+        i = j
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- 6. filter
