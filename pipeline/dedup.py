@@ -288,12 +288,18 @@ def _survivor_rank(n: int, n_prior: int, involved: np.ndarray, score: np.ndarray
     return rank
 
 
+def minhash_jaccard(sa: np.ndarray, sb: np.ndarray) -> np.ndarray:
+    """Estimated Jaccard of signature pairs (rows of `sa`, `sb`: (pairs, num_perm)): the share of equal MinHash
+    values, float32 (pairs,) (Broder 1997)."""
+    return (sa == sb).mean(axis=1).astype(np.float32)
+
+
 def _similarity(rows: Rows, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Estimated Jaccard (share of equal MinHash values) of row pairs, in chunks."""
+    """Estimated Jaccard of row pairs, in chunks."""
     if not len(a):
         return np.empty(0, dtype=np.float32)
-    return np.concatenate([(rows.take("sig", a[i:i + 65536]) == rows.take("sig", b[i:i + 65536])).mean(axis=1)
-                           for i in range(0, len(a), 65536)]).astype(np.float32)
+    return np.concatenate([minhash_jaccard(rows.take("sig", a[i:i + 65536]), rows.take("sig", b[i:i + 65536]))
+                           for i in range(0, len(a), 65536)])
 
 
 def band_buckets(col: np.ndarray, members: np.ndarray, member_rank: np.ndarray | None, window: int

@@ -63,6 +63,7 @@ from pipeline.dedup import (
     find_duplicates,
     hash_batch,
     merge_pairs,
+    minhash_jaccard,
     prior_rows,
     set_stats,
     survivor_ids,
@@ -291,7 +292,7 @@ def _similarity_task(sig_files: list[tuple[str, int]], num_perm: int, a: np.ndar
                 if hi > lo:
                     sig[lo:hi] = _read_rows(fd, need[lo:hi] - offsets[k], num_perm)
             sa, sb = sig[np.searchsorted(need, ca)], sig[np.searchsorted(need, cb)]
-            out.append((sa == sb).mean(axis=1).astype(np.float32))
+            out.append(minhash_jaccard(sa, sb))
     finally:
         for fd in fds:
             if fd >= 0:

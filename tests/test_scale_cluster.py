@@ -101,8 +101,8 @@ def test_quickstart_chain_on_two_nodes_equals_local(cluster, quickstart_inputs, 
 
 # The quickstart, shrunk where only time is saved: fewer web pages (the first of the dolma files), 8 textbooks,
 # 4 pretraining steps. Every stage runs: web, generate, dedup, decontaminate, shard, pretrain, report.
-SMALL = ["web.sources=[{path: %s, limit: 400}]", "generate.n=8", "pretrain.train.max_steps=4",
-         "pretrain.train.checkpoint_every=4", "pretrain.eval.every=4", "pretrain.eval.tokens=1024"]
+SMALL = ["generate.n=8", "pretrain.train.max_steps=4", "pretrain.train.checkpoint_every=4", "pretrain.eval.every=4",
+         "pretrain.eval.tokens=1024"]
 # every stage on the cluster: dedup / decontaminate / shard as Ray tasks, web on datatrove's Ray executor,
 # generate on two Ray actors
 ON_RAY = ["run.executor=ray", "web.executor=ray", "llm.workers=2"]
@@ -117,7 +117,8 @@ def textbook_run(tmp_path: Path, name: str, shared_data: Path, base_url: str, ra
     env.pop("RAY_ADDRESS", None)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    args = [a for x in (*SMALL, *sets) for a in ("--set", x.replace("%s", str(shared_data / "web/dolma_cc")))]
+    web = f"web.sources=[{{path: {shared_data / 'web/dolma_cc'}, limit: 400}}]"
+    args = [a for x in (web, *SMALL, *sets) for a in ("--set", x)]
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", QUICKSTART, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
