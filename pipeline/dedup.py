@@ -308,8 +308,8 @@ def band_buckets(col: np.ndarray, members: np.ndarray, member_rank: np.ndarray |
 
     Without `member_rank`: the members that share a bucket with another. With it (rank of each member):
     the bucket's candidate pairs, members of a bucket in survivor order (see `_window_pairs`), unique.
-    None when no bucket holds two members. Any subset of rows that keeps whole buckets (a band, or a
-    hash range of a band: `pipeline.dedup_dist`) gives the pairs of exactly those buckets.
+    None when no bucket holds two members. Any subset of rows that keeps whole buckets gives the pairs of
+    exactly those buckets.
     """
     order = np.lexsort((member_rank, col)) if member_rank is not None else np.argsort(col, kind="stable")
     starts, lengths = _runs(col[order])
@@ -380,9 +380,7 @@ def _greedy(nodes_in_order: np.ndarray, a: np.ndarray, b: np.ndarray, sims: np.n
 def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.ndarray,
                     ids_of: Callable[[np.ndarray], list[str]], p: DedupParams,
                     log: Callable[[str], None] = lambda m: None, window: int = 16,
-                    near_misses: int = 20, candidates: Callable[..., Any] | None = None,
-                    similarity_of: Callable[[Rows, np.ndarray, np.ndarray], np.ndarray] | None = None
-                    ) -> Clustering:
+                    near_misses: int = 20) -> Clustering:
     """Decide every row (the first `n_prior` are an earlier index and always survive).
 
     Survivor-verified star clustering, not connected components: rows are visited in survivor order (see
@@ -391,11 +389,10 @@ def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.nd
     kept, with the similarity to that document recorded before the decision; A~B and B~C never remove C for
     A's sake. Exact copies (same folded text) are grouped first and follow their group's best member.
 
-    `candidates(rows, reps, rank, p, window)` and `similarity_of(rows, a, b)` replace the in-process band
-    buckets and verification (`pipeline.dedup_dist` runs them as Ray tasks); they must return the same.
+    Decisions never look across a connected component of the graph of shared buckets and exact hashes, so
+    running it on a union of whole components decides those rows as one run over all rows would
+    (`pipeline.dedup_dist` runs it so, one task per partition of the components).
     """
-    cand = candidates or _candidates
-    verify = similarity_of or _similarity
     n = len(rows)
     figures: dict[str, Any] = {}
     t0 = time.time()
@@ -404,7 +401,7 @@ def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.nd
     t0 = time.time()
     reps = np.nonzero(group == np.arange(n))[0]
     in_exact = np.nonzero(np.bincount(group, minlength=n)[group] > 1)[0] if n else np.empty(0, np.int64)
-    involved = np.union1d(in_exact, cand(rows, reps, None, p, window) if p.near and n else in_exact)
+    involved = np.union1d(in_exact, _candidates(rows, reps, None, p, window) if p.near and n else in_exact)
     rank = _survivor_rank(n, n_prior, involved, score, priority, ids_of)
     # an exact group is as good as its best member, who will be the one kept
     best = np.full(n, -1, dtype=np.int64)
@@ -417,8 +414,8 @@ def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.nd
     sims = np.empty(0, dtype=np.float32)
     misses: list[tuple[int, int, float]] = []
     if p.near and n:
-        a, b = cand(rows, reps, rank, p, window)
-        sims = verify(rows, a, b)
+        a, b = _candidates(rows, reps, rank, p, window)
+        sims = _similarity(rows, a, b)
         figures["candidate_pairs"] = int(len(a))
         threshold = p.verify_threshold if p.verify_threshold is not None else 0.0
         under = np.nonzero(sims < threshold)[0]
@@ -841,7 +838,12 @@ def _write_index(dest: Path, rows: Rows, n_prior: int, prior_docs: list[tuple[Pa
     new_ids = _ids_reader(work / "ids.txt")(kept_new)
     tables.append(pa.table({"id": pa.array(new_ids, pa.string())}))
     pq.write_table(pa.concat_tables(tables), tmp / "docs.parquet", compression="zstd")
-    meta = {"format": INDEX_FORMAT, **p.fingerprint(), "documents": int(len(keep_rows)),
+    publish_index(tmp, dest, p, int(len(keep_rows)))
+
+
+def publish_index(tmp: Path, dest: Path, p: DedupParams, documents: int, fmt: str = INDEX_FORMAT) -> None:
+    """Describe the index written in `tmp` (index.json) and move it to `dest`, replacing the old one whole."""
+    meta = {"format": fmt, **p.fingerprint(), "documents": documents,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
     old = dest.with_name(f".{dest.name}.old")

@@ -11,6 +11,7 @@ import json
 import random
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline import run as runmod
 from pipeline.config import load_config
@@ -80,6 +81,58 @@ def test_dedup_on_ray_equals_local(shared_data, tmp_path, ray_session, monkeypat
     assert docs_of(out_r / "kept") == docs_of(out_l / "kept")  # same survivors, in the same order
     for reason in ("exact_duplicate", "near_duplicate", "empty_text"):
         assert sorted(docs_of_glob(out_r, reason)) == sorted(docs_of_glob(out_l, reason))
+    assert pq.read_table(out_r / "pairs.parquet").equals(pq.read_table(out_l / "pairs.parquet"))
+    # clustering ran as several tasks over whole components, not in the driver
+    assert dist["engine"]["cluster_tasks"] > 1 and dist["engine"]["component_rounds"] >= 1
+    assert_same_index(out_r / "index", out_l / "index")
+
+
+def assert_same_index(a, b):
+    """The dedup index a later run reads (dedup.index_in): the same rows, bytes and ids."""
+    for name in ("sig.u32", "band.u64", "exact.u64"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert pq.read_table(a / "docs.parquet").column("id").to_pylist() == \
+        pq.read_table(b / "docs.parquet").column("id").to_pylist()
+    meta_a, meta_b = (json.loads((d / "index.json").read_text()) for d in (a, b))
+    assert {k: v for k, v in meta_a.items() if k != "created"} == {k: v for k, v in meta_b.items() if k != "created"}
+
+
+def test_dedup_on_ray_against_an_earlier_index_equals_local(shared_data, tmp_path, ray_session, monkeypatch):
+    """A second run deduplicated against the first run's index (dedup.index_in): documents that copy the
+    earlier run are removed with kept_from_earlier_run, the earlier rows never are, the new index holds both."""
+    from pipeline import dedup_dist
+
+    monkeypatch.setattr(dedup_dist, "ROWS_PER_TASK", 150)
+    inputs, _ = corpus_files(shared_data, tmp_path)
+    run_stage(tmp_path, "first", "dedup", inputs[:2])
+    earlier = tmp_path / "earlier-index"
+    (tmp_path / "first/stages/dedup/index").rename(earlier)
+    sets = [f"dedup.index_in=[{earlier}]"]
+    local, out_l = run_stage(tmp_path, "local", "dedup", inputs[2:], *sets)
+    dist, out_r = run_stage(tmp_path, "ray", "dedup", inputs[2:], *sets, "run.executor=ray")
+    assert local["prior_index_documents"] > 100
+    from_earlier = [m for _, m in docs_of_glob(out_l, "near_duplicate") + docs_of_glob(out_l, "exact_duplicate")
+                    if m["kept_from_earlier_run"]]
+    assert len(from_earlier) > 3
+    assert comparable(dist) == comparable(local)
+    assert docs_of(out_r / "kept") == docs_of(out_l / "kept")
+    for reason in ("exact_duplicate", "near_duplicate"):
+        assert sorted(docs_of_glob(out_r, reason)) == sorted(docs_of_glob(out_l, reason))
+    assert pq.read_table(out_r / "pairs.parquet").equals(pq.read_table(out_l / "pairs.parquet"))
+    assert_same_index(out_r / "index", out_l / "index")
+
+
+@pytest.mark.parametrize("only", ["dedup.near=false", "dedup.exact=false"])
+def test_dedup_on_ray_exact_only_or_near_only_equals_local(shared_data, tmp_path, ray_session, monkeypatch, only):
+    from pipeline import dedup_dist
+
+    monkeypatch.setattr(dedup_dist, "ROWS_PER_TASK", 150)
+    inputs, _ = corpus_files(shared_data, tmp_path)
+    local, out_l = run_stage(tmp_path, "local", "dedup", inputs, only)
+    dist, out_r = run_stage(tmp_path, "ray", "dedup", inputs, only, "run.executor=ray")
+    assert sum(local["dropped"].get(r, 0) for r in ("exact_duplicate", "near_duplicate")) > 5
+    assert comparable(dist) == comparable(local)
+    assert docs_of(out_r / "kept") == docs_of(out_l / "kept")
     assert pq.read_table(out_r / "pairs.parquet").equals(pq.read_table(out_l / "pairs.parquet"))
 
 

@@ -63,33 +63,33 @@ def test_shard_worker_memory_flat_over_10x_input(shared_data, tmp_path):
     assert large["peak_mb"] - small["peak_mb"] < 40, (small, large)
 
 
-VERIFY_CHILD = """
+GATHER_CHILD = """
 import json, sys
 import numpy as np
-from pipeline.dedup_dist import _similarity_task
+from pipeline.dedup_dist import _read_file_rows
 
 def hwm_mb():
     return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) / 1024
 
 paths, n, perm = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(1)
-a, b = rng.integers(0, 2 * n, 250_000), rng.integers(0, 2 * n, 250_000)
+rows = [np.sort(rng.choice(n, 40_000, replace=False)) for _ in paths]
 before = hwm_mb()
-sim = _similarity_task([(p, n) for p in paths], perm, a, b)
+got = [_read_file_rows(p, r, perm, np.uint32) for p, r in zip(paths, rows)]
 rise = hwm_mb() - before  # before the check below reads the whole files itself
-sig = np.concatenate([np.fromfile(p, dtype=np.uint32).reshape(n, perm) for p in paths])
-want = np.concatenate([(sig[a[i:i + 4096]] == sig[b[i:i + 4096]]).mean(axis=1) for i in range(0, len(a), 4096)])
-print(json.dumps({"rise_mb": rise, "equal": bool(np.array_equal(sim, want.astype(np.float32))), "n": len(sim)}))
+want = [np.fromfile(p, dtype=np.uint32).reshape(n, perm)[r] for p, r in zip(paths, rows)]
+print(json.dumps({"rise_mb": rise, "equal": all(np.array_equal(g, w) for g, w in zip(got, want)),
+                  "n": sum(len(r) for r in rows)}))
 """
 
 
-def _verify_rise(tmp_path, n: int, perm: int = 112) -> dict:
+def _gather_rise(tmp_path, n: int, perm: int = 112) -> dict:
     import numpy as np
 
     paths = [tmp_path / f"seg-{n}-{k}.sig.u32" for k in range(2)]
     for k, p in enumerate(paths):
         np.random.default_rng(k).integers(0, 8, size=(n, perm), dtype=np.uint32).tofile(p)  # some equal values
-    out = subprocess.run([sys.executable, "-c", VERIFY_CHILD, ",".join(map(str, paths)), str(n), str(perm)],
+    out = subprocess.run([sys.executable, "-c", GATHER_CHILD, ",".join(map(str, paths)), str(n), str(perm)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -98,12 +98,12 @@ def _verify_rise(tmp_path, n: int, perm: int = 112) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_verify_task_memory_does_not_grow_with_the_signature_files(tmp_path):
-    """A verify task compares 250,000 random pairs over two signature files, of 2 x 50,000 and of 2 x 400,000
-    documents (112 permutations: 45 and 358 MB). When it read them memory-mapped, every row left ~64 KB of the
-    file mapped and the task's peak RSS grew with the files (+508 MB at 1M documents,
-    benchmarks/results/scale.md; here ~+300 MB between the two). It must hold one chunk's rows whatever the
-    files' size (measured: +98 and +105 MB at 50k and 800k a file), and give the same similarities."""
-    small, large = _verify_rise(tmp_path, 50_000), _verify_rise(tmp_path, 400_000)
-    assert small["equal"] and large["equal"] and small["n"] == large["n"] == 250_000
+def test_gathering_rows_does_not_grow_with_the_signature_files(tmp_path):
+    """A dedup cluster task gathers its rows' signatures from the signature files (40,000 random rows from each
+    of two files, of 2 x 50,000 and of 2 x 400,000 documents, 112 permutations: 45 and 358 MB). When tasks
+    read them memory-mapped, every row left ~64 KB of the file mapped and a task's peak RSS grew with the files
+    (+508 MB at 1M documents, benchmarks/results/scale.md; ~+300 MB between these two sizes). It must hold
+    the rows it asked for whatever the files' size, and give the same rows."""
+    small, large = _gather_rise(tmp_path, 50_000), _gather_rise(tmp_path, 400_000)
+    assert small["equal"] and large["equal"] and small["n"] == large["n"] == 80_000
     assert large["rise_mb"] - small["rise_mb"] < 40, (small, large)
