@@ -146,15 +146,11 @@ class _DocFigures:
             self.bytes.append(len(r["text"].encode("utf-8", "replace")) + 4 * len(x))
             self.u.append(id_hash(r["id"], f"sample-{seed}") / _U64)
 
-    def extend(self, other: _DocFigures) -> None:
-        """Append a later part (a task's file): source codes renumbered in first-appearance order, as one pass."""
-        code = {k: self.sources.setdefault(name, len(self.sources)) for name, k in other.sources.items()}
-        self.src.extend(code[k] for k in other.src)
-        for name in ("hash", "val", "tokens", "bytes", "u"):
-            getattr(self, name).extend(getattr(other, name))
-        for reason, ids in other.dropped_examples.items():
-            ex = self.dropped_examples.setdefault(reason, [])
-            ex.extend(ids[: max(0, 5 - len(ex))])
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-document figures as arrays (what a file's plan is computed from)."""
+        return {"hash": np.asarray(self.hash, dtype=np.uint64), "src": np.asarray(self.src, dtype=np.int64),
+                "val": np.asarray(self.val, dtype=bool), "tokens": np.asarray(self.tokens, dtype=np.int64),
+                "bytes": np.asarray(self.bytes, dtype=np.int64), "u": np.asarray(self.u, dtype=np.float64)}
 
 
 class _Tokenizing:
@@ -223,50 +219,98 @@ class _Plan:
 
 
 def _plan(f: _DocFigures, section: Any, seed: int, stats: StageStats) -> _Plan:
-    n = len(f.hash)
+    """Step 2 in one process: every output row of every document (the distributed path plans file by file
+    with the same functions: `_run_tasks`)."""
+    arrays = f.arrays()
     names = list(f.sources)
-    src = np.asarray(f.src, dtype=np.int32)
-    val = np.asarray(f.val, dtype=bool)
-    tokens = np.asarray(f.tokens, dtype=np.int64)
-    weight_of = np.array([section.weights.get(s, section.default_weight) for s in names] or [0.0])
-    weights = weight_of[src] if n else np.empty(0)
-    scale = 1.0
-    if section.target_tokens and n:
-        planned = float((weights * tokens)[~val].sum())
-        if planned <= 0:
-            raise TextbookError("shard.target_tokens: the train split has no tokens to scale (all weights are 0?)")
-        scale = section.target_tokens / planned
-    eff = weights * scale
-    whole = np.floor(eff)
-    frac = eff - whole
-    # the same rule as copies_for(), vectorised
-    copies = np.where(val, 1, whole.astype(np.int64) + ((frac > 0) & (np.asarray(f.u) < frac))).astype(np.int64)
-    sampled_out = int((copies == 0).sum())
-    if sampled_out:
-        stats.drop("sampled_out", sampled_out)
-    stats.keep(int((copies > 0).sum()))
-    dh = np.asarray(f.hash, dtype=np.uint64)
-    entry_doc = np.repeat(np.arange(n), copies)
-    entry_copy = np.arange(len(entry_doc)) - np.repeat(np.cumsum(copies) - copies, copies)
-    entry_key = shuffle_keys(dh[entry_doc], entry_copy, seed)
-    entry_val = val[entry_doc]
-    row_bytes = np.asarray(f.bytes, dtype=np.int64)[entry_doc]
-    buckets = max(1, math.ceil(int(row_bytes.sum()) / (section.shuffle_buffer_mb << 20)))
-    entry_bucket = (entry_key % np.uint64(buckets)).astype(np.int64)
+    before = _sums_before(arrays, len(names))
+    scale = _scale(names, before, section)
+    copies = _copies(arrays, _weights(names, section) * scale)
+    after = _sums_after(arrays, copies, len(names))
+    buckets = _buckets(after["row_bytes"], section)
+    figures = _plan_figures(names, section, seed, scale, buckets, before, after, f.dropped_examples, stats)
+    return _entries(arrays, copies, seed, buckets, 0, figures)
+
+
+def _weights(names: list[str], section: Any) -> np.ndarray:
+    """Weight per source code (float64[len(names)], at least one element)."""
+    return np.array([section.weights.get(s, section.default_weight) for s in names] or [0.0])
+
+
+def _sums_before(a: dict[str, np.ndarray], sources: int) -> dict[str, Any]:
+    """What the scale needs, summed per source code (integers, so parts add up to exactly the whole)."""
+    train = ~a["val"]
+    return {"documents": np.bincount(a["src"], minlength=sources).astype(np.int64),
+            "validation_documents": int(a["val"].sum()),
+            "train_tokens": np.bincount(a["src"][train], weights=a["tokens"][train], minlength=sources).astype(np.int64)}
+
+
+def _scale(names: list[str], before: dict[str, Any], section: Any) -> float:
+    """The factor on every weight that makes the planned train tokens `target_tokens` (1 without a target)."""
+    if not section.target_tokens or not int(before["documents"].sum()):
+        return 1.0
+    weight_of = _weights(names, section)
+    planned = float(sum(float(weight_of[k]) * int(t) for k, t in enumerate(before["train_tokens"].tolist())))
+    if planned <= 0:
+        raise TextbookError("shard.target_tokens: the train split has no tokens to scale (all weights are 0?)")
+    return section.target_tokens / planned
+
+
+def _copies(a: dict[str, np.ndarray], eff: np.ndarray) -> np.ndarray:
+    """Output rows per document (int64): the rule of copies_for(), vectorised; validation documents once."""
+    e = eff[a["src"]] if len(a["src"]) else np.empty(0)
+    whole = np.floor(e)
+    frac = e - whole
+    return np.where(a["val"], 1, whole.astype(np.int64) + ((frac > 0) & (a["u"] < frac))).astype(np.int64)
+
+
+def _sums_after(a: dict[str, np.ndarray], copies: np.ndarray, sources: int) -> dict[str, Any]:
+    """The planned rows' figures (integers: a part's add up to the whole's)."""
+    train = ~a["val"]
+    return {"sampled_out": int((copies == 0).sum()), "kept": int((copies > 0).sum()),
+            "row_bytes": int((a["bytes"] * copies).sum()), "train_rows": int(copies[train].sum()),
+            "validation_rows": int(copies[~train].sum()),
+            "train_tokens": np.bincount(a["src"][train], weights=(a["tokens"] * copies)[train],
+                                        minlength=sources).astype(np.int64)}
+
+
+def _buckets(row_bytes: int, section: Any) -> int:
+    return max(1, math.ceil(row_bytes / (section.shuffle_buffer_mb << 20)))
+
+
+def _plan_figures(names: list[str], section: Any, seed: int, scale: float, buckets: int, before: dict[str, Any],
+                  after: dict[str, Any], dropped_examples: dict[str, list[str]], stats: StageStats) -> dict[str, Any]:
+    """The plan's figures, set on `stats` (with the sampled-out drops and the kept count) and returned."""
+    weight_of = _weights(names, section)
+    if after["sampled_out"]:
+        stats.drop("sampled_out", after["sampled_out"])
+    stats.keep(after["kept"])
     figures = {
         "seed": seed, "validation_fraction": section.validation_fraction,
         "weights": {s: float(weight_of[k]) for k, s in enumerate(names)}, "target_tokens": section.target_tokens,
         "weight_scale": round(scale, 6), "shuffle_buckets": buckets,
-        "documents_per_source": {s: int((src == k).sum()) for k, s in enumerate(names)},
-        "validation_documents": int(val.sum()),
-        "train_rows": int((~entry_val).sum()), "validation_rows": int(entry_val.sum()),
-        "train_tokens_per_source": {s: int((tokens[entry_doc] * ((src[entry_doc] == k) & ~entry_val)).sum())
-                                    for k, s in enumerate(names)},
-        "dropped_examples": f.dropped_examples,
+        "documents_per_source": {s: int(before["documents"][k]) for k, s in enumerate(names)},
+        "validation_documents": before["validation_documents"],
+        "train_rows": after["train_rows"], "validation_rows": after["validation_rows"],
+        "train_tokens_per_source": {s: int(after["train_tokens"][k]) for k, s in enumerate(names)},
+        "dropped_examples": dropped_examples,
     }
     for k, v in figures.items():
         stats.set(k, v)
-    return _Plan(entry_doc, entry_copy, entry_key, entry_val, entry_bucket, buckets, figures)
+    return figures
+
+
+def _entries(a: dict[str, np.ndarray], copies: np.ndarray, seed: int, buckets: int, first_doc: int,
+             figures: dict[str, Any] | None = None) -> _Plan:
+    """The output rows of documents first_doc.. (arrays `a`, in input order): document, copy, shuffle key
+    (from the id hash, the copy and the seed: never from a position), split and bucket."""
+    n = len(copies)
+    entry_doc = np.repeat(np.arange(n), copies)
+    entry_copy = np.arange(len(entry_doc)) - np.repeat(np.cumsum(copies) - copies, copies)
+    entry_key = shuffle_keys(a["hash"][entry_doc], entry_copy, seed)
+    entry_bucket = (entry_key % np.uint64(buckets)).astype(np.int64)
+    return _Plan(entry_doc + first_doc, entry_copy, entry_key, a["val"][entry_doc], entry_bucket, buckets,
+                 figures or {})
 
 
 def _bucket_parts(store: _Store, plan: _Plan, first_doc: int, bucket_dir: Path, name: str, bar: Any = None) -> None:
@@ -434,10 +478,12 @@ def _finish(ctx: Any, stats: StageStats, writer: Any, plan: _Plan, out_dir: Path
 
 def _run_tasks(ctx: Any, engine: Any, stats: StageStats, seed: int, out_dir: Path, url: str | None, work: Path,
                t0: float) -> StageStats:
-    """The four steps as tasks: tokenize one input file each; plan in the driver (~40 B a document); bucket one
-    tokenized file each (hash-partitioned by shuffle key: `<split>-<bucket>/<file>.arrow`); write one bucket
-    each (rows sorted by key, shards cut inside the bucket). The driver adopts the buckets' shard files in
-    (split, bucket) order and writes the one manifest last.
+    """The four steps as tasks: tokenize one input file each (its per-document figures stay in its store
+    directory); plan file by file (the driver only adds up per-file sums: the weight scale and the number of
+    buckets); bucket one tokenized file each (hash-partitioned by shuffle key: `<split>-<bucket>/<file>.arrow`,
+    its plan recomputed in the task from its figures and the global scale); write one bucket each (rows sorted
+    by key, shards cut inside the bucket). The driver adopts the buckets' shard files in (split, bucket) order
+    and writes the one manifest last.
 
     The row sequence of each split equals the local path's; with one shuffle bucket (shuffle_buffer_mb above
     the data) the files are byte-identical too. With several buckets a shard ends at a bucket's end (the local
@@ -447,32 +493,33 @@ def _run_tasks(ctx: Any, engine: Any, stats: StageStats, seed: int, out_dir: Pat
     Memory of a worker process (which runs many tasks) does not depend on the size of the input, only on
     the partitions: a fixed part (Python, pyarrow, one tokenizer per process: `process_tokenizer`; ~230 MB
     RSS measured) plus the largest of: a tokenize task, one input file's figures (~150 B a document) and one
-    batch (`tokenizer.batch_size` documents, <= 8 MB of text); a bucket task, its file's slice of the plan
-    (33 B a row), one store file (<= 64 MB, memory-mapped) and one open Arrow writer per bucket it feeds; a
-    write task, one bucket (`shard.shuffle_buffer_mb` of row bytes on average, ~3x that in RSS as Arrow
-    table, row dicts and parquet row group). tests/test_scale_memory.py checks 10x the input within 40 MB.
-    The driver holds the plan: ~40 B a document and ~33 B an output row.
+    batch (`tokenizer.batch_size` documents, <= 8 MB of text); a plan or bucket task, one file's figures and
+    plan (~40 B a document, 33 B a row), one store file (<= 64 MB, memory-mapped) and one open Arrow writer per
+    bucket it feeds; a write task, one bucket (`shard.shuffle_buffer_mb` of row bytes on average, ~3x that in
+    RSS as Arrow table, row dicts and parquet row group). tests/test_scale_memory.py checks 10x the input
+    within 40 MB. The driver holds per-file sums and the sources' names: nothing per document.
     """
     from pipeline.shards import ShardSetWriter
     from pipeline.tokenizer import load_tokenizer
 
     section, cfg = ctx.section, ctx.cfg
     tok_cfg = (cfg.tokenizer.path, cfg.tokenizer.batch_size)
-    parts = engine.map(_tokenize_file, [(k, str(f), str(work / "store"), section, seed, tok_cfg)
-                                        for k, f in enumerate(ctx.inputs)], label="shard: tokenize")
-    figures = _DocFigures()
-    firsts = []
-    for part in parts:
-        stats.merge(part["counts"])
-        firsts.append(len(figures.hash))
-        figures.extend(part["figures"])
+    store = str(work / "store")
+    parts = engine.map(_tokenize_file, [(k, str(f), store, section, seed, tok_cfg) for k, f in enumerate(ctx.inputs)],
+                       label="shard: tokenize")
     seconds_tokenize = time.time() - t0
-    plan = _plan(figures, section, seed, stats)
-    firsts.append(len(figures.hash))
-    engine.map(_bucket_file, [(k, str(work / "store"), _plan_slice(plan, firsts[k], firsts[k + 1]), firsts[k],
-                               str(work / "buckets")) for k in range(len(parts))], label="shard: bucket")
+    names, codes, before, dropped, firsts = _join_parts(parts, stats)
+    scale = _scale(names, before, section)
+    eff = _weights(names, section) * scale
+    sums = engine.map(_plan_file, [(k, store, codes[k], eff) for k in range(len(parts))], label="shard: plan")
+    after = _add_sums(sums, len(names))
+    buckets = _buckets(after["row_bytes"], section)
+    plan = _Plan(*(np.empty(0) for _ in range(5)), buckets,
+                 _plan_figures(names, section, seed, scale, buckets, before, after, dropped, stats))
+    engine.map(_bucket_file, [(k, store, codes[k], eff, seed, buckets, firsts[k], str(work / "buckets"))
+                              for k in range(len(parts))], label="shard: bucket")
     shutil.rmtree(work / "store", ignore_errors=True)
-    groups = [(split, b) for split in ("train", "validation") for b in range(plan.buckets)
+    groups = [(split, b) for split in ("train", "validation") for b in range(buckets)
               if (work / "buckets" / f"{split}-{b:05d}").is_dir()]
     written = engine.map(_write_bucket, [(split, b, str(work / "buckets"), str(work / "written"), section.shard_mb,
                                           tok_cfg) for split, b in groups], label="shard: write")
@@ -490,9 +537,41 @@ def _run_tasks(ctx: Any, engine: Any, stats: StageStats, seed: int, out_dir: Pat
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _join_parts(parts: list[dict[str, Any]], stats: StageStats
+                ) -> tuple[list[str], list[np.ndarray], dict[str, Any], dict[str, list[str]], list[int]]:
+    """The tokenize tasks' results as one pass gives them: source names in first-appearance order, each
+    file's local -> global source codes, the per-source sums, the dropped examples, each file's first doc."""
+    names: dict[str, int] = {}
+    codes, firsts = [], [0]
+    dropped: dict[str, list[str]] = {}
+    for part in parts:
+        stats.merge(part["counts"])
+        codes.append(np.array([names.setdefault(s, len(names)) for s in part["sources"]] or [0], dtype=np.int64))
+        firsts.append(firsts[-1] + part["documents"])
+        for reason, ids in part["dropped_examples"].items():
+            ex = dropped.setdefault(reason, [])
+            ex.extend(ids[: max(0, 5 - len(ex))])
+    before = {"documents": np.zeros(len(names), np.int64), "train_tokens": np.zeros(len(names), np.int64),
+              "validation_documents": sum(p["before"]["validation_documents"] for p in parts)}
+    for part, code in zip(parts, codes, strict=True):
+        for key in ("documents", "train_tokens"):
+            np.add.at(before[key], code[:len(part["before"][key])], part["before"][key])
+    return list(names), codes, before, dropped, firsts
+
+
+def _add_sums(sums: list[dict[str, Any]], sources: int) -> dict[str, Any]:
+    out: dict[str, Any] = {k: sum(s[k] for s in sums) for k in ("sampled_out", "kept", "row_bytes", "train_rows",
+                                                                "validation_rows")}
+    out["train_tokens"] = np.zeros(sources, np.int64)
+    for s in sums:
+        out["train_tokens"] += s["train_tokens"]
+    return out
+
+
 def _tokenize_file(k: int, path: str, store_dir: str, section: Any, seed: int, tok_cfg: tuple[Any, int]
                    ) -> dict[str, Any]:
-    """Task: step 1 for one input file into `store/<k>/`; its counts and per-document figures."""
+    """Task: step 1 for one input file into `store/<k>/` (its per-document figures in `figures.npz`, source
+    codes local to the file); its counts, sources and per-source sums."""
     from pipeline.documents import iter_documents
     from pipeline.shards import SHARD_SCHEMA
     from pipeline.tokenizer import process_tokenizer
@@ -509,20 +588,34 @@ def _tokenize_file(k: int, path: str, store_dir: str, section: Any, seed: int, t
     tok = _Tokenizing(stats, _Store(d, SHARD_SCHEMA), process_tokenizer(tok_cfg[0], workers=1), section, seed,
                       tok_cfg[1])
     tok.run(iter_documents([path], on_error=unreadable, on_repair=stats.on_repair))
-    return {"counts": stats.counts(), "figures": tok.figures}
+    arrays = tok.figures.arrays()
+    np.savez(d / "figures.npz", **arrays)
+    return {"counts": stats.counts(), "sources": list(tok.figures.sources), "documents": len(arrays["hash"]),
+            "before": _sums_before(arrays, len(tok.figures.sources)),
+            "dropped_examples": tok.figures.dropped_examples}
 
 
-def _plan_slice(plan: _Plan, lo_doc: int, hi_doc: int) -> _Plan:
-    """The entries of documents lo_doc..hi_doc (one input file's): what its bucket task needs, no more."""
-    lo, hi = np.searchsorted(plan.doc, [lo_doc, hi_doc])
-    return _Plan(plan.doc[lo:hi], plan.copy[lo:hi], plan.key[lo:hi], plan.val[lo:hi], plan.bucket[lo:hi],
-                 plan.buckets, {})
+def _file_figures(store_dir: str, k: int, codes: np.ndarray) -> dict[str, np.ndarray]:
+    """A tokenized file's per-document figures, its source codes made global."""
+    with np.load(Path(store_dir) / f"{k:06d}" / "figures.npz") as z:
+        a = {name: z[name] for name in z.files}
+    a["src"] = codes[a["src"]] if len(a["src"]) else a["src"]
+    return a
 
 
-def _bucket_file(k: int, store_dir: str, plan: _Plan, first_doc: int, bucket_dir: str) -> None:
-    """Task: step 3 for one tokenized input file (`plan`: its slice of the plan)."""
+def _plan_file(k: int, store_dir: str, codes: np.ndarray, eff: np.ndarray) -> dict[str, Any]:
+    """Task: step 2's sums for one tokenized file (its output rows under the global weight scale)."""
+    a = _file_figures(store_dir, k, codes)
+    return _sums_after(a, _copies(a, eff), len(eff))
+
+
+def _bucket_file(k: int, store_dir: str, codes: np.ndarray, eff: np.ndarray, seed: int, buckets: int, first_doc: int,
+                 bucket_dir: str) -> None:
+    """Task: step 3 for one tokenized file, its slice of the plan computed here from its figures."""
     from pipeline.shards import SHARD_SCHEMA
 
+    a = _file_figures(store_dir, k, codes)
+    plan = _entries(a, _copies(a, eff), seed, buckets, first_doc)
     store = _Store(Path(store_dir) / f"{k:06d}", SHARD_SCHEMA)
     store.files = _Store.listing(store.dir)
     _bucket_parts(store, plan, first_doc, Path(bucket_dir), f"{k:06d}")
