@@ -71,6 +71,7 @@ from pipeline.stats import StageStats
 
 INDEX_FORMAT = "textbook-dedup-index"
 KEEP, EXACT, NEAR = 0, 1, 2
+WINDOW = 16  # a member of a large bucket is paired with the bucket's first and this many predecessors
 REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate"}
 
 
@@ -379,7 +380,7 @@ def _greedy(nodes_in_order: np.ndarray, a: np.ndarray, b: np.ndarray, sims: np.n
 
 def find_duplicates(rows: Rows, n_prior: int, score: np.ndarray, priority: np.ndarray,
                     ids_of: Callable[[np.ndarray], list[str]], p: DedupParams,
-                    log: Callable[[str], None] = lambda m: None, window: int = 16,
+                    log: Callable[[str], None] = lambda m: None, window: int = WINDOW,
                     near_misses: int = 20) -> Clustering:
     """Decide every row (the first `n_prior` are an earlier index and always survive).
 

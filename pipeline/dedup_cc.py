@@ -33,7 +33,7 @@ MAX_ROUNDS = 64  # the algorithm needs O(log n) rounds; more means something is 
 
 
 def write_parts(path: str, pairs: np.ndarray, dest: np.ndarray, parts: int) -> int:
-    """Write int64 pairs (m, 2) grouped by destination partition `dest` (m,) to `path`.bin/.off (atomically:
+    """Write int64 rows (m, w) grouped by destination partition `dest` (m,) to `path`.bin/.off (atomically:
     a retried task replaces its own files). Returns m."""
     order = np.argsort(dest, kind="stable")
     pairs = np.ascontiguousarray(pairs[order], dtype=np.int64)
@@ -45,15 +45,16 @@ def write_parts(path: str, pairs: np.ndarray, dest: np.ndarray, parts: int) -> i
     return len(pairs)
 
 
-def read_part(paths: list[str], part: int) -> np.ndarray:
-    """The pairs (m, 2) that the files `paths` (as `write_parts` wrote them) hold for partition `part`."""
+def read_part(paths: list[str], part: int, width: int = 2) -> np.ndarray:
+    """The int64 rows (m, width) that the files `paths` (as `write_parts` wrote them) hold for `part`."""
     out = []
     for path in paths:
         off = np.fromfile(path + ".off", dtype=np.int64, count=2, offset=8 * part)
         cnt = int(off[1] - off[0])
         if cnt:
-            out.append(np.fromfile(path + ".bin", dtype=np.int64, count=2 * cnt, offset=16 * int(off[0])).reshape(cnt, 2))
-    return np.concatenate(out) if out else np.empty((0, 2), dtype=np.int64)
+            out.append(np.fromfile(path + ".bin", dtype=np.int64, count=width * cnt,
+                                   offset=8 * width * int(off[0])).reshape(cnt, width))
+    return np.concatenate(out) if out else np.empty((0, width), dtype=np.int64)
 
 
 def symmetric_parts(path: str, a: np.ndarray, b: np.ndarray, parts: int) -> int:
@@ -106,28 +107,40 @@ def small_star(inputs: list[str], part: int, parts: int, out: str) -> dict[str, 
     return {"edges": symmetric_parts(out, pairs[:, 0], pairs[:, 1], parts)}
 
 
-def labels(inputs: list[str], part: int, clusters: int, out: str) -> dict[str, Any]:
+def labels(inputs: list[str], part: int, clusters: int, out: str,
+           payloads: tuple[tuple[list[str], int, str], ...] = ()) -> dict[str, Any]:
     """Task: on a star forest, each node of `part` and its component's smallest row (its label), written
-    partitioned by label into `clusters` parts, so a component lands whole in one part."""
+    partitioned by label into `clusters` parts, so a component lands whole in one part. Each payload
+    `(files, width, out)` holds rows keyed by a node of `part` in column 0 (as `write_parts` wrote them,
+    partitioned like the nodes); they are sent to the label partition of that node, with their component."""
     edges = read_part(inputs, part)
-    if not len(edges):
-        write_parts(out, edges, np.empty(0, np.int64), clusters)
-        return {"nodes": 0}
-    _, _, nodes, _, min_nb = _neighbourhoods(edges)
-    label = np.minimum(nodes, min_nb)
+    if len(edges):
+        _, _, nodes, _, min_nb = _neighbourhoods(edges)
+        label = np.minimum(nodes, min_nb)
+    else:
+        nodes = label = np.empty(0, np.int64)
     write_parts(out, np.stack([nodes, label], axis=1), label % clusters, clusters)
+    for files, width, dest in payloads:
+        rows = read_part(files, part, width)
+        at = np.searchsorted(nodes, rows[:, 0])
+        if len(rows) and not (np.all(at < len(nodes)) and np.array_equal(nodes[np.minimum(at, len(nodes) - 1)],
+                                                                            rows[:, 0])):
+            raise TextbookError("dedup: a payload row's node is not in the graph (scratch files of another run?)")
+        write_parts(dest, rows, label[at] % clusters if len(rows) else at, clusters)
     return {"nodes": int(len(nodes))}
 
 
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def components(engine: Any, edge_files: list[str], parts: int, clusters_for: Any, work: str
-               ) -> tuple[list[str], int, dict[str, Any]]:
+def components(engine: Any, edge_files: list[str], parts: int, clusters_for: Any, work: str,
+               payloads: tuple[tuple[list[str], int, str], ...] = ()) -> tuple[list[str], int, dict[str, Any]]:
     """Label every node of the graph in `edge_files` (symmetric, `parts` partitions) with its component.
 
-    `clusters_for(nodes)` gives the number of label partitions for that many nodes. Returns the label files
-    ((node, label) pairs partitioned by label), that number, and figures (rounds, nodes, edges per round)."""
+    `clusters_for(nodes)` gives the number of label partitions for that many nodes. Payloads (files keyed by
+    node partition, their width, an output prefix) are routed to their node's label partition (see `labels`):
+    output `<prefix>-<k>` per node partition k. Returns the label files ((node, label) pairs partitioned by
+    label), that number, and figures (rounds, nodes, edges per round)."""
     inputs, rounds, sizes = edge_files, 0, []
     while True:
         step = f"{work}/cc-{rounds:02d}"
@@ -145,7 +158,8 @@ def components(engine: Any, edge_files: list[str], parts: int, clusters_for: Any
         inputs = [f"{step}-small-{k:05d}" for k in range(parts)]
     nodes = sum(r["nodes"] for r in large)
     clusters = clusters_for(nodes)
-    engine.map(labels, [(inputs, k, clusters, f"{work}/labels-{k:05d}") for k in range(parts)],
-               label="dedup: components")
+    engine.map(labels, [(inputs, k, clusters, f"{work}/labels-{k:05d}",
+                         tuple((files, width, f"{prefix}-{k:05d}") for files, width, prefix in payloads))
+                        for k in range(parts)], label="dedup: components")
     return ([f"{work}/labels-{k:05d}" for k in range(parts)], clusters,
             {"rounds": rounds + 1, "nodes": nodes, "edges_per_round": sizes})

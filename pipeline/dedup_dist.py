@@ -36,7 +36,6 @@ Driver: per-task results (counts, the audit's 10-20 pairs, cluster-size counts),
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -51,13 +50,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.dedup import (
+    EXACT,
     INDEX_FORMAT,
     KEEP,
     NEAR,
     REASONS,
+    WINDOW,
     DedupParams,
-    Rows,
+    _assign,
     _audit,
+    _greedy,
     _PairsWriter,
     _priority_rank,
     _read_index_ids,
@@ -65,20 +67,22 @@ from pipeline.dedup import (
     _scores,
     _start,
     _usable,
-    find_duplicates,
+    band_buckets,
     hash_batch,
+    minhash_jaccard,
     prior_rows,
     publish_index,
     set_stats,
 )
-from pipeline.dedup_cc import components, symmetric_parts
+from pipeline.dedup_cc import components, symmetric_parts, write_parts
 from pipeline.errors import TextbookError
 from pipeline.stats import StageStats
 
 CHUNK_ROWS = 262_144  # rows of a column read at once by an edge task
 ROWS_PER_TASK = 2_000_000  # rows of one column an edge task holds: sets the number of hash ranges per column
 CC_NODES = 250_000  # rows per node partition of the components step (their edges: <= 2 x (bands + 1) each)
-CLUSTER_ROWS = 200_000  # nodes per cluster task (~650 B each gathered), unless one component is larger
+CLUSTER_ROWS = 1_000_000  # graph nodes per cluster task (~100 B each), unless one component is larger
+VERIFY_CHUNK = 32_768  # pairs compared at once: their signature rows, ~4 * 4 * num_perm B a pair (~60 MB)
 READ_SPAN = 1 << 20  # bytes of a file read at once when gathering rows: rows closer than this come in one read
 AUDIT_ROWS, NEAR_MISSES = 10, 20  # what `dedup.find_duplicates` and `dedup._audit_rows` keep for the audit
 
@@ -104,11 +108,12 @@ def run_distributed(ctx: Any, engine: Any, rows_per_task: int | None = None) -> 
 
     store, prior_docs, n_prior = _store(ctx, p, hashed, work)
     t0 = time.time()
-    label_files, clusters, graph = _graph(engine, store, p, n_prior + n_new, rows_per_task, work)
+    label_files, clusters, graph = _graph(engine, store, p, n_prior + n_new, n_prior, rows_per_task, work)
     t1 = time.time()
-    clustered = engine.map(_cluster_task, [(label_files, q, store, p, n_prior, f"{work}/decisions-{q:05d}.parquet")
-                                           for q in range(clusters)], label="dedup: cluster")
-    result = _merge_clusters(clustered, p, n_prior + n_new)
+    clustered = engine.map(_cluster_task, [(label_files, graph["edges_q"], graph["exact_q"], q, store, n_prior,
+                                            f"{work}/decisions-{q:05d}.parquet") for q in range(clusters)],
+                           label="dedup: cluster")
+    result = _merge_clusters(clustered, graph, p)
     t2 = time.time()
     want_text = {x for a, b, _ in result.lowest + result.near_misses[:AUDIT_ROWS] for x in (a, b) if x >= n_prior}
     removed_per_source, pairs, texts = _filter(ctx, engine, files, hashed, clustered, work, n_prior, stats,
@@ -116,12 +121,13 @@ def run_distributed(ctx: Any, engine: Any, rows_per_task: int | None = None) -> 
     if section.keep_index:
         _write_index(ctx.out_dir / "index", prior_docs, store, hashed, work, p)
     shutil.rmtree(work, ignore_errors=True)
-    result.figures["seconds_buckets"] = round(t1 - t0, 3)  # edges + components: the distributed buckets
+    result.figures["seconds_buckets"] = round(t1 - t0, 3)  # exact groups, buckets, verification, components
     result.figures["seconds_cluster"] = round(t2 - t1, 3)
     set_stats(stats, p, section, result, n_new, n_prior, per_source_in, removed_per_source, pairs,
               _audit(result.lowest, result.near_misses[:AUDIT_ROWS], texts, result.kept_ids, p.verify_threshold),
               ctx.out_dir, time.time() - t_start, seconds_hash)
-    stats.set("engine", {**engine.describe(), "hash_tasks": len(files), "band_tasks": graph["edge_tasks"],
+    stats.set("engine", {**engine.describe(), "hash_tasks": len(files),
+                         "band_tasks": p.bands * max(1, math.ceil((n_prior + n_new) / rows_per_task)) if p.near else 0,
                          "component_rounds": graph["rounds"], "component_partitions": graph["partitions"],
                          "graph_nodes": graph["nodes"], "cluster_tasks": clusters,
                          "largest_cluster_task_rows": max((c["nodes"] for c in clustered), default=0)})
@@ -157,13 +163,13 @@ def _hash_file(k: int, path: str, work: str, p: DedupParams, order: list[str], b
             yield doc
 
     n = 0
-    with (open(f"{seg}.sig.u32", "wb") as fs, open(f"{seg}.exact.u64", "wb") as fe, open(f"{seg}.ids.txt", "wb") as fi,
+    with (open(f"{seg}.sig.u32", "wb") as fs, open(f"{seg}.exact.u64", "wb") as fe, open(f"{seg}.ids.bin", "wb") as fi,
           open(f"{seg}.score.f32", "wb") as fsc, open(f"{seg}.prio.i32", "wb") as fp):
         for docs in batched(usable_docs(), batch_size):
             sig, band, exact = hash_batch([d["text"] for d in docs], p)
             fs.write(sig.tobytes())
             fe.write(exact.tobytes())
-            lines = [(json.dumps(d["id"]) + "\n").encode() for d in docs]
+            lines = [str(d["id"]).encode("utf-8", "surrogatepass") for d in docs]
             fi.write(b"".join(lines))
             id_bytes.extend(len(x) for x in lines)
             fsc.write(_scores([d.get("edu_score") for d in docs]).tobytes())
@@ -192,90 +198,261 @@ def _store(ctx: Any, p: DedupParams, hashed: list[dict[str, Any]], work: Path
         seg = f"{work}/seg-{k:06d}"
         store.append({"first": first, "n": h["rows"], "sig": f"{seg}.sig.u32", "band": f"{seg}.bandT.u64",
                       "band_major": True, "exact": f"{seg}.exact.u64", "score": f"{seg}.score.f32",
-                      "prio": f"{seg}.prio.i32", "ids": f"{seg}.ids.txt", "ids_off": f"{seg}.ids.off"})
+                      "prio": f"{seg}.prio.i32", "ids": f"{seg}.ids.bin", "ids_off": f"{seg}.ids.off"})
         first += h["rows"]
     return store, prior_docs, n_prior
 
 
-# ---------------------------------------------------------------------------------------------- 2-3. graph
+# ---------------------------------------------------------------------------------------------- 2-4. pairs
 
 
-def _graph(engine: Any, store: list[dict[str, Any]], p: DedupParams, n: int, rows_per_task: int, work: Path
-           ) -> tuple[list[str], int, dict[str, Any]]:
-    """Steps 2-3: the bucket graph's edge files, its components; (label files, label partitions, figures)."""
-    columns = (list(range(p.bands)) if p.near else []) + ([p.bands] if p.exact else [])
+def _graph(engine: Any, store: list[dict[str, Any]], p: DedupParams, n: int, n_prior: int, rows_per_task: int,
+           work: Path) -> tuple[list[str], int, dict[str, Any]]:
+    """Steps 2-4: exact groups, candidate pairs, verification, components of the verified graph (with the exact
+    groups); (label files, label partitions, figures incl. the near misses)."""
     parts = max(1, math.ceil(n / rows_per_task))
     cc_parts = max(1, math.ceil(n / min(rows_per_task, CC_NODES)))
-    items = [(store, col, p.bands, part, parts, cc_parts, f"{work}/edges-{col:03d}-{part:05d}")
-             for col in columns for part in range(parts)]
-    engine.map(_edge_task, items, label="dedup: buckets")
+    segs = len(store)
+    figures: dict[str, Any] = {"exact_duplicates": 0} if p.exact else {}
+    exact_seg: list[str] = []
+    exact_cc: list[str] = []
+    exact_edges: list[str] = []
+    if p.exact:
+        items = [(store, n_prior, part, parts, cc_parts, f"{work}/exact-{part:05d}") for part in range(parts)]
+        figures["exact_duplicates"] = sum(engine.map(_exact_task, items, label="dedup: exact"))
+        exact_seg = [f"{it[-1]}.seg" for it in items]
+        exact_cc = [f"{it[-1]}.cc" for it in items]
+        exact_edges = [f"{it[-1]}.edge" for it in items]
+    misses: list[tuple[int, int, float]] = []
+    verified_cc: list[str] = []
+    weighted: list[str] = []
+    if p.near and n:
+        items = [(store, n_prior, exact_seg, band, p.bands, part, parts, cc_parts, f"{work}/pairs-{band:03d}-{part:05d}")
+                 for band in range(p.bands) for part in range(parts)]
+        engine.map(_bucket_task, items, label="dedup: buckets")
+        pair_files = [it[-1] for it in items]
+        threshold = p.verify_threshold if p.verify_threshold is not None else 0.0
+        ver = engine.map(_verify_task, [(store, pair_files, v, p.num_perm, threshold, cc_parts, f"{work}/verified-{v:05d}")
+                                        for v in range(cc_parts)], label="dedup: verify")
+        figures["candidate_pairs"] = sum(r["candidates"] for r in ver)
+        misses = sorted((m for r in ver for m in r["misses"]), key=lambda t: (-t[2], t[0], t[1]))[:NEAR_MISSES]
+        verified_cc = [f"{work}/verified-{v:05d}.cc" for v in range(cc_parts)]
+        weighted = [f"{work}/verified-{v:05d}.w" for v in range(cc_parts)]
+        figures["verified_pairs"] = sum(r["verified"] for r in ver)
+    else:
+        figures["verified_pairs"] = 0
     per_task = min(rows_per_task, CLUSTER_ROWS)
-    label_files, clusters, figures = components(engine, [it[-1] for it in items], cc_parts,
-                                                lambda nodes: max(1, math.ceil(nodes / per_task)), str(work))
-    return label_files, clusters, {**figures, "edge_tasks": len(items), "partitions": cc_parts}
+    payloads = ((weighted, 3, f"{work}/edges-q"), (exact_cc, 3, f"{work}/exact-q"))
+    label_files, clusters, cc = components(engine, verified_cc + exact_edges, cc_parts,
+                                           lambda nodes: max(1, math.ceil(nodes / per_task)), str(work), payloads)
+    return label_files, clusters, {**figures, "near_misses": misses, "rounds": cc["rounds"], "nodes": cc["nodes"],
+                                   "partitions": cc_parts, "segments": segs,
+                                   "edges_q": [f"{work}/edges-q-{k:05d}" for k in range(cc_parts)],
+                                   "exact_q": [f"{work}/exact-q-{k:05d}" for k in range(cc_parts)]}
 
 
-def _edge_task(store: list[dict[str, Any]], col: int, bands: int, part: int, parts: int, cc_parts: int, out: str
-               ) -> dict[str, Any]:
-    """Task: the buckets of one hash range of one column (a band, or the exact hash when col == bands), as
-    edges from every member to its bucket's first row, written for the components step."""
-    vals, rows = [], []
+def _exact_task(store: list[dict[str, Any]], n_prior: int, part: int, parts: int, cc_parts: int, out: str) -> int:
+    """Task: the exact groups (same folded-text hash) of one hash range: (row, group's first row, group's
+    best row in survivor order) for every member of a group of >= 2, written by segment (`out`.seg: the
+    bucket tasks' representatives) and by node partition (`out`.cc: the graph). Returns its exact copies."""
+    h0, h1, rows = [], [], []
     for seg in store:
         for lo in range(0, seg["n"], CHUNK_ROWS):
             cnt = min(CHUNK_ROWS, seg["n"] - lo)
-            v = _read_column(seg, col, bands, lo, cnt)
-            idx = np.nonzero(v % np.uint64(parts) == np.uint64(part))[0] if parts > 1 else np.arange(cnt)
-            vals.append(v[idx])
+            ex = np.fromfile(seg["exact"], dtype=np.uint64, count=2 * cnt, offset=16 * lo).reshape(cnt, 2)
+            idx = np.nonzero(ex[:, 0] % np.uint64(parts) == np.uint64(part))[0] if parts > 1 else np.arange(cnt)
+            h0.append(ex[idx, 0])
+            h1.append(ex[idx, 1])
             rows.append(seg["first"] + lo + idx)
-    v = np.concatenate(vals) if vals else np.empty(0, np.uint64)
-    r = np.concatenate(rows).astype(np.int64) if rows else np.empty(0, np.int64)
-    del vals, rows
-    order = np.lexsort((r, v))
-    v, r = v[order], r[order]
-    starts, lengths = _runs(v)
-    pos = np.concatenate([np.arange(1, k) for k in lengths.tolist()]) if len(lengths) else np.empty(0, np.int64)
-    first = np.repeat(starts, lengths - 1)
-    return {"edges": symmetric_parts(out, r[first + pos], r[first], cc_parts) // 2}
+    a0, a1 = _cat(h0, np.uint64), _cat(h1, np.uint64)
+    r = _cat(rows, np.int64).astype(np.int64)
+    order = np.lexsort((r, a1, a0))
+    a0, a1, r = a0[order], a1[order], r[order]
+    new = np.concatenate([[True], (a0[1:] != a0[:-1]) | (a1[1:] != a1[:-1])]) if len(r) else np.empty(0, bool)
+    start = np.maximum.accumulate(np.where(new, np.arange(len(r)), 0)) if len(r) else np.empty(0, np.int64)
+    size = np.bincount(start, minlength=len(r))[start] if len(r) else np.empty(0, np.int64)
+    multi = size > 1
+    members, first = r[multi], r[start[multi]]
+    # each group's best member: the lowest rank (a group is a run of equal `first`)
+    gid = np.cumsum(np.concatenate([[True], first[1:] != first[:-1]])) - 1 if len(first) else np.empty(0, np.int64)
+    order = np.lexsort((_ranks(store, members, n_prior), gid))
+    leads = order[np.concatenate([[0], np.nonzero(np.diff(gid[order]))[0] + 1])] if len(order) else order
+    best = members[leads][gid]
+    triples = np.stack([members, first, best], axis=1)
+    firsts = np.array([s["first"] for s in store], dtype=np.int64)
+    write_parts(f"{out}.seg", triples, np.searchsorted(firsts, members, side="right") - 1, len(store))
+    write_parts(f"{out}.cc", triples, members % cc_parts, cc_parts)
+    copies = members != first
+    symmetric_parts(f"{out}.edge", members[copies], first[copies], cc_parts)
+    return int((members != first).sum())
 
 
-def _read_column(seg: dict[str, Any], col: int, bands: int, lo: int, cnt: int) -> np.ndarray:
-    """uint64 values of column `col` (a band, or the exact hash's first word) of rows lo..lo+cnt of a segment."""
-    if col == bands:
-        return np.fromfile(seg["exact"], dtype=np.uint64, count=2 * cnt, offset=16 * lo)[0::2]
+def _bucket_task(store: list[dict[str, Any]], n_prior: int, exact_seg: list[str], band: int, bands: int, part: int,
+                 parts: int, pair_parts: int, out: str) -> int:
+    """Task: the candidate pairs of one hash range of one band, as `dedup.band_buckets` gives them: the
+    representatives of the exact groups that share a bucket, in survivor order (a representative ranks as its
+    group's best member), each with the bucket's first and its `window` predecessors. Written partitioned by
+    the pair's first row. Returns the number of pairs (before the dedup across bands)."""
+    from pipeline.dedup_cc import read_part
+
+    vals, rows, keyrow = [], [], []
+    for k, seg in enumerate(store):
+        ex = read_part(exact_seg, k, 3)  # this segment's exact-group members: (row, first, best)
+        copies = np.sort(ex[ex[:, 0] != ex[:, 1], 0])
+        heads = ex[ex[:, 0] == ex[:, 1]]
+        heads = heads[np.argsort(heads[:, 0])]
+        for lo in range(0, seg["n"], CHUNK_ROWS):
+            cnt = min(CHUNK_ROWS, seg["n"] - lo)
+            v = _read_column(seg, band, bands, lo, cnt)
+            r = seg["first"] + lo + np.arange(cnt, dtype=np.int64)
+            sel = ~np.isin(r, copies, assume_unique=True)  # an exact group is represented by its first row
+            if parts > 1:
+                sel &= v % np.uint64(parts) == np.uint64(part)
+            idx = np.nonzero(sel)[0]
+            vals.append(v[idx])
+            rows.append(r[idx])
+            keyrow.append(_lookup(heads[:, 0], heads[:, 2], r[idx]))
+    v, r, kr = _cat(vals, np.uint64), _cat(rows, np.int64), _cat(keyrow, np.int64)
+    order = np.argsort(v, kind="stable")
+    starts, lengths = _runs(v[order])
+    in_bucket = order[np.repeat(starts, lengths) + _positions(lengths)] if len(starts) else np.empty(0, np.int64)
+    v, r, kr = v[in_bucket], r[in_bucket], kr[in_bucket]
+    found = band_buckets(v, r, _ranks(store, kr, n_prior), WINDOW) if len(r) else None
+    a, b = found if found is not None else (np.empty(0, np.int64), np.empty(0, np.int64))
+    write_parts(out, np.stack([a, b], axis=1), a % pair_parts, pair_parts)
+    return int(len(a))
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """values[keys == q] for each q found in `keys` (ascending), q itself where absent."""
+    if not len(keys):
+        return query.copy()
+    at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+    return np.where(keys[at] == query, values[at], query)
+
+
+def _positions(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.arange(k) for k in lengths.tolist()]) if len(lengths) else np.empty(0, np.int64)
+
+
+def _verify_task(store: list[dict[str, Any]], pair_files: list[str], v: int, num_perm: int, threshold: float,
+                 cc_parts: int, out: str) -> dict[str, Any]:
+    """Task: the candidate pairs whose first row falls in partition `v`, made unique across bands, verified
+    (estimated Jaccard from the signatures, read VERIFY_CHUNK pairs at a time); those >= threshold written
+    as graph edges (`out`.cc, symmetric) and as (a, b, similarity bits) keyed by a (`out`.w)."""
+    from pipeline.dedup_cc import read_part
+
+    pairs = np.unique(read_part(pair_files, v), axis=0)
+    a, b = pairs[:, 0], pairs[:, 1]
+    sims = np.concatenate([_pair_similarity(store, a[i:i + VERIFY_CHUNK], b[i:i + VERIFY_CHUNK], num_perm)
+                           for i in range(0, len(a), VERIFY_CHUNK)]) if len(a) else np.empty(0, np.float32)
+    under = np.nonzero(sims < threshold)[0]
+    misses = [(int(a[k]), int(b[k]), float(sims[k]))
+              for k in under[np.argsort(-sims[under], kind="stable")][:NEAR_MISSES].tolist()]
+    ok = sims >= threshold
+    a, b, sims = a[ok], b[ok], sims[ok]
+    symmetric_parts(f"{out}.cc", a, b, cc_parts)
+    w = np.stack([a, b, sims.astype(np.float32).view(np.int32).astype(np.int64)], axis=1)
+    write_parts(f"{out}.w", w, a % cc_parts, cc_parts)
+    return {"candidates": int(len(pairs)), "verified": int(len(a)), "misses": misses}
+
+
+def _pair_similarity(store: list[dict[str, Any]], a: np.ndarray, b: np.ndarray, num_perm: int) -> np.ndarray:
+    need = np.unique(np.concatenate([a, b]))
+    sig = np.empty((len(need), num_perm), dtype=np.uint32)
+    for seg in store:
+        lo, hi = (int(x) for x in np.searchsorted(need, [seg["first"], seg["first"] + seg["n"]]))
+        if hi > lo:
+            sig[lo:hi] = _read_file_rows(seg["sig"], need[lo:hi] - seg["first"], num_perm, np.uint32)
+    return minhash_jaccard(sig[np.searchsorted(need, a)], sig[np.searchsorted(need, b)])
+
+
+def _read_column(seg: dict[str, Any], band: int, bands: int, lo: int, cnt: int) -> np.ndarray:
+    """uint64 values of band `band` of rows lo..lo+cnt of a segment (band-major: one read; row-major: a slice)."""
     if seg["band_major"]:
-        return np.fromfile(seg["band"], dtype=np.uint64, count=cnt, offset=8 * (col * seg["n"] + lo))
+        return np.fromfile(seg["band"], dtype=np.uint64, count=cnt, offset=8 * (band * seg["n"] + lo))
     block = np.fromfile(seg["band"], dtype=np.uint64, count=cnt * bands, offset=8 * bands * lo).reshape(cnt, bands)
-    return np.ascontiguousarray(block[:, col])
+    return np.ascontiguousarray(block[:, band])
 
 
-# ---------------------------------------------------------------------------------------------- 4. cluster
+def _ranks(store: list[dict[str, Any]], rows: np.ndarray, n_prior: int) -> np.ndarray:
+    """Survivor order of `rows` (any order, repeats allowed): int64 ranks among them, 0 first. The order of
+    `dedup._survivor_rank`: an earlier index's rows by row, then the highest edu_score, the earliest source in
+    source_priority, the smallest id, the row (sorted by Arrow: UTF-8 byte order is Python's str order)."""
+    import pyarrow.compute as pc
+
+    u, inv = np.unique(rows, return_inverse=True)
+    score, prio, ids = _keys(store, u)
+    new = u >= n_prior
+    table = pa.table({"grp": new.astype(np.int8), "neg": np.where(new, -score, 0).astype(np.float32), "prio": prio,
+                      "id": pa.array(ids, pa.string()), "row": u})
+    idx = pc.sort_indices(table, sort_keys=[("grp", "ascending"), ("neg", "ascending"), ("prio", "ascending"),
+                                            ("id", "ascending"), ("row", "ascending")]).to_numpy()
+    rank = np.empty(len(u), np.int64)
+    rank[idx] = np.arange(len(u))
+    return rank[inv.ravel()]
 
 
-def _cluster_task(label_files: list[str], q: int, store: list[dict[str, Any]], p: DedupParams, n_prior: int,
-                  out: str) -> dict[str, Any]:
-    """Task: `find_duplicates` over the rows of label partition `q` (whole components); its decisions to `out`."""
+def _keys(store: list[dict[str, Any]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """edu score, source priority and id of this run's rows among `rows` (ascending); zero / "" for index rows."""
+    score, prio = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.int32)
+    ids = [""] * len(rows)
+    for seg in store:
+        if "score" not in seg:
+            continue
+        lo, hi = (int(x) for x in np.searchsorted(rows, [seg["first"], seg["first"] + seg["n"]]))
+        if hi > lo:
+            local = rows[lo:hi] - seg["first"]
+            score[lo:hi] = _read_file_rows(seg["score"], local, 1, np.float32)[:, 0]
+            prio[lo:hi] = _read_file_rows(seg["prio"], local, 1, np.int32)[:, 0]
+            ids[lo:hi] = _read_ids(seg, local)
+    return score, prio, ids
+
+
+def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- 5. cluster
+
+
+def _cluster_task(label_files: list[str], edge_files: list[str], exact_files: list[str], q: int,
+                  store: list[dict[str, Any]], n_prior: int, out: str) -> dict[str, Any]:
+    """Task: survivor-verified star clustering (`dedup._greedy`, `dedup._assign`, as `find_duplicates` runs
+    them) over the components of label partition `q`: its verified edges and exact groups; its decisions
+    (removed rows) to `out`."""
     from pipeline.dedup_cc import read_part
 
     nodes = np.sort(read_part(label_files, q)[:, 0])
-    g, ids = gather(store, nodes, p)
-    rows = Rows()
-    rows.add(g["sig"], g["band"], g["exact"])
-    k = int(np.searchsorted(nodes, n_prior))
-    res = find_duplicates(rows, k, g["score"][k:], g["prio"][k:], lambda idx: [ids[k + i] for i in idx.tolist()], p,
-                          near_misses=NEAR_MISSES)
-    removed = np.nonzero(res.reason != KEEP)[0]
-    surv = res.survivor[removed]
-    segments = _write_decisions(out, store, nodes[removed], nodes[surv], res.reason[removed],
-                                res.similarity[removed], [ids[s] for s in surv.tolist()])
-    near = removed[res.reason[removed] == NEAR]
-    low = near[np.argsort(res.similarity[near], kind="stable")][:AUDIT_ROWS]
-    lowest = [(int(nodes[r]), int(nodes[res.survivor[r]]), float(res.similarity[r])) for r in low]
-    misses = [(int(nodes[a]), int(nodes[b]), s) for a, b, s in res.near_misses]
-    survivors = set(np.unique(surv).tolist())
-    local = {int(nodes[i]): i for i in survivors}
-    kept_ids = {x: ids[local[x]] for a, b, _ in lowest + misses for x in (a, b) if x in local}
-    return {"nodes": len(nodes), "figures": {k: v for k, v in res.figures.items() if not k.startswith("seconds")},
-            "lowest": lowest, "misses": misses, "kept_ids": kept_ids, "segments": segments, "out": out}
+    n, k = len(nodes), int(np.searchsorted(nodes, n_prior))
+    w = read_part(edge_files, q, 3)
+    a, b = np.searchsorted(nodes, w[:, 0]), np.searchsorted(nodes, w[:, 1])
+    sims = w[:, 2].astype(np.int32).view(np.float32)
+    ex = read_part(exact_files, q, 3)
+    group, best = np.arange(n, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+    group[np.searchsorted(nodes, ex[:, 0])] = np.searchsorted(nodes, ex[:, 1])
+    heads = ex[ex[:, 0] == ex[:, 1]]
+    best[np.searchsorted(nodes, heads[:, 0])] = np.searchsorted(nodes, heads[:, 2])
+    # pairs link representatives only; one ranks as its group's best member
+    pair_nodes = np.unique(np.concatenate([a, b]))
+    keyrow = np.where(best[pair_nodes] >= 0, best[pair_nodes], pair_nodes)
+    pair_nodes = pair_nodes[np.argsort(_ranks(store, nodes[keyrow], n_prior), kind="stable")]
+    star, similarity = _greedy(pair_nodes, a, b, sims, n, k)
+    survivor, reason = _assign(group, best, star, n, k)
+    similarity[reason == KEEP] = 1.0
+    similarity[reason == EXACT] = 1.0
+    near = np.nonzero(reason == NEAR)[0]
+    similarity[near] = similarity[group[near]]
+    removed = np.nonzero(reason != KEEP)[0]
+    surv = survivor[removed]
+    id_of = dict(zip(np.unique(surv).tolist(), _ids_of(store, nodes[np.unique(surv)]), strict=True))
+    segments = _write_decisions(out, store, nodes[removed], nodes[surv], reason[removed], similarity[removed],
+                                [id_of[s] for s in surv.tolist()])
+    low = near[np.argsort(similarity[near], kind="stable")][:AUDIT_ROWS]
+    lowest = [(int(nodes[r]), int(nodes[survivor[r]]), float(similarity[r])) for r in low]
+    sizes = Counter(Counter(surv.tolist()).values())
+    return {"nodes": n, "clusters": int(sum(sizes.values())), "sizes": dict(sizes), "lowest": lowest,
+            "survivor_ids": {int(nodes[s]): i for s, i in id_of.items()}, "segments": segments, "out": out}
 
 
 def _write_decisions(out: str, store: list[dict[str, Any]], row: np.ndarray, survivor: np.ndarray,
@@ -296,59 +473,33 @@ def _write_decisions(out: str, store: list[dict[str, Any]], row: np.ndarray, sur
     return touched
 
 
-def _merge_clusters(clustered: list[dict[str, Any]], p: DedupParams, n: int) -> SimpleNamespace:
-    """The cluster tasks' figures summed, and the audit's pairs across them, as one run over all rows gives."""
-    figures: dict[str, Any] = {"exact_duplicates": 0} if p.exact else {}
-    if p.near and n:
-        figures["candidate_pairs"] = 0
-    figures.update(verified_pairs=0, clusters=0)
+def _merge_clusters(clustered: list[dict[str, Any]], graph: dict[str, Any], p: DedupParams) -> SimpleNamespace:
+    """The figures of one run over all rows, from the tasks' (their sums; the audit's pairs across them)."""
+    figures = {k: graph[k] for k in ("exact_duplicates", "candidate_pairs", "verified_pairs") if k in graph}
     sizes: Counter[int] = Counter()
     for c in clustered:
-        for key in ("exact_duplicates", "candidate_pairs", "verified_pairs", "clusters"):
-            if key in c["figures"]:
-                figures[key] += c["figures"][key]
-        sizes.update({int(k): v for k, v in c["figures"]["cluster_sizes"].items()})
-    figures["cluster_sizes"] = {str(k): v for k, v in sorted(sizes.items())}
+        sizes.update({int(k): v for k, v in c["sizes"].items()})
+    figures["clusters"] = sum(c["clusters"] for c in clustered)
+    figures["cluster_sizes"] = {str(k + 1): v for k, v in sorted(sizes.items())}
     lowest = sorted((x for c in clustered for x in c["lowest"]), key=lambda t: (t[2], t[0]))[:AUDIT_ROWS]
-    misses = sorted((x for c in clustered for x in c["misses"]), key=lambda t: (-t[2], t[0], t[1]))[:NEAR_MISSES]
-    kept_ids = {k: v for c in clustered for k, v in c["kept_ids"].items()}
+    misses = graph["near_misses"]
+    survivor_ids = {k: v for c in clustered for k, v in c["survivor_ids"].items()}
+    kept_ids = {x: survivor_ids[x] for a, b, _ in lowest + misses[:AUDIT_ROWS] for x in (a, b) if x in survivor_ids}
     return SimpleNamespace(figures=figures, lowest=lowest, near_misses=misses, kept_ids=kept_ids)
 
 
 # ---------------------------------------------------------------------------------------------- gather
 
 
-def gather(store: list[dict[str, Any]], rows: np.ndarray, p: DedupParams) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Arrays of rows `rows` (ascending, unique, global): sig uint32[m, num_perm], band uint64[m, bands],
-    exact uint64[m, 2], score float32[m], prio int32[m] (both only for this run's rows), and their ids.
-
-    Explicit reads, never memory-mapping: a mapped file's pages stay in the task's RSS, and scattered rows
-    map nearly all of it (the kernel maps 64 KB around each fault), so a task grew with the corpus (+508 MB
-    at 1M documents, benchmarks/results/scale.md). Memory: the rows plus one READ_SPAN."""
-    m = len(rows)
-    out = {"sig": np.empty((m, p.num_perm), np.uint32), "band": np.empty((m, p.bands), np.uint64),
-           "exact": np.empty((m, 2), np.uint64), "score": np.full(m, -np.inf, np.float32),
-           "prio": np.zeros(m, np.int32)}
-    ids: list[str] = [""] * m
+def _ids_of(store: list[dict[str, Any]], rows: np.ndarray) -> list[str]:
+    """ids of rows `rows` (ascending, unique, global): this run's from the segments, an index's from its docs."""
+    ids: list[str] = [""] * len(rows)
     for seg in store:
         lo, hi = (int(x) for x in np.searchsorted(rows, [seg["first"], seg["first"] + seg["n"]]))
-        if hi == lo:
-            continue
-        local = rows[lo:hi] - seg["first"]
-        out["sig"][lo:hi] = _read_file_rows(seg["sig"], local, p.num_perm, np.uint32)
-        out["exact"][lo:hi] = _read_file_rows(seg["exact"], local, 2, np.uint64)
-        if seg["band_major"]:
-            for b in range(p.bands):
-                out["band"][lo:hi, b] = _read_file_rows(seg["band"], local, 1, np.uint64, base=8 * b * seg["n"])[:, 0]
-        else:
-            out["band"][lo:hi] = _read_file_rows(seg["band"], local, p.bands, np.uint64)
-        if "score" in seg:
-            out["score"][lo:hi] = _read_file_rows(seg["score"], local, 1, np.float32)[:, 0]
-            out["prio"][lo:hi] = _read_file_rows(seg["prio"], local, 1, np.int32)[:, 0]
-            ids[lo:hi] = _read_ids(seg, local)
-        else:
-            ids[lo:hi] = _read_index_ids(Path(seg["docs"]), local)
-    return out, ids
+        if hi > lo:
+            local = rows[lo:hi] - seg["first"]
+            ids[lo:hi] = _read_ids(seg, local) if "ids" in seg else _read_index_ids(Path(seg["docs"]), local)
+    return ids
 
 
 def _read_file_rows(path: str, rows: np.ndarray, width: int, dtype: Any, base: int = 0) -> np.ndarray:
@@ -381,7 +532,7 @@ def _read_rows(fd: int, rows: np.ndarray, width: int, dtype: Any = np.uint32, ba
 
 
 def _read_ids(seg: dict[str, Any], local: np.ndarray) -> list[str]:
-    """ids of rows `local` (ascending) of a segment, from its ids.txt by the byte offsets in ids.off."""
+    """ids of rows `local` (ascending) of a segment, from its ids.bin (UTF-8, back to back) by ids.off."""
     starts = _read_file_rows(seg["ids_off"], local, 1, np.uint64)[:, 0].astype(np.int64)
     ends = _read_file_rows(seg["ids_off"], local + 1, 1, np.uint64)[:, 0].astype(np.int64)
     out: list[str] = []
@@ -392,7 +543,7 @@ def _read_ids(seg: dict[str, Any], local: np.ndarray) -> list[str]:
             at = int(starts[i])
             j = max(i + 1, int(np.searchsorted(starts, at + READ_SPAN, side="left")))
             data = os.pread(fd, int(ends[j - 1]) - at, at)
-            out.extend(json.loads(data[a - at:b - at]) for a, b in zip(starts[i:j].tolist(), ends[i:j].tolist(),
+            out.extend(data[a - at:b - at].decode("utf-8", "surrogatepass") for a, b in zip(starts[i:j].tolist(), ends[i:j].tolist(),
                                                                        strict=True))
             i = j
     finally:

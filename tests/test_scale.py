@@ -72,6 +72,7 @@ def test_dedup_on_ray_equals_local(shared_data, tmp_path, ray_session, monkeypat
     from pipeline import dedup_dist
 
     monkeypatch.setattr(dedup_dist, "ROWS_PER_TASK", 150)  # several hash ranges per band: buckets split over tasks
+    monkeypatch.setattr(dedup_dist, "CLUSTER_ROWS", 30)  # and components over several cluster tasks
     inputs, _ = corpus_files(shared_data, tmp_path)
     local, out_l = run_stage(tmp_path, "local", "dedup", inputs)
     dist, out_r = run_stage(tmp_path, "ray", "dedup", inputs, "run.executor=ray")
@@ -103,6 +104,7 @@ def test_dedup_on_ray_against_an_earlier_index_equals_local(shared_data, tmp_pat
     from pipeline import dedup_dist
 
     monkeypatch.setattr(dedup_dist, "ROWS_PER_TASK", 150)
+    monkeypatch.setattr(dedup_dist, "CLUSTER_ROWS", 30)
     inputs, _ = corpus_files(shared_data, tmp_path)
     run_stage(tmp_path, "first", "dedup", inputs[:2])
     earlier = tmp_path / "earlier-index"
@@ -122,11 +124,60 @@ def test_dedup_on_ray_against_an_earlier_index_equals_local(shared_data, tmp_pat
     assert_same_index(out_r / "index", out_l / "index")
 
 
+def survivor_order_corpus(shared_data, tmp_path):
+    """Where only the survivor order decides: no edu scores or equal ones (the id breaks the tie), ids not in
+    row order, exact groups whose first row is not their best member and that have near copies of their own,
+    and one family of 60 near copies (buckets larger than the pairing window)."""
+    from _dedup_planting import perturb, real_documents
+
+    rng = random.Random(11)
+    base = real_documents(shared_data)[:40]
+    vocab = [w for d in base for w in d["text"].split()][:5000]
+    docs = []
+    for i, d in enumerate(base[:30]):
+        score = None if i % 3 else 2.5
+        for _ in range(3):  # an exact group
+            docs.append({"text": d["text"], "edu_score": score, "source": "web"})
+        for c in range(3):  # near copies of it, some above the group in survivor order
+            docs.append({"text": perturb(d["text"], rng, vocab, 0.03), "edu_score": score if c else 4.0,
+                         "source": rng.choice(["web", "synthetic"])})
+    for k in range(60):
+        text = perturb(base[35]["text"], rng, vocab, rng.uniform(0.002, 0.01))
+        docs += [{"text": text, "source": "web"}] * (3 if k % 6 == 0 else 1)  # exact groups inside the family
+    docs += [{"text": d["text"], "source": "web"} for d in base[30:35]]
+    rng.shuffle(docs)
+    names = [f"id-{rng.getrandbits(40):012x}" for _ in docs]  # random ids: their order is not the rows'
+    paths = []
+    for k in range(3):
+        path = tmp_path / f"order-{k}.jsonl"
+        path.write_text("".join(json.dumps({**d, "id": names[i]}) + "\n" for i, d in enumerate(docs) if i % 3 == k))
+        paths.append(path)
+    return paths
+
+
+def test_dedup_on_ray_survivor_order_equals_local(shared_data, tmp_path, ray_session, monkeypatch):
+    from pipeline import dedup_dist
+
+    monkeypatch.setattr(dedup_dist, "ROWS_PER_TASK", 100)
+    monkeypatch.setattr(dedup_dist, "CLUSTER_ROWS", 20)
+    inputs = survivor_order_corpus(shared_data, tmp_path)
+    local, out_l = run_stage(tmp_path, "local", "dedup", inputs)
+    dist, out_r = run_stage(tmp_path, "ray", "dedup", inputs, "run.executor=ray")
+    assert local["dropped"]["exact_duplicate"] >= 10 and local["dropped"]["near_duplicate"] >= 100
+    assert dist["engine"]["cluster_tasks"] > 1
+    assert comparable(dist) == comparable(local)
+    assert docs_of(out_r / "kept") == docs_of(out_l / "kept")
+    for reason in ("exact_duplicate", "near_duplicate"):
+        assert sorted(docs_of_glob(out_r, reason)) == sorted(docs_of_glob(out_l, reason))
+    assert pq.read_table(out_r / "pairs.parquet").equals(pq.read_table(out_l / "pairs.parquet"))
+
+
 @pytest.mark.parametrize("only", ["dedup.near=false", "dedup.exact=false"])
 def test_dedup_on_ray_exact_only_or_near_only_equals_local(shared_data, tmp_path, ray_session, monkeypatch, only):
     from pipeline import dedup_dist
 
     monkeypatch.setattr(dedup_dist, "ROWS_PER_TASK", 150)
+    monkeypatch.setattr(dedup_dist, "CLUSTER_ROWS", 30)
     inputs, _ = corpus_files(shared_data, tmp_path)
     local, out_l = run_stage(tmp_path, "local", "dedup", inputs, only)
     dist, out_r = run_stage(tmp_path, "ray", "dedup", inputs, only, "run.executor=ray")
