@@ -3,35 +3,40 @@
 Phases (each a set of independent tasks; the driver holds only per-task results, never per-document arrays):
 
 1. hash        one task per input file: signatures, band hashes (band-major, so a band is one contiguous
-               run of a file), exact hashes, edu scores, source priorities and ids (with byte offsets, for
-               random access) to `state/work/seg-<k>.*`.
-2. edges       one task per (band or the exact hash, hash range of its values): reads that column chunk by
-               chunk, keeps the rows of its range, and links every member of a bucket of >= 2 rows to the
-               bucket's first row. A bucket never spans two ranges.
-3. components  connected components of that graph (`pipeline.dedup_cc`: Large-Star / Small-Star rounds, one
-               task per node partition), then every node with its component's label, partitioned by label.
-4. cluster     one task per label partition: gathers its rows (signatures, bands, exact hashes, scores,
-               priorities, ids) with explicit reads and runs the single-process `dedup.find_duplicates` on
-               them. Star clustering, survivor order, exact groups, window pairs and verification never look
-               across a component of this graph (every bucket and exact group lies inside one), so running
-               it per union of whole components decides every row as one run over all rows would. Rows in
-               no component are unique: kept. Writes its decisions (removed row, survivor, reason,
-               similarity, survivor id) as parquet with one row group per input file.
-5. filter      one task per input file: kept documents to `kept/part-<k>-*.parquet`, removed ones to
+               run of a file), exact hashes, edu scores, source priorities and ids (UTF-8 with byte offsets,
+               for random access) to `state/work/seg-<k>.*`.
+2. exact       one task per hash range of the exact hash: the exact groups, each member with its group's
+               first row (its representative) and its best member in survivor order.
+3. buckets     one task per (band, hash range of the band): the representatives sharing a bucket, ordered by
+               survivor order (a representative ranks as its group's best member; the order is sorted from
+               the rows' (edu score, source priority, id) keys, so no global rank is needed), give the
+               candidate pairs of `dedup.band_buckets`. A bucket never spans two ranges.
+4. verify      one task per partition of the pairs' first rows: the pairs made unique across bands, verified
+               from the signatures (explicit reads, VERIFY_CHUNK pairs at a time); the near misses.
+5. components  connected components of the verified pairs plus the exact groups (`pipeline.dedup_cc`:
+               Large-Star / Small-Star rounds, one task per node partition); each node, verified edge and
+               exact-group member sent to its component's label partition.
+6. cluster     one task per label partition: survivor-verified star clustering (`dedup._greedy`,
+               `dedup._assign`, the single-process code) over its components. A removal only follows a
+               verified edge or an exact group, so no decision looks across a component: per component is
+               the same as over all rows. Decisions (removed row, survivor, reason, similarity, survivor id)
+               go to parquet with one row group per input file.
+7. filter      one task per input file: kept documents to `kept/part-<k>-*.parquet`, removed ones to
                `removed/<reason>-<k>-*.parquet`, its removals to a pairs part, its kept rows' index piece;
                file names come from the input file's position, so kept/ read in name order is the local
                path's stream, and a retried task overwrites its own files.
 
 Why the same result whatever the number of workers: rows are numbered in input-file order (as one pass
-numbers them), every decision is a function of the rows' content and the survivor order within a component,
-and per-task parts are merged in file order. `tests/test_scale.py` checks it row by row and figure by figure.
+numbers them), every decision is a function of the rows' content and keys, and per-task parts are merged in
+file order. `tests/test_scale.py` checks it row by row and figure by figure.
 
-Memory per task (none grows with the corpus except through the largest component): hash, one input file;
-edges, `rows_per_task` rows of one column range (~24 B each) plus a chunk of CHUNK_ROWS; components, the
-edges of one node partition (~16 B each, x3 to sort; partitions of at most CC_NODES rows); cluster, the rows
-of one label partition (~650 B each at 112 permutations: at most CLUSTER_ROWS nodes, unless one component is
-larger: a component is never split) plus `find_duplicates`' arrays over them; filter, one batch of documents.
-Driver: per-task results (counts, the audit's 10-20 pairs, cluster-size counts), O(tasks).
+Memory per task: hash, one input file; exact and buckets, `rows_per_task` rows of one hash range (~24 B
+each, plus the keys of the rows in buckets of >= 2) and a chunk of CHUNK_ROWS; verify, the pairs of one
+partition (16 B each) and one chunk's signatures; components, the edges of one node partition (~16 B each,
+x3 to sort; CC_NODES rows a partition); cluster, the verified edges and nodes of its components (at most
+CLUSTER_ROWS nodes, unless one component is larger: a component is never split, so the largest set of
+mutually verified copies bounds it); filter, one batch of documents. Driver: per-task results (counts, the
+audit's 10-20 pairs, cluster-size counts), O(tasks).
 """
 
 from __future__ import annotations
@@ -270,8 +275,7 @@ def _exact_task(store: list[dict[str, Any]], n_prior: int, part: int, parts: int
     a0, a1, r = a0[order], a1[order], r[order]
     new = np.concatenate([[True], (a0[1:] != a0[:-1]) | (a1[1:] != a1[:-1])]) if len(r) else np.empty(0, bool)
     start = np.maximum.accumulate(np.where(new, np.arange(len(r)), 0)) if len(r) else np.empty(0, np.int64)
-    size = np.bincount(start, minlength=len(r))[start] if len(r) else np.empty(0, np.int64)
-    multi = size > 1
+    multi = np.bincount(start, minlength=len(r))[start] > 1 if len(r) else np.empty(0, bool)
     members, first = r[multi], r[start[multi]]
     # each group's best member: the lowest rank (a group is a run of equal `first`)
     gid = np.cumsum(np.concatenate([[True], first[1:] != first[:-1]])) - 1 if len(first) else np.empty(0, np.int64)

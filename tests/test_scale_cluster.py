@@ -27,6 +27,32 @@ QUICKSTART = "configs/quickstart.yaml"
 STAGES = "[dedup, decontaminate, shard]"
 
 
+class TwoNodes:
+    """The module's cluster: `c` (a `ray.cluster_utils.Cluster`) and its current second node, which a test may
+    kill and replace (`kill_second`, `replace_second`) so that the next test finds two nodes again."""
+
+    def __init__(self, c, second, node_args: dict) -> None:
+        self.c, self.second, self.node_args = c, second, node_args
+
+    def kill_second(self, started: Path) -> None:
+        """Kill the second node without grace and wait until the worker process that announced `started` is
+        gone: workers outlive their raylet for a moment, and one released before it exits would finish there."""
+        self.c.remove_node(self.second, allow_graceful=False)
+        pid = int(started.name.rsplit("-", 1)[1].split(".")[0])
+
+        def gone() -> bool:  # exited, or a zombie nobody has reaped yet
+            try:
+                return "\tZ" in Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1][:4]
+            except FileNotFoundError:
+                return True
+
+        assert _wait_for(gone), f"worker {pid} of the removed node still runs"
+
+    def replace_second(self) -> None:
+        self.second = self.c.add_node(**self.node_args)
+        self.c.wait_for_nodes()
+
+
 @pytest.fixture(scope="module")
 def cluster():
     ray = pytest.importorskip("ray")
@@ -40,7 +66,7 @@ def cluster():
     second = c.add_node(**node_args)
     ray.init(address=c.address, log_to_driver=False, configure_logging=False)
     c.wait_for_nodes()
-    yield c, second, node_args
+    yield TwoNodes(c, second, node_args)
     ray.shutdown()
     c.shutdown()
     if had_session:  # as tests/conftest.py's ray_session starts it
@@ -134,7 +160,7 @@ def test_quickstart_textbook_run_on_two_nodes_equals_local(cluster, shared_data,
 
     from pipeline.llm.testserver import FaultyOpenAIServer
 
-    c, _, _ = cluster
+    c = cluster.c
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     with FaultyOpenAIServer() as srv:  # answers depend on the request only: both runs get the same text
         local = textbook_run(tmp_path, "local", shared_data, srv.base_url, None)
@@ -164,7 +190,6 @@ def test_quickstart_textbook_run_on_two_nodes_equals_local(cluster, shared_data,
 def test_node_killed_during_shard_loses_and_duplicates_nothing(cluster, quickstart_inputs, tmp_path, monkeypatch):
     from test_scale import shard_rows
 
-    c, second, node_args = cluster
     inputs, _ = quickstart_inputs
 
     def shard(name, *sets):
@@ -176,7 +201,7 @@ def test_node_killed_during_shard_loses_and_duplicates_nothing(cluster, quicksta
     events.mkdir()
     (events / "hold").touch()  # every task waits at its start until released
     monkeypatch.setenv(EVENTS_ENV, str(events))
-    node = second.node_id[:12]
+    node = cluster.second.node_id[:12]
     failures: list[BaseException] = []
 
     def run() -> None:
@@ -191,12 +216,11 @@ def test_node_killed_during_shard_loses_and_duplicates_nothing(cluster, quicksta
         # an observed event, not a sleep: a shard task has started on the second node (and waits there)
         seen = _wait_for(lambda: [p for p in events.glob("shard*.started") if f"-{node}-" in p.name])
         assert seen, "no shard task started on the second node"
-        c.remove_node(second, allow_graceful=False)  # the node dies with its running task
+        cluster.kill_second(seen[0])  # the node dies with its running task
     finally:
         (events / "hold").unlink()
         worker.join()
-        c.add_node(**node_args)  # a fresh second node: the module's cluster has two again for any test after this
-        c.wait_for_nodes()
+        cluster.replace_second()  # the module's cluster has two nodes again for any test after this
     assert not failures, failures
     lost = seen[0].name.rsplit("-", 2)[0]  # "<label>-<index>": the task that was on the dead node
     again = [p.name for p in events.glob(f"{lost}-*.done")]
@@ -208,6 +232,60 @@ def test_node_killed_during_shard_loses_and_duplicates_nothing(cluster, quicksta
     assert rows_k == rows_w and set_k.fingerprint == set_w.fingerprint  # nothing lost, nothing twice
     ids = [r[0] for r in rows_k["train"]]
     assert len(ids) == json.loads((tmp_path / "killed/manifest.json").read_text())["splits"]["train"]["documents"]
+
+
+@pytest.mark.slow
+def test_node_killed_during_dedup_components_loses_and_duplicates_nothing(cluster, quickstart_inputs, tmp_path,
+                                                                          monkeypatch):
+    """The second node dies while a connected-components task of dedup runs there (hashing, exact groups,
+    buckets and verification done): the stage's survivors, removals, pairs and stats equal a local run."""
+    from test_scale import comparable, docs_of, docs_of_glob
+
+    from pipeline import dedup_dist
+
+    inputs, _ = quickstart_inputs
+    monkeypatch.setattr(dedup_dist, "ROWS_PER_TASK", 60)  # many partitions: tasks on both nodes in every phase
+
+    def dedup(name, *sets):
+        cfg = load_config(QUICKSTART, [f"run.out={tmp_path / name}", "run.stages=[dedup]",
+                                       f"dedup.inputs={json.dumps([str(p) for p in inputs])}", *sets])
+        return runmod.run_pipeline(cfg, log=lambda m: None)["dedup"], tmp_path / name / "stages/dedup"
+
+    events = tmp_path / "events"
+    events.mkdir()
+    (events / "hold-dedup_components").touch()  # components tasks wait at their start until released
+    monkeypatch.setenv(EVENTS_ENV, str(events))
+    node = cluster.second.node_id[:12]
+    failures: list[BaseException] = []
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(dedup("killed", "run.executor=ray"))
+        except BaseException as e:  # reported by the test thread
+            failures.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        seen = _wait_for(lambda: [p for p in events.glob("dedup_components*.started") if f"-{node}-" in p.name])
+        assert seen, "no components task started on the second node"
+        cluster.kill_second(seen[0])
+    finally:
+        (events / "hold-dedup_components").unlink()
+        worker.join()
+        cluster.replace_second()
+    assert not failures, failures
+    lost = seen[0].name.rsplit("-", 2)[0]
+    again = [p.name for p in events.glob(f"{lost}-*.done")]
+    assert again and all(f"-{node}-" not in name for name in again)  # it ran again, on the head node
+    monkeypatch.delenv(EVENTS_ENV)
+    (killed, out_k), (whole, out_w) = result[0], dedup("whole")
+    assert whole["dropped"].get("near_duplicate", 0) + whole["dropped"].get("exact_duplicate", 0) > 0
+    assert comparable(killed) == comparable(whole)
+    assert docs_of(out_k / "kept") == docs_of(out_w / "kept")
+    for reason in ("exact_duplicate", "near_duplicate"):
+        assert sorted(docs_of_glob(out_k, reason)) == sorted(docs_of_glob(out_w, reason))
 
 
 def _wait_for(found, timeout_s: float = 300.0):

@@ -149,9 +149,11 @@ def _announce(events: Path, label: str, index: int) -> str:
     except ImportError:
         pass
     events.mkdir(parents=True, exist_ok=True)
-    name = f"{re.sub(r'[^A-Za-z0-9_.]+', '_', label)}-{index:05d}-{node}-{os.getpid()}"
+    kind = re.sub(r'[^A-Za-z0-9_.]+', '_', label)
+    name = f"{kind}-{index:05d}-{node}-{os.getpid()}"
     (events / f"{name}.started").touch()
-    while (events / "hold").exists():  # released by the test once it has done what it waits to do
+    # released by the test once it has done what it waits to do: "hold" holds every task, "hold-<kind>" one kind
+    while (events / "hold").exists() or (events / f"hold-{kind}").exists():
         time.sleep(0.05)
     return name
 
