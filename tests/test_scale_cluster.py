@@ -52,6 +52,39 @@ class TwoNodes:
         self.second = self.c.add_node(**self.node_args)
         self.c.wait_for_nodes()
 
+    def kill_second_during(self, run, events: Path, kind: str, hold: str = "hold"):
+        """Call `run()` in a thread while the tasks held by the marker `events/hold` wait at their start; once a
+        task of `kind` (its label, as the engine writes it) has started on the second node, kill that node,
+        release the hold and return what `run()` returned. Asserts that the lost task ran again, on the head
+        node. The second node is replaced afterwards, so the next test finds two nodes again."""
+        (events / hold).touch()
+        node = self.second.node_id[:12]
+        failures: list[BaseException] = []
+        result: list = []
+
+        def call() -> None:
+            try:
+                result.append(run())
+            except BaseException as e:  # reported by the test thread
+                failures.append(e)
+
+        worker = threading.Thread(target=call)
+        worker.start()
+        try:
+            # an observed event, not a sleep: a task has started on the second node (and waits there)
+            seen = _wait_for(lambda: [p for p in events.glob(f"{kind}-*.started") if f"-{node}-" in p.name])
+            assert seen, f"no {kind} task started on the second node"
+            self.kill_second(seen[0])  # the node dies with its running task
+        finally:
+            (events / hold).unlink()
+            worker.join()
+            self.replace_second()
+        assert not failures, failures
+        lost = seen[0].name.rsplit("-", 2)[0]  # "<label>-<index>": the task that was on the dead node
+        again = [p.name for p in events.glob(f"{lost}-*.done")]
+        assert again and all(f"-{node}-" not in name for name in again)  # it ran again, on the head node
+        return result[0]
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -199,32 +232,9 @@ def test_node_killed_during_shard_loses_and_duplicates_nothing(cluster, quicksta
 
     events = tmp_path / "events"
     events.mkdir()
-    (events / "hold").touch()  # every task waits at its start until released
     monkeypatch.setenv(EVENTS_ENV, str(events))
-    node = cluster.second.node_id[:12]
-    failures: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            shard("killed", "run.executor=ray")
-        except BaseException as e:  # reported by the test thread
-            failures.append(e)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    try:
-        # an observed event, not a sleep: a shard task has started on the second node (and waits there)
-        seen = _wait_for(lambda: [p for p in events.glob("shard*.started") if f"-{node}-" in p.name])
-        assert seen, "no shard task started on the second node"
-        cluster.kill_second(seen[0])  # the node dies with its running task
-    finally:
-        (events / "hold").unlink()
-        worker.join()
-        cluster.replace_second()  # the module's cluster has two nodes again for any test after this
-    assert not failures, failures
-    lost = seen[0].name.rsplit("-", 2)[0]  # "<label>-<index>": the task that was on the dead node
-    again = [p.name for p in events.glob(f"{lost}-*.done")]
-    assert again and all(f"-{node}-" not in name for name in again)  # it ran again, on the head node
+    # every task waits at its start until the second node, running a shard task, is killed
+    cluster.kill_second_during(lambda: shard("killed", "run.executor=ray"), events, "shard_tokenize")
     monkeypatch.delenv(EVENTS_ENV)
     shard("whole")  # uninterrupted (one process)
     rows_k, set_k = shard_rows(tmp_path / "killed")
@@ -253,34 +263,12 @@ def test_node_killed_during_dedup_components_loses_and_duplicates_nothing(cluste
 
     events = tmp_path / "events"
     events.mkdir()
-    (events / "hold-dedup_components").touch()  # components tasks wait at their start until released
     monkeypatch.setenv(EVENTS_ENV, str(events))
-    node = cluster.second.node_id[:12]
-    failures: list[BaseException] = []
-    result: list = []
-
-    def run() -> None:
-        try:
-            result.append(dedup("killed", "run.executor=ray"))
-        except BaseException as e:  # reported by the test thread
-            failures.append(e)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    try:
-        seen = _wait_for(lambda: [p for p in events.glob("dedup_components*.started") if f"-{node}-" in p.name])
-        assert seen, "no components task started on the second node"
-        cluster.kill_second(seen[0])
-    finally:
-        (events / "hold-dedup_components").unlink()
-        worker.join()
-        cluster.replace_second()
-    assert not failures, failures
-    lost = seen[0].name.rsplit("-", 2)[0]
-    again = [p.name for p in events.glob(f"{lost}-*.done")]
-    assert again and all(f"-{node}-" not in name for name in again)  # it ran again, on the head node
+    # only the components tasks wait at their start: hashing, exact groups, buckets and verification are done
+    killed, out_k = cluster.kill_second_during(lambda: dedup("killed", "run.executor=ray"), events,
+                                               "dedup_components", hold="hold-dedup_components")
     monkeypatch.delenv(EVENTS_ENV)
-    (killed, out_k), (whole, out_w) = result[0], dedup("whole")
+    whole, out_w = dedup("whole")
     assert whole["dropped"].get("near_duplicate", 0) + whole["dropped"].get("exact_duplicate", 0) > 0
     assert comparable(killed) == comparable(whole)
     assert docs_of(out_k / "kept") == docs_of(out_w / "kept")
