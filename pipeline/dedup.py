@@ -53,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.utils.batching import batched
 
+from pipeline.documents import edu_score_of
 from pipeline.errors import NoInputDocuments, TextbookError
 from pipeline.minhash import (
     NORMALIZATION_VERSION,
@@ -483,9 +484,15 @@ def dedup_texts(texts: list[str], scores: list[float | None] | None = None, sour
     return find_duplicates(rows, 0, score, prio, lambda idx: [ids[i] for i in idx.tolist()], p)
 
 
-def _scores(values: list[Any]) -> np.ndarray:
-    out = np.array([(-math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else float(v))
-                    for v in values], dtype=np.float32)
+def _scores(values: list[Any], stats: StageStats | None = None) -> np.ndarray:
+    """float32 survivor scores; no score or an invalid one (`documents.edu_score_of`) ranks lowest (-inf), an
+    invalid one counted in `stats` as the repair `invalid_edu_score`."""
+    out = np.empty(len(values), dtype=np.float32)
+    for i, v in enumerate(values):
+        score, invalid = edu_score_of(v)
+        if invalid and stats is not None:
+            stats.repair("invalid_edu_score")
+        out[i] = -math.inf if score is None else score
     return out
 
 
@@ -584,7 +591,7 @@ def _hash_inputs(ctx: Any, p: DedupParams, work: Path, stats: StageStats, sectio
                 files["band.u64"].write(band.tobytes())
                 files["exact.u64"].write(exact.tobytes())
                 files["ids.txt"].write(("\n".join(json.dumps(d["id"]) for d in docs) + "\n").encode())
-                scores.append(_scores([d.get("edu_score") for d in docs]))
+                scores.append(_scores([d.get("edu_score") for d in docs], stats))
                 prios.append(np.array([rank(d.get("source")) for d in docs], dtype=np.int32))
                 per_source.update(d.get("source") or "unknown" for d in docs)
                 bar.update(len(docs))

@@ -177,7 +177,7 @@ def _hash_file(k: int, path: str, work: str, p: DedupParams, order: list[str], b
             lines = [str(d["id"]).encode("utf-8", "surrogatepass") for d in docs]
             fi.write(b"".join(lines))
             id_bytes.extend(len(x) for x in lines)
-            fsc.write(_scores([d.get("edu_score") for d in docs]).tobytes())
+            fsc.write(_scores([d.get("edu_score") for d in docs], stats).tobytes())
             fp.write(np.array([rank(d.get("source")) for d in docs], dtype=np.int32).tobytes())
             bands.append(band)
             per_source.update(d.get("source") or "unknown" for d in docs)

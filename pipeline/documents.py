@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -62,6 +63,23 @@ def doc_id(text: str) -> str:
     return hashlib.blake2b(normalize_for_id(text).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+
+def edu_score_of(value: Any) -> tuple[float | None, bool]:
+    """(score, invalid) from a stored `edu_score`: a finite number or numeric string is the score; None is no
+    score; anything else (text, NaN, an infinity, a boolean) is invalid (score None). Every stage reads scores
+    through this, so one bad value costs that value, never the stage: dedup ranks the document as unscored and
+    counts the repair `invalid_edu_score`, the writers keep the value as read in `meta.edu_score_as_read`,
+    rephrase drops the page as `invalid_edu_score`, seed selection skips it."""
+    if value is None:
+        return None, False
+    if isinstance(value, bool):
+        return None, True
+    try:
+        score = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None, True
+    return (score, False) if math.isfinite(score) else (None, True)
+
 def to_row(doc: dict[str, Any]) -> dict[str, Any]:
     """Fit a document dict to DOC_SCHEMA: known columns kept, the rest folded into `meta`."""
     text = doc.get("text")
@@ -84,7 +102,10 @@ def to_row(doc: dict[str, Any]) -> dict[str, Any]:
             meta[key] = value
     row["id"] = str(row["id"]) if row["id"] not in (None, "") else doc_id(text)
     if row["edu_score"] is not None:
-        row["edu_score"] = float(row["edu_score"])
+        score, invalid = edu_score_of(row["edu_score"])
+        if invalid:  # the column is a number: what was read is kept, in meta, rather than failing the write
+            meta["edu_score_as_read"] = repr(row["edu_score"])[:200]
+        row["edu_score"] = score
     for name in ("source", *PROVENANCE, "reason"):
         if row[name] is not None and not isinstance(row[name], str):
             row[name] = str(row[name])

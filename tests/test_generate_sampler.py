@@ -119,13 +119,15 @@ def test_seed_pages_from_scored_documents(tmp_path):
         {"id": "c", "text": long_par},
         {"id": "d", "text": "too short", "edu_score": 5.0},
         {"id": "e", "text": long_par, "edu_score": 3.5, "meta": {"url": "https://e.org"}},
+        {"id": "f", "text": long_par, "edu_score": "high"},  # an upstream bug's score: skipped, not a crash
+        {"id": "g", "text": long_par, "edu_score": float("inf")},  # json.dumps writes Infinity: not a score
     ]
     f = tmp_path / "web.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n{bad json\n")
     errors = []
     seeds, skipped = load_seeds([f], min_score=3.0, extract_chars=600, on_error=lambda r, w: errors.append(r))
     assert [s.id for s in seeds] == ["a", "e"]  # best score first
-    assert skipped == {"no_score": 1, "low_score": 1, "too_short": 1, "duplicate": 0}
+    assert skipped == {"no_score": 1, "invalid_score": 2, "low_score": 1, "too_short": 1, "duplicate": 0}
     assert errors == ["malformed_json"]
     assert seeds[0].url == "https://a.org/x" and seeds[1].url == "https://e.org"
     assert not seeds[0].extract.startswith("Menu") and len(seeds[0].extract) <= 600

@@ -172,6 +172,34 @@ def test_dedup_on_ray_survivor_order_equals_local(shared_data, tmp_path, ray_ses
     assert pq.read_table(out_r / "pairs.parquet").equals(pq.read_table(out_l / "pairs.parquet"))
 
 
+def test_dedup_invalid_edu_scores_cost_no_document_on_either_path(shared_data, tmp_path, ray_session):
+    """A score that is text, an infinity, NaN or a boolean (an upstream bug) stopped dedup on both paths
+    (`float('high')`), and an infinity won every survivor choice and reached the shards. Now it ranks as
+    unscored, is counted as the repair invalid_edu_score, and the document keeps the value as read in meta."""
+    from _dedup_planting import real_documents
+
+    base = real_documents(shared_data)[:12]
+    bad = ["high", float("inf"), float("nan"), True]
+    docs = []
+    for i, d in enumerate(base):
+        docs.append({"id": f"bad-{i}", "text": d["text"], "edu_score": bad[i % 4], "source": "web"})
+        docs.append({"id": f"ok-{i}", "text": d["text"], "edu_score": 1.0, "source": "web"})  # an exact copy
+    inputs = [tmp_path / "scores-0.jsonl", tmp_path / "scores-1.jsonl"]
+    for k, path in enumerate(inputs):
+        path.write_text("".join(json.dumps(d) + "\n" for d in docs[k::2]))  # Infinity and NaN as Python writes them
+    local, out_l = run_stage(tmp_path, "local", "dedup", inputs)
+    dist, out_r = run_stage(tmp_path, "ray", "dedup", inputs, "run.executor=ray")
+    assert comparable(dist) == comparable(local)
+    assert local["repaired"] == {"invalid_edu_score": 12} and local["dropped"]["exact_duplicate"] >= 11
+    kept = [d["id"] for d in iter_documents([out_l / "kept"])]
+    assert kept and all(i.startswith("ok-") for i in kept)  # the valid score survives every group
+    assert docs_of(out_r / "kept") == docs_of(out_l / "kept")
+    removed = {d["id"]: d for d in iter_documents(sorted((out_l / "removed").glob("*.parquet")))}
+    assert {f"bad-{i}" for i in range(12)} <= set(removed)
+    assert removed["bad-0"]["edu_score"] is None and removed["bad-0"]["meta"]["edu_score_as_read"] == "'high'"
+    assert removed["bad-1"]["meta"]["edu_score_as_read"] == "inf"
+
+
 @pytest.mark.parametrize("only", ["dedup.near=false", "dedup.exact=false"])
 def test_dedup_on_ray_exact_only_or_near_only_equals_local(shared_data, tmp_path, ray_session, monkeypatch, only):
     from pipeline import dedup_dist

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline import run as runmod
 from pipeline.config import load_config
+from pipeline.errors import TextbookError
 
 BUCKET = "textbook-test"
 
@@ -80,7 +81,6 @@ def test_dedup_reads_s3_inputs_like_local_files(shared_data, tmp_path, s3, ray_s
 def test_shard_set_published_to_s3_equals_local(shared_data, tmp_path, s3, ray_session, monkeypatch):
     from test_scale import SHARD_SETS, shard_inputs, shard_rows
 
-    from pipeline.errors import TextbookError
     from pipeline.scale import storage
 
     inputs = shard_inputs(shared_data, tmp_path)
@@ -106,7 +106,7 @@ def test_shard_set_published_to_s3_equals_local(shared_data, tmp_path, s3, ray_s
         real_put(fs, local, final, tmp_prefix)
 
     monkeypatch.setattr(storage, "put_atomic", dying_put)
-    with pytest.raises(OSError, match="connection lost"):
+    with pytest.raises(TextbookError, match="shards/run1: cannot publish the shard set: OSError: connection lost"):
         run_stage(tmp_path, "s3-again", "shard", [url], *SHARD_SETS, f"shard.out={out_url}", "shard.seed=7")
     assert not s3.exists(f"{BUCKET}/shards/run1/manifest.json")
     with pytest.raises(TextbookError, match="no manifest.json"):
@@ -179,7 +179,7 @@ def test_run_directory_on_s3(shared_data, tmp_path, s3, monkeypatch):
 
     monkeypatch.setattr(rundir, "put_atomic", dying_put)
     url2 = f"s3://{BUCKET}/runs/r2"
-    with pytest.raises(OSError, match="connection lost"):
+    with pytest.raises(TextbookError, match="runs/r2: cannot publish a stage's outputs: OSError: connection lost"):
         run(url2, "[dedup]")
     assert s3.find(f"{BUCKET}/runs/r2/stages/dedup") and not s3.exists(f"{BUCKET}/runs/r2/stages/dedup/_SUCCESS.json")
     monkeypatch.setattr(rundir, "put_atomic", real_put)

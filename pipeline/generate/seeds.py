@@ -59,16 +59,20 @@ def make_extract(text: str, max_chars: int) -> str:
 def load_seeds(paths: Iterable[str | Path], min_score: float, extract_chars: int,
                on_error: Callable[[str, str], None] | None = None) -> tuple[list[SeedPage], dict[str, int]]:
     """Pages scoring >= min_score as seeds (best first, then by id: deterministic), and counts of what was skipped."""
-    from pipeline.documents import iter_documents  # here: planning without web seeds needs no pyarrow
+    # here: planning without web seeds needs no pyarrow
+    from pipeline.documents import edu_score_of, iter_documents
 
     seeds: dict[str, SeedPage] = {}
-    skipped = {"no_score": 0, "low_score": 0, "too_short": 0, "duplicate": 0}
+    skipped = {"no_score": 0, "invalid_score": 0, "low_score": 0, "too_short": 0, "duplicate": 0}
     for doc in iter_documents(list(paths), on_error=on_error):
-        score = doc.get("edu_score")
+        score, invalid = edu_score_of(doc.get("edu_score"))
+        if invalid:  # text, NaN, an infinity: not a score to rank seeds by
+            skipped["invalid_score"] += 1
+            continue
         if score is None:
             skipped["no_score"] += 1
             continue
-        if float(score) < min_score:
+        if score < min_score:
             skipped["low_score"] += 1
             continue
         extract = make_extract(doc["text"], extract_chars)

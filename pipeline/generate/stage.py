@@ -161,6 +161,7 @@ def seed_shortfall(g: Any, asked: int, made: int, seeds_info: dict[str, Any]) ->
     if short:
         words = {"low_score": f"scored below generate.seed_min_score={g.seed_min_score:g}",
                  "no_score": "had no edu_score (not scored by the web stage)",
+                 "invalid_score": "had an edu_score that is not a finite number",
                  "too_short": "gave an extract under 200 characters", "duplicate": "were duplicates",
                  "contaminated": "overlapped a benchmark"}
         reasons = "; ".join(f"{n:,} {words.get(k, k)}" for k, n in sorted(why.items(), key=lambda kv: -kv[1]))

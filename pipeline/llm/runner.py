@@ -173,10 +173,12 @@ class WorkerPool:
         from pipeline.llm.worker import RayWorker
 
         if not ray.is_initialized():
+            from pipeline.scale.engine import check_ray_address
             from pipeline.signals import keep_signal_handlers
 
             # "local": without an address ray.init joins any cluster a `ray start` left on this machine (another
             # user's, perhaps gone: it then waits minutes and fails), not the local Ray that llm.ray_address promises
+            check_ray_address(llm.resolved_ray_address())
             with keep_signal_handlers():  # ray.init sets SIGTERM to sys.exit(15): `textbook`'s handlers stay
                 ray.init(address=llm.resolved_ray_address() or "local", include_dashboard=False,
                          ignore_reinit_error=True, log_to_driver=False)

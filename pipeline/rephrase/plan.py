@@ -16,7 +16,6 @@ pages, so a re-run after a crash takes every answered request from the ledger.
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.config.rephrase import BucketPolicy, RephraseSection
+from pipeline.documents import edu_score_of
 from pipeline.llm.types import LLMRequest
 from pipeline.rephrase.chunks import chunk_budget, estimate_tokens, split_chunks
 from pipeline.rephrase.templates import RephraseTemplate, load_templates
@@ -145,22 +145,6 @@ def read_pages(files: dict[str, list[Path]], on_error: Callable[[str, str], None
                               doc={k: v for k, v in doc.items() if k != "reason"},
                               fate="invalid_edu_score" if bad_score else None))
     return pages, left_out
-
-
-def edu_score_of(value: Any) -> tuple[float | None, bool]:
-    """(score, invalid) from a stored `edu_score`: a finite number or numeric string is the score; None is no
-    score (the page is `unscored`); anything else (text, NaN, an infinity, a boolean) is invalid: the page is
-    dropped as `invalid_edu_score` rather than stopping the stage or landing in a bucket by accident (NaN
-    compares false with every bound, so it would fall into the catch-all bucket)."""
-    if value is None:
-        return None, False
-    if isinstance(value, bool):
-        return None, True
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        return None, True
-    return (score, False) if math.isfinite(score) else (None, True)
 
 
 def _overhead_tokens(cfg: RunConfig, templates: dict[str, RephraseTemplate]) -> int:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ConfigError
+
 EVENTS_ENV = "TEXTBOOK_TASK_EVENTS"
 
 
@@ -71,6 +73,7 @@ class Engine:
             return
         # "local": a Ray of our own, never another user's instance that happens to run on this machine
         address = self.address or os.environ.get("RAY_ADDRESS") or "local"
+        check_ray_address(address)
         ray.init(address=address, num_cpus=self.workers if address == "local" else None, include_dashboard=False,
                  ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
 
@@ -156,6 +159,27 @@ def _announce(events: Path, label: str, index: int) -> str:
     while (events / "hold").exists() or (events / f"hold-{kind}").exists():
         time.sleep(0.05)
     return name
+
+
+def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail at once, naming the address, where no Ray head listens at `address` (`host:port` or
+    `ray://host:port`): `ray.init` would otherwise retry its connection for minutes. "local", "auto" and no
+    address are not checked (Ray starts or finds its own). Raises `ConfigError`."""
+    if not address or address in ("local", "auto"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r} (run.ray_address / RAY_ADDRESS): expected host:port, "
+                                  "ray://host:port, 'auto' or 'local'")
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(
+            f"no Ray cluster answers at {address} (run.ray_address / RAY_ADDRESS): {e}. Start its head "
+            f"(`ray start --head --port={port}`), fix the address, or unset it to run a Ray of our own here"
+        ) from None
 
 
 def engine_for(cfg: Any) -> Engine:

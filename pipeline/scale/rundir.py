@@ -19,15 +19,28 @@ another machine skips what is complete there. Later stages read the upstream `ke
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.scale.storage import filesystem, is_url, list_url_documents, put_atomic
+from pipeline.scale.storage import filesystem, is_url, list_url_documents, put_atomic, remote_errors
 
 MARKERS = ("_SUCCESS.json", "_PARTIAL.json")
 PRIVATE = ("state",)  # subdirectories of a stage directory that stay in the local mirror
+
+
+def _remote(doing: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A RemoteRun method whose object-store failures become one line naming the run URL (`remote_errors`)."""
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def inner(self: RemoteRun, *args: Any, **kwargs: Any) -> Any:
+            with remote_errors(self.url, doing):
+                return fn(self, *args, **kwargs)
+        return inner
+    return wrap
 
 
 class RemoteRun:
@@ -47,6 +60,7 @@ class RemoteRun:
     def stage_url(self, stage: str) -> str:
         return f"{self.url}/stages/{stage}"
 
+    @_remote("read the run's stage markers")
     def pull_markers(self, stages: list[str]) -> None:
         """Make the mirror's markers and stats.json those of the URL (a file absent there is removed here)."""
         for stage in stages:
@@ -59,12 +73,14 @@ class RemoteRun:
                 else:
                     (local / name).unlink(missing_ok=True)
 
+    @_remote("clear a stage's markers")
     def begin_stage(self, stage: str) -> None:
         """A stage starts: its markers go first, so an attempt that dies leaves none (the next run re-runs it)."""
         for name in MARKERS:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(f"{self._stage(stage)}/{name}")
 
+    @_remote("publish a stage's outputs")
     def publish_stage(self, stage: str, marker: tuple[str, str] | None) -> None:
         """Upload the mirror's stage directory (not `state/`), remove stale remote files, then the marker
         (`(file name, text)`; None for a stage that did not complete, e.g. skipped: stats only)."""
@@ -88,6 +104,7 @@ class RemoteRun:
             name, text = marker
             self.fs.pipe(f"{root}/{name}", text.encode())  # a single PUT: the object appears whole or not at all
 
+    @_remote("list a stage's kept documents")
     def kept_urls(self, stage: str, suffixes: tuple[str, ...]) -> list[str]:
         """The URLs of a published stage's kept/ document files, sorted (empty when it kept none)."""
         kept = f"{self._stage(stage)}/kept"
@@ -95,6 +112,7 @@ class RemoteRun:
             return []
         return list_url_documents(f"{self.stage_url(stage)}/kept", suffixes)
 
+    @_remote("upload a run file")
     def put_file(self, local: Path, rel: str) -> None:
         """Upload one file of the run directory (config.resolved.yaml) to `<url>/<rel>`."""
         put_atomic(self.fs, local, f"{self.root}/{rel}", f"{self.root}/.tmp-{uuid.uuid4().hex[:8]}")

@@ -48,6 +48,23 @@ def filesystem(url: str) -> tuple[Any, str]:
     return fs, path
 
 
+@contextlib.contextmanager
+def remote_errors(url: str, doing: str) -> Iterator[None]:
+    """Turn an object store's failure (no credentials, no endpoint, access denied, a missing package) into one
+    `TextbookError` line naming `url` and where credentials come from. A missing object (FileNotFoundError)
+    passes unchanged: readers count it as an unreadable file."""
+    try:
+        yield
+    except (TextbookError, FileNotFoundError):
+        raise
+    except Exception as e:  # botocore, gcsfs, huggingface_hub and aiohttp each raise their own kinds
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        raise TextbookError(
+            f"{url}: cannot {doing}: {type(e).__name__}: {detail}. Endpoint and credentials come from the "
+            "environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE; "
+            "GOOGLE_APPLICATION_CREDENTIALS; HF_TOKEN)") from e
+
+
 def _options(url: str) -> dict[str, Any]:
     if url.startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -62,20 +79,22 @@ def _url(fs: Any, path: str) -> str:
 
 def list_url_documents(url: str, suffixes: tuple[str, ...]) -> list[str]:
     """Document files under a URL (a file, or every file below a prefix), sorted; missing is an error."""
-    fs, path = filesystem(url)
-    if fs.isdir(path):
-        found = sorted(p for p in fs.find(path) if p.lower().endswith(suffixes)
-                       and not Path(p).name.startswith("."))
-        return [_url(fs, p) for p in found]
-    if fs.isfile(path):
-        return [url]
+    with remote_errors(url, "list input documents"):
+        fs, path = filesystem(url)
+        if fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if p.lower().endswith(suffixes)
+                           and not Path(p).name.startswith("."))
+            return [_url(fs, p) for p in found]
+        if fs.isfile(path):
+            return [url]
     raise TextbookError(f"{url}: input path does not exist")
 
 
 def url_fingerprint(url: str) -> str:
     """What identifies a remote object's content without reading it: size + ETag/checksum/mtime (for resume)."""
-    fs, path = filesystem(url)
-    info = fs.info(path)
+    with remote_errors(url, "read the object's size and checksum"):
+        fs, path = filesystem(url)
+        info = fs.info(path)
     keys = ("size", "ETag", "etag", "checksum", "md5", "mtime", "LastModified", "last_modified")
     return json.dumps({k: str(info[k]) for k in keys if k in info}, sort_keys=True)
 
@@ -86,11 +105,13 @@ def local_copy(path: str | os.PathLike[str]) -> Iterator[Path]:
     if not is_url(str(path)):
         yield Path(path)
         return
-    fs, remote = filesystem(str(path))
+    with remote_errors(str(path), "fetch"):
+        fs, remote = filesystem(str(path))
     name = Path(remote).name
     with tempfile.TemporaryDirectory(prefix="textbook-in-") as d:
         local = Path(d) / name  # same name: readers choose the format by suffix
-        fs.get(remote, str(local))
+        with remote_errors(str(path), "fetch"):
+            fs.get(remote, str(local))
         yield local
 
 
@@ -109,6 +130,11 @@ def publish_shard_set(local_dir: Path, url: str) -> None:
     keys, stale data files removed, tokenizer and card, the new manifest last (the completion marker).
     """
     manifest = json.loads((local_dir / "manifest.json").read_text())
+    with remote_errors(url, "publish the shard set"):
+        _publish(local_dir, url, manifest)
+
+
+def _publish(local_dir: Path, url: str, manifest: dict[str, Any]) -> None:
     fs, root = filesystem(url)
     root = root.rstrip("/")
     tmp_prefix = f"{root}/.tmp-{uuid.uuid4().hex[:8]}"
@@ -132,18 +158,25 @@ def publish_shard_set(local_dir: Path, url: str) -> None:
 
 def remote_manifest(url: str) -> dict[str, Any] | None:
     """The manifest.json of a shard set at `url`, None when there is none (nothing published, or mid-publication)."""
-    fs, root = filesystem(url)
-    path = f"{root.rstrip('/')}/manifest.json"
-    if not fs.exists(path):
-        return None
+    with remote_errors(url, "read the shard set's manifest"):
+        fs, root = filesystem(url)
+        path = f"{root.rstrip('/')}/manifest.json"
+        if not fs.exists(path):
+            return None
+        text = fs.cat(path)
     try:
-        return json.loads(fs.cat(path))
+        return json.loads(text)
     except ValueError:
         raise TextbookError(f"{url}/manifest.json: not valid JSON; remove it or choose another shard.out") from None
 
 
 def fetch_shard_set(url: str, dest: Path) -> Path:
     """Download a published shard set (manifest first: refuse a prefix without one, as `open_shards` does)."""
+    with remote_errors(url, "fetch the shard set"):
+        return _fetch(url, dest)
+
+
+def _fetch(url: str, dest: Path) -> Path:
     fs, root = filesystem(url)
     root = root.rstrip("/")
     if not fs.exists(f"{root}/manifest.json"):

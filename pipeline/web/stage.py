@@ -182,10 +182,12 @@ def _run_ray(section: Any, steps: list[Any], logs_dir: Path) -> None:
 
     started = False
     if not ray.is_initialized():
+        from pipeline.scale.engine import check_ray_address
         from pipeline.signals import keep_signal_handlers
 
         # web.ray_address, else $RAY_ADDRESS (a cluster: CPUs are its own), else a Ray of our own
         address = section.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        check_ray_address(address)
         with keep_signal_handlers():  # ray.init sets SIGTERM to sys.exit(15): `textbook`'s handlers stay
             ray.init(address=address, num_cpus=section.workers if address == "local" else None,
                      include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
