@@ -63,7 +63,6 @@ def doc_id(text: str) -> str:
     return hashlib.blake2b(normalize_for_id(text).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-
 def edu_score_of(value: Any) -> tuple[float | None, bool]:
     """(score, invalid) from a stored `edu_score`: a finite number or numeric string is the score; None is no
     score; anything else (text, NaN, an infinity, a boolean) is invalid (score None). Every stage reads scores
@@ -79,6 +78,7 @@ def edu_score_of(value: Any) -> tuple[float | None, bool]:
     except (TypeError, ValueError, OverflowError):
         return None, True
     return (score, False) if math.isfinite(score) else (None, True)
+
 
 def to_row(doc: dict[str, Any]) -> dict[str, Any]:
     """Fit a document dict to DOC_SCHEMA: known columns kept, the rest folded into `meta`."""

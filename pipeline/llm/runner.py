@@ -178,9 +178,10 @@ class WorkerPool:
 
             # "local": without an address ray.init joins any cluster a `ray start` left on this machine (another
             # user's, perhaps gone: it then waits minutes and fails), not the local Ray that llm.ray_address promises
-            check_ray_address(llm.resolved_ray_address())
+            address = llm.resolved_ray_address() or "local"
+            check_ray_address(address)
             with keep_signal_handlers():  # ray.init sets SIGTERM to sys.exit(15): `textbook`'s handlers stay
-                ray.init(address=llm.resolved_ray_address() or "local", include_dashboard=False,
+                ray.init(address=address, include_dashboard=False,
                          ignore_reinit_error=True, log_to_driver=False)
         limiter = None
         if llm.requests_per_minute or llm.tokens_per_minute:

@@ -170,7 +170,7 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
     host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not sep or not port.isdigit():
         raise ConfigError(f"Ray address {address!r} (run.ray_address / RAY_ADDRESS): expected host:port, "
-                                  "ray://host:port, 'auto' or 'local'")
+                          "ray://host:port, 'auto' or 'local'")
     import socket
 
     try:
